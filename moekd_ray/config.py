@@ -1,0 +1,275 @@
+"""The one schema for every moekd-ray option.
+
+Every field has its default and its description here and nowhere else; YAML files under `jobs/` hold only
+overrides. `extra="forbid"` everywhere so that a typo is an error, not a silently ignored key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message lists every problem with its fix."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+# ----------------------------------------------------------------------------------------------------- data
+class Subset(str, Enum):
+    first = "first"
+    random = "random"
+
+
+class DataConfig(_Strict):
+    dir: str | None = Field(
+        None,
+        description="Folder with train/valid/test .jsonl(.gz). Unset: $MOEKD_DATA_DIR, then ../shared/data/devign "
+        "next to the checkout, then the Hugging Face hub dataset `hub_name`.",
+    )
+    hub_name: str = Field(
+        "google/code_x_glue_cc_defect_detection", description="Hub dataset used when no local folder is found."
+    )
+    train_rows: int | None = Field(None, ge=1, description="Use only this many training rows (None: all).")
+    eval_rows: int | None = Field(None, ge=1, description="Use only this many valid and test rows each (None: all).")
+    subset: Subset = Field(Subset.random, description="How rows are picked when a row limit is set: first or random.")
+    max_chars: int = Field(
+        200_000, ge=1, description="Functions longer than this many characters are rejected as malformed input."
+    )
+
+
+# ----------------------------------------------------------------------------------------------- partition
+class PartitionStrategy(str, Enum):
+    kmeans = "kmeans"
+    project = "project"
+    length = "length"
+    random = "random"
+
+
+class PartitionConfig(_Strict):
+    strategy: PartitionStrategy = Field(
+        PartitionStrategy.kmeans,
+        description="kmeans: k-means over hashed token TF-IDF; project: by source project; length: by "
+        "character-length quantiles; random: seeded random split.",
+    )
+    hash_features: int = Field(2**14, ge=16, description="Hashed TF-IDF width used by kmeans and by the router.")
+
+
+# ------------------------------------------------------------------------------------------------- models
+class ArchConfig(_Strict):
+    """A RoBERTa-style encoder built from scratch (no pretrained weights)."""
+
+    source: Literal["config"] = "config"
+    vocab_size: int = Field(5000, ge=300, description="BPE vocabulary trained on the training code.")
+    hidden_size: int = Field(128, ge=8, description="Hidden width.")
+    num_layers: int = Field(4, ge=1, description="Transformer layers.")
+    num_heads: int = Field(4, ge=1, description="Attention heads; must divide hidden_size.")
+    ffn_size: int = Field(512, ge=8, description="Feed-forward width.")
+    max_length: int = Field(256, ge=16, le=4096, description="Tokens per function (longer ones are truncated).")
+
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"num_heads={self.num_heads} must divide hidden_size={self.hidden_size}")
+        return self
+
+
+class PretrainedConfig(_Strict):
+    """A pretrained checkpoint, by hub name or local folder, with its own tokenizer."""
+
+    source: Literal["pretrained"] = "pretrained"
+    name_or_path: str = Field(description="e.g. microsoft/codebert-base or a local folder.")
+    max_length: int = Field(400, ge=16, le=4096, description="Tokens per function (longer ones are truncated).")
+
+
+def _source_tag(value) -> str:
+    # `source` may be left out of a YAML model block: it then means "config" (build from an architecture).
+    return value.get("source", "config") if isinstance(value, dict) else value.source
+
+
+ModelSource = Annotated[
+    Union[Annotated[ArchConfig, Tag("config")], Annotated[PretrainedConfig, Tag("pretrained")]],
+    Discriminator(_source_tag),
+]
+
+# Student sizes after Compressor; "1.5mb" is the ultra-compact half-size student.
+STUDENT_PRESETS: dict[str, ArchConfig] = {
+    "3mb": ArchConfig(vocab_size=1000, hidden_size=96, num_layers=12, num_heads=8, ffn_size=64, max_length=256),
+    "1.5mb": ArchConfig(vocab_size=1000, hidden_size=96, num_layers=6, num_heads=8, ffn_size=64, max_length=256),
+    "25mb": ArchConfig(vocab_size=6000, hidden_size=256, num_layers=6, num_heads=8, ffn_size=1024, max_length=256),
+}
+
+
+class Schedule(_Strict):
+    epochs: int = Field(1, ge=1, description="Passes over the training data.")
+    batch_size: int = Field(16, ge=1, description="Micro-batch size per worker.")
+    lr: float = Field(5e-4, gt=0, description="AdamW learning rate.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+
+
+class ResourcesConfig(_Strict):
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (data-parallel processes).")
+    use_gpu: bool = Field(False, description="Give each worker a GPU (NCCL); CPU workers use gloo.")
+    cpus_per_worker: float = Field(1, gt=0, description="CPUs reserved per worker; also its torch thread count.")
+
+
+class ExpertsConfig(_Strict):
+    k: int = Field(2, ge=1, description="Number of experts = number of input-space parts.")
+    model: ModelSource = Field(default_factory=ArchConfig, description="What each expert is built from.")
+    train_on: Literal["part", "all_weighted"] = Field(
+        "part",
+        description="part: each expert trains only on its part; all_weighted: on all rows, with its part's loss "
+        "multiplied by part_weight.",
+    )
+    part_weight: float = Field(4.0, ge=1, description="Loss weight of an expert's own part under all_weighted.")
+    schedule: Schedule = Field(default_factory=Schedule, description="Expert training schedule.")
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Per expert.")
+
+
+# ------------------------------------------------------------------------------------------------- router
+class RouterConfig(_Strict):
+    kind: Literal["learned", "uniform"] = Field(
+        "learned", description="learned: gate over the input's hashed TF-IDF; uniform: plain mean of experts."
+    )
+    hidden_size: int = Field(64, ge=1, description="Gate MLP hidden width.")
+    temperature: float = Field(1.0, gt=0, description="Softmax temperature of the gate logits.")
+    top_k: int | None = Field(None, ge=1, description="Keep the k largest weights per input (None: all, soft).")
+    balance_weight: float = Field(0.01, ge=0, description="Weight of the load-balancing term.")
+    epochs: int = Field(30, ge=1, description="Router training epochs (full batch over the transfer set).")
+    lr: float = Field(1e-3, gt=0, description="Router learning rate.")
+
+
+# ----------------------------------------------------------------------------------------------- distill
+class DistillConfig(_Strict):
+    student: str = Field("3mb", description=f"Student size preset: one of {sorted(STUDENT_PRESETS)}.")
+    student_arch: ArchConfig | None = Field(None, description="Explicit student architecture; overrides `student`.")
+    temperature: float = Field(10.0, gt=0, description="Distillation temperature T (KL scaled by T^2).")
+    alpha: float = Field(0.0, ge=0, le=1, description="Weight of hard-label cross-entropy; 0 = soft targets only.")
+    zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage.")
+    bf16: bool = Field(False, description="bf16 mixed precision (GPUs with bf16; fp16 is not offered: CPU lacks it).")
+    cpu_shm_comm: bool = Field(
+        False, description="On CPU, build DeepSpeed's shared-memory allreduce op (~70 s compile per fresh start)."
+    )
+    schedule: Schedule = Field(default_factory=lambda: Schedule(epochs=2, batch_size=16, lr=1e-3),
+                               description="Student training schedule.")
+    resources: ResourcesConfig = Field(default_factory=lambda: ResourcesConfig(num_workers=2),
+                                       description="Distillation workers (DeepSpeed data parallel).")
+
+    @model_validator(mode="after")
+    def _known_preset(self):
+        if self.student_arch is None and self.student not in STUDENT_PRESETS:
+            raise ValueError(f"unknown student preset {self.student!r}; use one of {sorted(STUDENT_PRESETS)}")
+        return self
+
+    def arch(self) -> ArchConfig:
+        return self.student_arch or STUDENT_PRESETS[self.student]
+
+
+# --------------------------------------------------------------------------------------- infra: ray, mlflow
+class RayConfig(_Strict):
+    address: str | None = Field(
+        None, description="Cluster address; None: $RAY_ADDRESS if set, else a local Ray started on 127.0.0.1."
+    )
+    num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray (None: all).")
+    storage_path: str | None = Field(
+        None, description="Ray Train checkpoint storage (shared FS/S3 on a cluster). None: <output_dir>/ray."
+    )
+
+
+class MLflowConfig(_Strict):
+    tracking_uri: str = Field("sqlite:///mlruns.db", description="sqlite:///file.db, a folder, or http://host:port.")
+    experiment: str = Field("moekd", description="MLflow experiment name.")
+    registered_model: str | None = Field(
+        "moekd-student", description="Registry name for the student (None: do not register)."
+    )
+
+
+class EvalConfig(_Strict):
+    batch_size: int = Field(64, ge=1, description="Inference batch size.")
+    threads: int = Field(2, ge=1, description="Torch threads for evaluation and the throughput figure.")
+
+
+class MoEKDConfig(_Strict):
+    name: str = Field("moekd", description="Run name (MLflow parent run).")
+    seed: int = Field(0, description="Seed for subsets, partitions, initialisation and shuffling.")
+    output_dir: str = Field("runs", description="Where each run writes its folder of artifacts.")
+    data: DataConfig = Field(default_factory=DataConfig)
+    partition: PartitionConfig = Field(default_factory=PartitionConfig)
+    experts: ExpertsConfig = Field(default_factory=ExpertsConfig)
+    router: RouterConfig = Field(default_factory=RouterConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    mlflow: MLflowConfig = Field(default_factory=MLflowConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _cross_field(self):
+        if self.router.top_k is not None and self.router.top_k > self.experts.k:
+            raise ValueError(f"router.top_k={self.router.top_k} exceeds experts.k={self.experts.k}; use top_k <= k")
+        return self
+
+    def digest(self) -> str:
+        """Short hash of the resolved config (names runs and cached stage outputs)."""
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:12]
+
+
+# ------------------------------------------------------------------------------------------------ loading
+def _set_dotted(tree: dict, dotted: str, value) -> None:
+    keys = dotted.split(".")
+    for key in keys[:-1]:
+        node = tree.get(key)
+        if node is None:
+            node = tree[key] = {}
+        elif not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {key!r} is not a section; use e.g. experts.k=3")
+        tree = node
+    tree[keys[-1]] = value
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: {err.error_count()} config problem(s):"]
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            hint = "unknown key; check its spelling against `moekd validate --help-config`"
+        else:
+            hint = e["msg"]
+        seen = e.get("input")
+        seen_txt = "" if isinstance(seen, dict) else f" (got {seen!r})"
+        lines.append(f"  - {where}: {hint}{seen_txt}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> MoEKDConfig:
+    """Read a YAML file (or the defaults), apply `key.sub=value` overrides (values parsed as YAML), validate."""
+    tree: dict = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found; pass the path of a YAML file such as jobs/quickstart.yaml")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]}); fix the syntax") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(tree).__name__}")
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value; write e.g. experts.k=3")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw else None)
+    try:
+        return MoEKDConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source)) from None

@@ -1,0 +1,39 @@
+"""Classification metrics and the confusion-matrix plot."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def classification_metrics(labels: np.ndarray, probs1: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
+    """accuracy/precision/recall/f1 of class 1 (vulnerable) from P(vulnerable)."""
+    pred = (probs1 >= threshold).astype(int)
+    tp = int(((pred == 1) & (labels == 1)).sum())
+    fp = int(((pred == 1) & (labels == 0)).sum())
+    fn = int(((pred == 0) & (labels == 1)).sum())
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"accuracy": float((pred == labels).mean()), "precision": precision, "recall": recall, "f1": f1}
+
+
+def confusion_matrix_figure(labels: np.ndarray, probs1: np.ndarray, title: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pred = (probs1 >= 0.5).astype(int)
+    cm = np.array([[((labels == t) & (pred == p)).sum() for p in (0, 1)] for t in (0, 1)])
+    fig, ax = plt.subplots(figsize=(3.4, 3))
+    ax.imshow(cm, cmap="Blues")
+    for t in (0, 1):
+        for p in (0, 1):
+            ax.text(p, t, str(cm[t, p]), ha="center", va="center", color="black")
+    ax.set_xticks([0, 1], ["safe", "vulnerable"])
+    ax.set_yticks([0, 1], ["safe", "vulnerable"])
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,79 @@
+"""Split the input space into K parts, one per expert.
+
+The cheap code representation is hashed TF-IDF over C tokens (identifiers, numbers, operators): no vocabulary to
+fit, so the same `code_features` serves the kmeans partition and the router's input, on any split.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+import numpy as np
+from sklearn.cluster import KMeans
+from sklearn.feature_extraction.text import HashingVectorizer
+from sklearn.preprocessing import normalize
+
+# Identifiers, numbers and the multi-character operators of C; everything else one character at a time.
+C_TOKEN = re.compile(r"[A-Za-z_]\w*|\d[\w.]*|->|\+\+|--|<<|>>|[<>=!]=|&&|\|\||[^\s\w]")
+
+
+def code_features(funcs: list[str], n_features: int) -> "np.ndarray":
+    """Sublinear-tf, L2-normalised hashed token counts, shape [N, n_features] (sparse CSR)."""
+    vec = HashingVectorizer(
+        n_features=n_features, token_pattern=None, tokenizer=C_TOKEN.findall, lowercase=False,
+        alternate_sign=False, norm=None,
+    )
+    x = vec.transform(funcs)
+    x.data = 1.0 + np.log(x.data)
+    return normalize(x)
+
+
+def _kmeans(funcs, projects, k, seed, n_features):
+    return KMeans(n_clusters=k, n_init=4, random_state=seed).fit_predict(code_features(funcs, n_features))
+
+
+def _project(funcs, projects, k, seed, n_features):
+    # Projects sorted by size are dealt to parts greedily (largest into the emptiest part) so parts stay balanced.
+    counts = Counter(projects)
+    if len(counts) < k:
+        raise ValueError(f"partition 'project' needs >= k={k} distinct projects, data has {len(counts)}; lower experts.k")
+    sizes = [0] * k
+    part_of = {}
+    for proj, n in counts.most_common():
+        j = int(np.argmin(sizes))
+        part_of[proj] = j
+        sizes[j] += n
+    return np.array([part_of[p] for p in projects])
+
+
+def _length(funcs, projects, k, seed, n_features):
+    lengths = np.array([len(f) for f in funcs])
+    edges = np.quantile(lengths, np.linspace(0, 1, k + 1)[1:-1])
+    return np.searchsorted(edges, lengths, side="right")
+
+
+def _random(funcs, projects, k, seed, n_features):
+    return np.random.default_rng(seed).permutation(np.arange(len(funcs)) % k)
+
+
+STRATEGIES = {"kmeans": _kmeans, "project": _project, "length": _length, "random": _random}
+
+
+def partition(funcs: list[str], projects: list[str], strategy: str, k: int, seed: int, n_features: int) -> np.ndarray:
+    """Part index in [0, k) for every function. Every part is non-empty or a ValueError says why."""
+    if k > len(funcs):
+        raise ValueError(f"experts.k={k} exceeds the {len(funcs)} training rows; lower k or use more rows")
+    parts = np.asarray(STRATEGIES[strategy](funcs, projects, k, seed, n_features), dtype=np.int64)
+    empty = sorted(set(range(k)) - set(parts.tolist()))
+    if empty:
+        raise ValueError(f"partition '{strategy}' left part(s) {empty} empty; lower experts.k or pick another strategy")
+    return parts
+
+
+def partition_table(parts: np.ndarray, labels: np.ndarray, k: int) -> list[dict]:
+    """Size and label balance per part (logged with the run)."""
+    return [
+        {"part": j, "rows": int((parts == j).sum()), "vulnerable_share": float(labels[parts == j].mean())}
+        for j in range(k)
+    ]

@@ -1,0 +1,68 @@
+"""Every Ray call outside the worker functions: start or join a cluster, build trainers, run fits concurrently."""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable
+
+import ray
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from moekd_ray.config import MoEKDConfig, ResourcesConfig
+
+# Train V2 polls workers every 2 s by default; on a small local run that is most of the fixed overhead.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+
+
+def init_ray(cfg: MoEKDConfig) -> None:
+    """Join the configured cluster (config, then $RAY_ADDRESS) or start a local one with its dashboard on 127.0.0.1."""
+    if ray.is_initialized():
+        return
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    quiet = {"log_to_driver": True, "configure_logging": True, "logging_level": "WARNING"}
+    if address:
+        ray.init(address=address, **quiet)
+    else:
+        ray.init(num_cpus=cfg.ray.num_cpus, dashboard_host="127.0.0.1", **quiet)
+
+
+def storage_path(cfg: MoEKDConfig, run_dir: Path) -> str:
+    return cfg.ray.storage_path or str((run_dir / "ray").resolve())
+
+
+def make_trainer(train_func: Callable[[dict], None], loop_config: dict, resources: ResourcesConfig, name: str,
+                 storage: str) -> TorchTrainer:
+    """One Ray Train run: `resources.num_workers` workers, each with its CPUs (and a GPU when use_gpu)."""
+    per_worker = {"CPU": resources.cpus_per_worker}
+    if resources.use_gpu:
+        per_worker["GPU"] = 1
+    return TorchTrainer(
+        train_func,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=resources.num_workers, use_gpu=resources.use_gpu, resources_per_worker=per_worker
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage,
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
+            failure_config=FailureConfig(max_failures=0),
+        ),
+    )
+
+
+def fit_all(trainers: list[TorchTrainer]) -> list:
+    """fit() every trainer at once, one driver thread each; Ray queues the ones the cluster cannot place yet."""
+    with ThreadPoolExecutor(max_workers=max(len(trainers), 1)) as pool:
+        return list(pool.map(lambda t: t.fit(), trainers))
+
+
+def epoch_rows(result) -> list[dict]:
+    """The per-epoch metrics a Ray Train run reported, as plain dicts."""
+    df = result.metrics_dataframe
+    keep = [c for c in df.columns if c == "epoch" or not c.startswith(("config", "timestamp", "checkpoint_dir"))]
+    rows = df[keep].to_dict("records")
+    return [{k: v for k, v in r.items() if isinstance(v, (int, float))} for r in rows]

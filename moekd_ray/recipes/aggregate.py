@@ -1,0 +1,71 @@
+"""Stage: train the router on frozen experts' logits, then aggregate them into the soft-target file.
+
+The file (safetensors, one tensor set per split) keeps the per-expert logits and the gate logits as well as the
+aggregated targets, so another router or distillation temperature needs no expert forward pass.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from safetensors.numpy import load_file, save_file
+
+from moekd_ray.config import MoEKDConfig
+from moekd_ray.router import gate_logits, mixture_probs, route, train_router, uniform_weights
+
+
+def fit_gate(cfg: MoEKDConfig, features: dict[str, sp.spmatrix], logits: dict[str, np.ndarray],
+             labels: dict[str, np.ndarray], log=print) -> dict[str, np.ndarray]:
+    """Gate logits [N, K] per split: from the learned router, or zeros (= uniform weights) for `uniform`."""
+    if cfg.router.kind == "uniform":
+        return {s: np.zeros((len(labels[s]), cfg.experts.k), dtype=np.float32) for s in logits}
+    r = cfg.router
+    router = train_router(
+        features["train"], logits["train"], labels["train"], hidden=r.hidden_size, temperature=r.temperature,
+        top_k=r.top_k, balance_weight=r.balance_weight, epochs=r.epochs, lr=r.lr, seed=cfg.seed, log=log,
+    )
+    return {s: gate_logits(router, features[s]) for s in logits}
+
+
+def expert_weights(cfg: MoEKDConfig, gates: np.ndarray) -> np.ndarray:
+    g = torch.from_numpy(gates)
+    if cfg.router.kind == "uniform":
+        return uniform_weights(len(g), cfg.experts.k).numpy()
+    return route(g, cfg.router.temperature, cfg.router.top_k).numpy()
+
+
+def aggregate(cfg: MoEKDConfig, logits: dict[str, np.ndarray], gates: dict[str, np.ndarray],
+              labels: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
+    """Per split: expert_logits [N,K,2], gate_logits [N,K], weights [N,K], mixture_probs (T=1) and
+    soft_targets (at the distillation temperature) [N,2], labels [N]."""
+    out = {}
+    for split in logits:
+        z = torch.from_numpy(logits[split]).float()
+        w = torch.from_numpy(expert_weights(cfg, gates[split])).float()
+        out[split] = {
+            "expert_logits": logits[split].astype(np.float32),
+            "gate_logits": gates[split].astype(np.float32),
+            "weights": w.numpy(),
+            "mixture_probs": mixture_probs(z, w, 1.0).numpy(),
+            "soft_targets": mixture_probs(z, w, cfg.distill.temperature).numpy(),
+            "labels": labels[split].astype(np.int64),
+        }
+    return out
+
+
+def save_soft_targets(targets: dict[str, dict[str, np.ndarray]], path: Path, metadata: dict[str, str]) -> None:
+    flat = {f"{split}/{name}": np.ascontiguousarray(a) for split, d in targets.items() for name, a in d.items()}
+    tmp = path.with_suffix(".tmp")
+    save_file(flat, str(tmp), metadata=metadata)
+    tmp.replace(path)  # atomic: a crash never leaves a half-written file under the final name
+
+
+def load_soft_targets(path: Path) -> dict[str, dict[str, np.ndarray]]:
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for key, arr in load_file(str(path)).items():
+        split, name = key.split("/", 1)
+        out.setdefault(split, {})[name] = arr
+    return out

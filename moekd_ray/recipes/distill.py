@@ -1,0 +1,117 @@
+"""Stage: distil the student from the aggregated soft targets, in a Ray Train TorchTrainer running DeepSpeed ZeRO.
+
+The ZeRO config is generated from `DistillConfig` (`deepspeed_config()`), written into the run folder, and used by
+every worker. At the end of each epoch rank 0 saves the consolidated weights (gathered under ZeRO-3) as an HF
+model in safetensors: that folder is the student.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import ray
+import ray.train
+import ray.train.torch
+import torch
+
+from moekd_ray import ray_runtime
+from moekd_ray.config import ArchConfig, DistillConfig, MoEKDConfig
+from moekd_ray.losses import kd_loss
+from moekd_ray.metrics import classification_metrics
+from moekd_ray.models import build_model
+from moekd_ray.train_loop import make_loader, predict_logits, probs1, train_epoch
+
+
+def deepspeed_config(cfg: DistillConfig) -> dict:
+    """The DeepSpeed config for the distillation stage (one place: workers read exactly this)."""
+    res, sched = cfg.resources, cfg.schedule
+    return {
+        "train_micro_batch_size_per_gpu": sched.batch_size,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": sched.batch_size * res.num_workers,
+        "optimizer": {
+            "type": "AdamW",
+            # On CPU, DeepSpeed's CPUAdam/FusedAdam are C++ builds that take ~2 min to compile on first use.
+            "params": {"lr": sched.lr, "weight_decay": sched.weight_decay, "torch_adam": not res.use_gpu},
+        },
+        "zero_optimization": {"stage": cfg.zero_stage, "stage3_gather_16bit_weights_on_model_save": True},
+        "gradient_clipping": 1.0,
+        "bf16": {"enabled": cfg.bf16},
+        "steps_per_print": 10**9,
+    }
+
+
+def _skip_cpu_shm_build() -> None:
+    # DeepSpeed compiles a shared-memory allreduce op (~70 s) at every fresh init on CPU; gloo alone is correct.
+    import deepspeed.comm  # noqa: F401  (loads the module object patched below)
+
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+
+
+def distill_worker(config: dict) -> None:
+    """Ray Train worker: DeepSpeed engine over the student, KD loss against the aggregated targets."""
+    if not config["cpu_shm_comm"] and not torch.cuda.is_available():
+        _skip_cpu_shm_build()
+    import deepspeed
+
+    torch.set_num_threads(max(int(config["threads"]), 1))
+    arch = ArchConfig.model_validate(config["arch"])
+    temperature, alpha, epochs = config["temperature"], config["alpha"], config["epochs"]
+    ctx = ray.train.get_context()
+    train, valid = ray.get(config["train"]), ray.get(config["valid"])
+
+    model = build_model(arch, config["seed"])
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config["ds_config"])
+    loader = ray.train.torch.prepare_data_loader(
+        make_loader(train, config["ds_config"]["train_micro_batch_size_per_gpu"], shuffle=True, seed=config["seed"])
+    )
+
+    def loss_fn(logits, batch):
+        return kd_loss(logits.float(), batch["teacher"].float(), batch["labels"].long(), temperature, alpha)
+
+    def step(loss):
+        engine.backward(loss)
+        engine.step()
+
+    for epoch in range(1, epochs + 1):
+        if hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
+            loader.sampler.set_epoch(epoch)
+        stats = train_epoch(engine, loader, loss_fn, step)
+        val = classification_metrics(valid["labels"], probs1(predict_logits(engine, valid, 64)))
+        metrics = {"epoch": epoch, **stats, **{f"val_{k}": v for k, v in val.items()}}
+        print(f"[student] epoch {epoch}/{epochs}: kd loss {stats['train_loss']:.4f}, "
+              f"{stats['samples_per_s']:.1f} samples/s/worker, val acc {val['accuracy']:.3f} f1 {val['f1']:.3f}")
+        with tempfile.TemporaryDirectory() as tmp:
+            # Collective under ZeRO-3 (every rank gathers); a no-op gather for stages 0-2.
+            with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
+                if ctx.get_world_rank() == 0:
+                    engine.module.save_pretrained(tmp, safe_serialization=True)
+            checkpoint = ray.train.Checkpoint.from_directory(tmp) if ctx.get_world_rank() == 0 else None
+            ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def distill_student(cfg: MoEKDConfig, enc: dict, labels: dict, teacher_probs: np.ndarray, run_dir: Path):
+    """Fit the student on the transfer set (train split) with `teacher_probs` [N, 2] at T. Returns the Ray result."""
+    ds_config = deepspeed_config(cfg.distill)
+    (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=1))
+    train = {**enc["train"], "labels": labels["train"], "teacher": teacher_probs.astype(np.float32)}
+    loop_config = {
+        "arch": cfg.distill.arch().model_dump(),
+        "ds_config": ds_config,
+        "temperature": cfg.distill.temperature,
+        "alpha": cfg.distill.alpha,
+        "epochs": cfg.distill.schedule.epochs,
+        "threads": cfg.distill.resources.cpus_per_worker,
+        "cpu_shm_comm": cfg.distill.cpu_shm_comm,
+        "seed": cfg.seed,
+        "train": ray.put(train),
+        "valid": ray.put({**enc["valid"], "labels": labels["valid"]}),
+    }
+    trainer = ray_runtime.make_trainer(
+        distill_worker, loop_config, cfg.distill.resources, f"{run_dir.name}-student", ray_runtime.storage_path(cfg, run_dir)
+    )
+    return trainer.fit()

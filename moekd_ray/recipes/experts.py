@@ -1,0 +1,105 @@
+"""Stage: train the K experts, each in its own Ray Train TorchTrainer, all K at once; then their logits.
+
+Worker side: `expert_worker(config)` is plain PyTorch around `train_epoch`/`predict_logits` (DDP through Ray when
+an expert has several workers). Driver side: `train_experts()` builds one trainer per expert and fits them
+concurrently; `expert_logits()` runs each trained expert over every split as a Ray task.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from pydantic import TypeAdapter
+
+from moekd_ray import ray_runtime
+from moekd_ray.config import ModelSource, MoEKDConfig, Schedule
+from moekd_ray.metrics import classification_metrics
+from moekd_ray.models import build_model, load_model
+from moekd_ray.train_loop import make_loader, predict_logits, probs1, torch_step, train_epoch, weighted_ce
+
+
+def unwrap(model):
+    return model.module if hasattr(model, "module") else model
+
+
+def expert_worker(config: dict) -> None:
+    """Ray Train worker: train one expert, report val metrics and an HF checkpoint (safetensors) every epoch."""
+    spec = TypeAdapter(ModelSource).validate_python(config["model"])
+    sched = Schedule.model_validate(config["schedule"])
+    torch.set_num_threads(max(int(config["threads"]), 1))
+    ctx = ray.train.get_context()
+    train, valid = ray.get(config["train"]), ray.get(config["valid"])
+
+    model = ray.train.torch.prepare_model(build_model(spec, config["seed"]))
+    loader = ray.train.torch.prepare_data_loader(make_loader(train, sched.batch_size, shuffle=True, seed=config["seed"]))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=sched.lr, weight_decay=sched.weight_decay)
+    name = config["name"]
+    for epoch in range(1, sched.epochs + 1):
+        if hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
+            loader.sampler.set_epoch(epoch)
+        stats = train_epoch(model, loader, weighted_ce, torch_step(optimizer))
+        val = classification_metrics(valid["labels"], probs1(predict_logits(unwrap(model), valid, 64)))
+        metrics = {"epoch": epoch, **stats, **{f"val_{k}": v for k, v in val.items()}}
+        print(f"[{name}] epoch {epoch}/{sched.epochs}: loss {stats['train_loss']:.4f}, "
+              f"{stats['samples_per_s']:.1f} samples/s, val acc {val['accuracy']:.3f} f1 {val['f1']:.3f}")
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if ctx.get_world_rank() == 0:
+                unwrap(model).save_pretrained(tmp, safe_serialization=True)
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def part_arrays(enc: dict[str, np.ndarray], labels: np.ndarray, parts: np.ndarray, k: int, cfg: MoEKDConfig) -> dict:
+    """The rows (and per-row loss weights) expert k trains on."""
+    if cfg.experts.train_on == "part":
+        rows = parts == k
+        return {**{n: a[rows] for n, a in enc.items()}, "labels": labels[rows]}
+    weight = np.where(parts == k, cfg.experts.part_weight, 1.0).astype(np.float32)
+    return {**enc, "labels": labels, "weight": weight}
+
+
+def train_experts(cfg: MoEKDConfig, enc: dict, labels: dict, parts: np.ndarray, run_dir: Path) -> list:
+    """Fit the K experts concurrently; returns their Ray Train results (checkpoint + per-epoch metrics)."""
+    valid_ref = ray.put({**enc["valid"], "labels": labels["valid"]})
+    trainers = []
+    for k in range(cfg.experts.k):
+        loop_config = {
+            "name": f"expert_{k}",
+            "model": cfg.experts.model.model_dump(),
+            "schedule": cfg.experts.schedule.model_dump(),
+            "threads": cfg.experts.resources.cpus_per_worker,
+            "seed": cfg.seed + k,
+            "train": ray.put(part_arrays(enc["train"], labels["train"], parts, k, cfg)),
+            "valid": valid_ref,
+        }
+        trainers.append(ray_runtime.make_trainer(
+            expert_worker, loop_config, cfg.experts.resources, f"{run_dir.name}-expert_{k}",
+            ray_runtime.storage_path(cfg, run_dir),
+        ))
+    return ray_runtime.fit_all(trainers)
+
+
+@ray.remote
+def _expert_logits_task(checkpoint: ray.train.Checkpoint, splits: dict, batch_size: int, threads: int) -> dict:
+    torch.set_num_threads(max(threads, 1))
+    with checkpoint.as_directory() as folder:
+        model = load_model(folder)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device)
+    return {name: predict_logits(model, ray.get(ref), batch_size) for name, ref in splits.items()}
+
+
+def expert_logits(cfg: MoEKDConfig, checkpoints: list, enc: dict) -> dict[str, np.ndarray]:
+    """Per split, the logits of every expert: [N, K, 2]. One Ray task per expert, all at once."""
+    res = cfg.experts.resources
+    split_refs = {name: ray.put(arrays) for name, arrays in enc.items()}
+    task = _expert_logits_task.options(num_cpus=res.cpus_per_worker, num_gpus=1 if res.use_gpu else 0)
+    outs = ray.get([task.remote(c, split_refs, cfg.eval.batch_size, int(res.cpus_per_worker)) for c in checkpoints])
+    return {name: np.stack([o[name] for o in outs], axis=1) for name in enc}

@@ -1,0 +1,200 @@
+"""The MoEKD pipeline, top to bottom: data -> tokenizers -> partition -> experts -> router + aggregate -> distil ->
+evaluate -> register. One MLflow parent run, a nested run per stage and per expert.
+
+    moekd run jobs/quickstart.yaml
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import mlflow
+import numpy as np
+
+from moekd_ray import ray_runtime, tracking
+from moekd_ray.config import MoEKDConfig, PretrainedConfig
+from moekd_ray.data import describe, load_devign
+from moekd_ray.metrics import classification_metrics, confusion_matrix_figure
+from moekd_ray.models import load_model, num_params, size_mb
+from moekd_ray.partition import code_features, partition, partition_table
+from moekd_ray.recipes.aggregate import aggregate, fit_gate, save_soft_targets
+from moekd_ray.recipes.distill import distill_student
+from moekd_ray.recipes.experts import expert_logits, train_experts
+from moekd_ray.tokenization import encode, load_tokenizer, train_bpe
+from moekd_ray.train_loop import predict_logits, probs1, throughput
+
+SPLITS = ("train", "valid", "test")
+
+
+@dataclass
+class PipelineResult:
+    run_dir: Path
+    run_id: str
+    model_uri: str | None
+    table: list[dict] = field(default_factory=list)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+
+def run_pipeline(cfg: MoEKDConfig, log=print) -> PipelineResult:
+    run_dir = Path(cfg.output_dir) / f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}-{cfg.digest()}"
+    experiment_id = tracking.connect(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)  # fail before any work
+    data = load_devign(cfg.data, cfg.seed)
+    log(f"data: {describe(data)}")
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(cfg_yaml(cfg))
+    ray_runtime.init_ray(cfg)
+    labels = {s: np.asarray(data[s]["target"], dtype=np.int64) for s in SPLITS}
+    funcs = {s: list(data[s]["func"]) for s in SPLITS}
+    timer = StageTimer(log)
+
+    with mlflow.start_run(run_name=cfg.name, experiment_id=experiment_id) as parent:
+        mlflow.set_tags({"moekd.config_digest": cfg.digest(), "moekd.run_dir": str(run_dir.resolve())})
+        tracking.log_config(cfg.model_dump(mode="json"))
+
+        with timer("tokenizers"), tracking.stage_run("tokenizers"):
+            expert_tok, student_tok = make_tokenizers(cfg, funcs["train"], run_dir)
+            expert_max = cfg.experts.model.max_length
+            student_max = cfg.distill.arch().max_length
+            enc_expert = {s: encode(expert_tok, funcs[s], expert_max) for s in SPLITS}
+            enc_student = {s: encode(student_tok, funcs[s], student_max) for s in SPLITS}
+            mlflow.log_artifacts(str(run_dir / "tokenizers"), "tokenizers")
+            mlflow.log_metrics({"expert_vocab": len(expert_tok), "student_vocab": len(student_tok)})
+
+        with timer("partition"), tracking.stage_run("partition", cfg.partition.model_dump(mode="json")):
+            features = {s: code_features(funcs[s], cfg.partition.hash_features) for s in SPLITS}
+            parts = partition(funcs["train"], list(data["train"]["project"]), cfg.partition.strategy.value,
+                              cfg.experts.k, cfg.seed, cfg.partition.hash_features)
+            table = partition_table(parts, labels["train"], cfg.experts.k)
+            tracking.log_table(table, "partition.json")
+            for row in table:
+                log(f"part {row['part']}: {row['rows']} rows, {row['vulnerable_share']:.1%} vulnerable")
+                mlflow.log_metrics({f"part_{row['part']}_rows": row["rows"],
+                                    f"part_{row['part']}_vulnerable_share": row["vulnerable_share"]})
+
+        with timer("experts"):
+            results = train_experts(cfg, enc_expert, labels, parts, run_dir)
+            for k, result in enumerate(results):
+                with tracking.stage_run(f"expert_{k}", cfg.experts.model_dump(mode="json")):
+                    tracking.log_epochs(ray_runtime.epoch_rows(result))
+            checkpoints = [r.checkpoint for r in results]
+            logits = expert_logits(cfg, checkpoints, enc_expert)
+
+        with timer("router"), tracking.stage_run("router", cfg.router.model_dump(mode="json")):
+            gates = fit_gate(cfg, features, logits, labels, log=log)
+            targets = aggregate(cfg, logits, gates, labels)
+            soft_path = run_dir / "soft_targets.safetensors"
+            save_soft_targets(targets, soft_path, {"config_digest": cfg.digest()})
+            mlflow.log_artifact(str(soft_path))
+            mean_w = targets["train"]["weights"].mean(0)
+            mlflow.log_metrics({f"train_mean_weight_{k}": float(w) for k, w in enumerate(mean_w)})
+
+        with timer("distill"), tracking.stage_run("distill", cfg.distill.model_dump(mode="json")):
+            result = distill_student(cfg, enc_student, labels, targets["train"]["soft_targets"], run_dir)
+            tracking.log_epochs(ray_runtime.epoch_rows(result))
+            mlflow.log_artifact(str(run_dir / "deepspeed_config.json"))
+            student_dir = run_dir / "student"
+            result.checkpoint.to_directory(str(student_dir))
+
+        with timer("evaluate"), tracking.stage_run("evaluate"):
+            rows = evaluate_all(cfg, checkpoints, targets, student_dir, enc_expert, enc_student, labels)
+            tracking.log_table(rows, "results.json")
+            for row in rows:
+                mlflow.log_metrics({f"{row['model']}.{k}": v for k, v in row.items() if isinstance(v, float)})
+            student_test = probs1(predict_logits(load_model(student_dir), enc_student["test"], cfg.eval.batch_size))
+            tracking.log_figure(confusion_matrix_figure(labels["test"], student_test, "student, test"),
+                                "confusion_student_test.png")
+            tracking.log_figure(confusion_matrix_figure(labels["test"], targets["test"]["mixture_probs"][:, 1],
+                                                        "routed mixture, test"), "confusion_mixture_test.png")
+
+        with timer("register"):
+            student_row = next(r for r in rows if r["model"] == "student")
+            model_uri = tracking.log_student_model(
+                student_dir, run_dir / "tokenizers" / "student", cfg.model_dump(mode="json"),
+                cfg.mlflow.registered_model, {k: v for k, v in student_row.items() if isinstance(v, float)},
+            )
+        mlflow.log_metrics({f"seconds_{k}": v for k, v in timer.seconds.items()})
+        log(format_table(rows))
+        log(f"student model: {model_uri}")
+        return PipelineResult(run_dir, parent.info.run_id, model_uri, rows, timer.seconds)
+
+
+def cfg_yaml(cfg: MoEKDConfig) -> str:
+    import yaml
+
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def make_tokenizers(cfg: MoEKDConfig, train_funcs: list[str], run_dir: Path):
+    """Experts: their checkpoint's tokenizer, else a BPE on the training code; student: a small BPE. Both saved."""
+    spec = cfg.experts.model
+    if isinstance(spec, PretrainedConfig):
+        expert_tok = load_tokenizer(spec.name_or_path)
+    else:
+        expert_tok = train_bpe(train_funcs, spec.vocab_size, spec.max_length)
+    arch = cfg.distill.arch()
+    student_tok = train_bpe(train_funcs, arch.vocab_size, arch.max_length)
+    expert_tok.save_pretrained(str(run_dir / "tokenizers" / "expert"))
+    student_tok.save_pretrained(str(run_dir / "tokenizers" / "student"))
+    return expert_tok, student_tok
+
+
+def evaluate_all(cfg, checkpoints, targets, student_dir, enc_expert, enc_student, labels) -> list[dict]:
+    """Accuracy/precision/recall/F1 on valid and test, parameters, MB and inference throughput per model.
+    Throughput: functions/s at eval.batch_size and eval.threads torch threads, on test functions."""
+    bs, threads = cfg.eval.batch_size, cfg.eval.threads
+    rows, expert_rates, expert_params, expert_mb = [], [], 0, 0.0
+
+    def row(name, probs_by_split, params, mb, rate):
+        r = {"model": name}
+        for split in ("valid", "test"):
+            r.update({f"{split}_{k}": v for k, v in classification_metrics(labels[split], probs_by_split[split]).items()})
+        return {**r, "params": params, "size_mb": mb, "functions_per_s": rate}
+
+    for k, ckpt in enumerate(checkpoints):
+        with ckpt.as_directory() as folder:
+            model = load_model(folder)
+        rate = throughput(model, enc_expert["test"], bs, threads)
+        expert_rates.append(rate)
+        expert_params += num_params(model)
+        expert_mb += size_mb(model)
+        probs = {s: probs1(targets[s]["expert_logits"][:, k]) for s in ("valid", "test")}
+        rows.append(row(f"expert_{k}", probs, num_params(model), size_mb(model), rate))
+    # The mixture runs every expert (the router's cost is negligible next to them).
+    mix_rate = 1.0 / sum(1.0 / r for r in expert_rates)
+    mix = {s: targets[s]["mixture_probs"][:, 1] for s in ("valid", "test")}
+    rows.append(row("mixture", mix, expert_params, expert_mb, mix_rate))
+    student = load_model(student_dir)
+    probs = {s: probs1(predict_logits(student, enc_student[s], bs)) for s in ("valid", "test")}
+    rows.append(row("student", probs, num_params(student), size_mb(student),
+                    throughput(student, enc_student["test"], bs, threads)))
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    head = f"{'model':<10} {'valid acc':>9} {'valid f1':>8} {'test acc':>8} {'test f1':>7} {'params':>11} {'MB':>7} {'fn/s':>7}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r['model']:<10} {r['valid_accuracy']:>9.3f} {r['valid_f1']:>8.3f} {r['test_accuracy']:>8.3f} "
+            f"{r['test_f1']:>7.3f} {r['params']:>11,} {r['size_mb']:>7.2f} {r['functions_per_s']:>7.1f}"
+        )
+    return "\n".join(lines)
+
+
+class StageTimer:
+    """`with timer("name"):` logs and keeps each stage's wall time."""
+
+    def __init__(self, log):
+        self.log, self.seconds = log, {}
+
+    @contextlib.contextmanager
+    def __call__(self, name):
+        self.log(f"== {name}")
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = time.perf_counter() - start
+        self.log(f"== {name} done in {self.seconds[name]:.1f} s")

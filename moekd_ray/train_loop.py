@@ -1,0 +1,109 @@
+"""Plain PyTorch training and inference: the same functions run inside Ray Train workers and without Ray."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+
+class ArrayDataset(Dataset):
+    """Rows of equally long numpy arrays (input_ids, attention_mask, labels, ...), as dicts of tensors."""
+
+    def __init__(self, arrays: dict[str, np.ndarray]):
+        # A copy: arrays from the Ray object store are read-only views.
+        self.arrays = {k: torch.tensor(np.asarray(v)) for k, v in arrays.items()}
+        self.n = len(next(iter(arrays.values())))
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return {k: v[i] for k, v in self.arrays.items()}
+
+
+def make_loader(arrays: dict[str, np.ndarray], batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
+    gen = torch.Generator().manual_seed(seed)
+    return DataLoader(ArrayDataset(arrays), batch_size=batch_size, shuffle=shuffle, generator=gen)
+
+
+def trim_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Cut the columns that are padding in every row: most functions are far shorter than max_length."""
+    width = int(batch["attention_mask"].sum(1).max())
+    return {k: (v[:, :width] if k in ("input_ids", "attention_mask") else v) for k, v in batch.items()}
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {"input_ids": batch["input_ids"].long(), "attention_mask": batch["attention_mask"].long()}
+
+
+LossFn = Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]  # (logits, batch) -> loss
+
+
+def train_epoch(model, loader: DataLoader, loss_fn: LossFn, step: Callable[[torch.Tensor], None],
+                log_every: int = 0, log=print) -> dict[str, float]:
+    """One pass; `step(loss)` does backward + optimizer step (plain torch or a DeepSpeed engine)."""
+    model.train()
+    total, seen, start = 0.0, 0, time.perf_counter()
+    for i, batch in enumerate(loader, 1):
+        batch = trim_padding(batch)
+        logits = model(**model_inputs(batch)).logits
+        loss = loss_fn(logits, batch)
+        step(loss)
+        n = len(batch["input_ids"])
+        total += loss.item() * n
+        seen += n
+        if log_every and i % log_every == 0:
+            log(f"  step {i}/{len(loader)}: loss {total / seen:.4f}")
+    elapsed = time.perf_counter() - start
+    return {"train_loss": total / max(seen, 1), "samples_per_s": seen / max(elapsed, 1e-9), "train_seconds": elapsed}
+
+
+def torch_step(optimizer: torch.optim.Optimizer) -> Callable[[torch.Tensor], None]:
+    def step(loss):
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def weighted_ce(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Cross-entropy on hard labels, each row weighted by batch['weight'] when present (expert up-weighting)."""
+    ce = torch.nn.functional.cross_entropy(logits, batch["labels"].long(), reduction="none")
+    if "weight" in batch:
+        w = batch["weight"].float()
+        return (ce * w).sum() / w.sum()
+    return ce.mean()
+
+
+@torch.no_grad()
+def predict_logits(model, arrays: dict[str, np.ndarray], batch_size: int) -> np.ndarray:
+    """Logits [N, 2] in input order."""
+    model.eval()
+    out = []
+    for batch in make_loader({k: arrays[k] for k in ("input_ids", "attention_mask")}, batch_size, shuffle=False):
+        out.append(model(**model_inputs(trim_padding(batch))).logits.float())
+    return torch.cat(out).numpy()
+
+
+def probs1(logits: np.ndarray) -> np.ndarray:
+    """P(vulnerable) from logits [N, 2]."""
+    return torch.softmax(torch.from_numpy(logits).float(), dim=-1)[:, 1].numpy()
+
+
+def throughput(model, arrays: dict[str, np.ndarray], batch_size: int, threads: int, n: int = 256) -> float:
+    """Inference functions/s on the first n rows at `threads` torch threads."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        sub = {k: v[:n] for k, v in arrays.items()}
+        predict_logits(model, {k: v[:batch_size] for k, v in sub.items()}, batch_size)  # warm-up
+        start = time.perf_counter()
+        predict_logits(model, sub, batch_size)
+        return len(sub["input_ids"]) / (time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(old)
