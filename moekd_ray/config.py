@@ -125,6 +125,9 @@ class ResourcesConfig(_Strict):
 class ExpertsConfig(_Strict):
     k: int = Field(2, ge=1, description="Number of experts = number of input-space parts.")
     model: ModelSource = Field(default_factory=ArchConfig, description="What each expert is built from.")
+    models: list[ModelSource] | None = Field(
+        None, description="One model per expert (length k), e.g. CodeBERT and GraphCodeBERT; overrides `model`."
+    )
     train_on: Literal["part", "all_weighted"] = Field(
         "part",
         description="part: each expert trains only on its part; all_weighted: on all rows, with its part's loss "
@@ -133,6 +136,16 @@ class ExpertsConfig(_Strict):
     part_weight: float = Field(4.0, ge=1, description="Loss weight of an expert's own part under all_weighted.")
     schedule: Schedule = Field(default_factory=Schedule, description="Expert training schedule.")
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Per expert.")
+
+    @model_validator(mode="after")
+    def _one_model_per_expert(self):
+        if self.models is not None and len(self.models) != self.k:
+            raise ValueError(f"experts.models lists {len(self.models)} models for k={self.k}; give exactly k or use `model`")
+        return self
+
+    def specs(self) -> list[ArchConfig | PretrainedConfig]:
+        """The model of each expert, in expert order."""
+        return list(self.models) if self.models is not None else [self.model] * self.k
 
 
 # ------------------------------------------------------------------------------------------------- router
@@ -152,6 +165,7 @@ class RouterConfig(_Strict):
 class DistillConfig(_Strict):
     student: str = Field("3mb", description=f"Student size preset: one of {sorted(STUDENT_PRESETS)}.")
     student_arch: ArchConfig | None = Field(None, description="Explicit student architecture; overrides `student`.")
+    max_length: int | None = Field(None, ge=16, le=4096, description="Student tokens per function (None: the preset's).")
     temperature: float = Field(10.0, gt=0, description="Distillation temperature T (KL scaled by T^2).")
     alpha: float = Field(0.0, ge=0, le=1, description="Weight of hard-label cross-entropy; 0 = soft targets only.")
     zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage.")
@@ -171,7 +185,8 @@ class DistillConfig(_Strict):
         return self
 
     def arch(self) -> ArchConfig:
-        return self.student_arch or STUDENT_PRESETS[self.student]
+        arch = self.student_arch or STUDENT_PRESETS[self.student]
+        return arch.model_copy(update={"max_length": self.max_length}) if self.max_length else arch
 
 
 # --------------------------------------------------------------------------------------- infra: ray, mlflow

@@ -32,8 +32,8 @@ def connect(tracking_uri: str, experiment: str) -> str:
                 "(mlflow/start_server.sh) or set mlflow.tracking_uri=sqlite:///mlruns.db"
             ) from None
     mlflow.set_tracking_uri(tracking_uri)
-    exp = mlflow.get_experiment_by_name(experiment)
-    return exp.experiment_id if exp else mlflow.create_experiment(experiment)
+    # The active experiment, so that nested stage runs land beside their parent.
+    return mlflow.set_experiment(experiment).experiment_id
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, str]:

@@ -82,7 +82,8 @@ def distill_worker(config: dict) -> None:
             loader.sampler.set_epoch(epoch)
         stats = train_epoch(engine, loader, loss_fn, step)
         val = classification_metrics(valid["labels"], probs1(predict_logits(engine, valid, 64)))
-        metrics = {"epoch": epoch, **stats, **{f"val_{k}": v for k, v in val.items()}}
+        metrics = {"epoch": epoch, **stats, **{f"val_{k}": v for k, v in val.items()},
+                   "world_size": ctx.get_world_size(), "zero_stage": engine.zero_optimization_stage()}
         print(f"[student] epoch {epoch}/{epochs}: kd loss {stats['train_loss']:.4f}, "
               f"{stats['samples_per_s']:.1f} samples/s/worker, val acc {val['accuracy']:.3f} f1 {val['f1']:.3f}")
         with tempfile.TemporaryDirectory() as tmp:

@@ -8,6 +8,7 @@ concurrently; `expert_logits()` runs each trained expert over every split as a R
 from __future__ import annotations
 
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -40,12 +41,14 @@ def expert_worker(config: dict) -> None:
     loader = ray.train.torch.prepare_data_loader(make_loader(train, sched.batch_size, shuffle=True, seed=config["seed"]))
     optimizer = torch.optim.AdamW(model.parameters(), lr=sched.lr, weight_decay=sched.weight_decay)
     name = config["name"]
+    started_at = time.time()  # wall clock, so that overlapping (concurrent) expert runs can be seen afterwards
     for epoch in range(1, sched.epochs + 1):
         if hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
             loader.sampler.set_epoch(epoch)
         stats = train_epoch(model, loader, weighted_ce, torch_step(optimizer))
         val = classification_metrics(valid["labels"], probs1(predict_logits(unwrap(model), valid, 64)))
-        metrics = {"epoch": epoch, **stats, **{f"val_{k}": v for k, v in val.items()}}
+        metrics = {"epoch": epoch, **stats, **{f"val_{k}": v for k, v in val.items()},
+                   "started_at": started_at, "finished_at": time.time()}
         print(f"[{name}] epoch {epoch}/{sched.epochs}: loss {stats['train_loss']:.4f}, "
               f"{stats['samples_per_s']:.1f} samples/s, val acc {val['accuracy']:.3f} f1 {val['f1']:.3f}")
         with tempfile.TemporaryDirectory() as tmp:
@@ -65,19 +68,19 @@ def part_arrays(enc: dict[str, np.ndarray], labels: np.ndarray, parts: np.ndarra
     return {**enc, "labels": labels, "weight": weight}
 
 
-def train_experts(cfg: MoEKDConfig, enc: dict, labels: dict, parts: np.ndarray, run_dir: Path) -> list:
-    """Fit the K experts concurrently; returns their Ray Train results (checkpoint + per-epoch metrics)."""
-    valid_ref = ray.put({**enc["valid"], "labels": labels["valid"]})
+def train_experts(cfg: MoEKDConfig, enc: list[dict], labels: dict, parts: np.ndarray, run_dir: Path) -> list:
+    """Fit the K experts concurrently; returns their Ray Train results (checkpoint + per-epoch metrics).
+    enc[k] holds expert k's encoded splits (its own tokenizer)."""
     trainers = []
-    for k in range(cfg.experts.k):
+    for k, spec in enumerate(cfg.experts.specs()):
         loop_config = {
             "name": f"expert_{k}",
-            "model": cfg.experts.model.model_dump(),
+            "model": spec.model_dump(),
             "schedule": cfg.experts.schedule.model_dump(),
             "threads": cfg.experts.resources.cpus_per_worker,
             "seed": cfg.seed + k,
-            "train": ray.put(part_arrays(enc["train"], labels["train"], parts, k, cfg)),
-            "valid": valid_ref,
+            "train": ray.put(part_arrays(enc[k]["train"], labels["train"], parts, k, cfg)),
+            "valid": ray.put({**enc[k]["valid"], "labels": labels["valid"]}),
         }
         trainers.append(ray_runtime.make_trainer(
             expert_worker, loop_config, cfg.experts.resources, f"{run_dir.name}-expert_{k}",
@@ -96,10 +99,11 @@ def _expert_logits_task(checkpoint: ray.train.Checkpoint, splits: dict, batch_si
     return {name: predict_logits(model, ray.get(ref), batch_size) for name, ref in splits.items()}
 
 
-def expert_logits(cfg: MoEKDConfig, checkpoints: list, enc: dict) -> dict[str, np.ndarray]:
+def expert_logits(cfg: MoEKDConfig, checkpoints: list, enc: list[dict]) -> dict[str, np.ndarray]:
     """Per split, the logits of every expert: [N, K, 2]. One Ray task per expert, all at once."""
     res = cfg.experts.resources
-    split_refs = {name: ray.put(arrays) for name, arrays in enc.items()}
     task = _expert_logits_task.options(num_cpus=res.cpus_per_worker, num_gpus=1 if res.use_gpu else 0)
-    outs = ray.get([task.remote(c, split_refs, cfg.eval.batch_size, int(res.cpus_per_worker)) for c in checkpoints])
-    return {name: np.stack([o[name] for o in outs], axis=1) for name in enc}
+    refs = [task.remote(c, {name: ray.put(a) for name, a in enc_k.items()}, cfg.eval.batch_size,
+                        int(res.cpus_per_worker)) for c, enc_k in zip(checkpoints, enc)]
+    outs = ray.get(refs)
+    return {name: np.stack([o[name] for o in outs], axis=1) for name in enc[0]}

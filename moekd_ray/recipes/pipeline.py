@@ -56,13 +56,20 @@ def run_pipeline(cfg: MoEKDConfig, log=print) -> PipelineResult:
         tracking.log_config(cfg.model_dump(mode="json"))
 
         with timer("tokenizers"), tracking.stage_run("tokenizers"):
-            expert_tok, student_tok = make_tokenizers(cfg, funcs["train"], run_dir)
-            expert_max = cfg.experts.model.max_length
+            expert_toks, student_tok = make_tokenizers(cfg, funcs["train"], run_dir)
+            # One encoding per distinct expert tokenizer (k experts of one spec share it).
+            encoded = {}
+            enc_expert = []
+            for spec, tok in zip(cfg.experts.specs(), expert_toks):
+                key = (id(tok), spec.max_length)
+                if key not in encoded:
+                    encoded[key] = {s: encode(tok, funcs[s], spec.max_length) for s in SPLITS}
+                enc_expert.append(encoded[key])
             student_max = cfg.distill.arch().max_length
-            enc_expert = {s: encode(expert_tok, funcs[s], expert_max) for s in SPLITS}
             enc_student = {s: encode(student_tok, funcs[s], student_max) for s in SPLITS}
             mlflow.log_artifacts(str(run_dir / "tokenizers"), "tokenizers")
-            mlflow.log_metrics({"expert_vocab": len(expert_tok), "student_vocab": len(student_tok)})
+            mlflow.log_metrics({"student_vocab": len(student_tok),
+                                **{f"expert_{k}_vocab": len(t) for k, t in enumerate(expert_toks)}})
 
         with timer("partition"), tracking.stage_run("partition", cfg.partition.model_dump(mode="json")):
             features = {s: code_features(funcs[s], cfg.partition.hash_features) for s in SPLITS}
@@ -78,7 +85,7 @@ def run_pipeline(cfg: MoEKDConfig, log=print) -> PipelineResult:
         with timer("experts"):
             results = train_experts(cfg, enc_expert, labels, parts, run_dir)
             for k, result in enumerate(results):
-                with tracking.stage_run(f"expert_{k}", cfg.experts.model_dump(mode="json")):
+                with tracking.stage_run(f"expert_{k}", cfg.experts.specs()[k].model_dump(mode="json")):
                     tracking.log_epochs(ray_runtime.epoch_rows(result))
             checkpoints = [r.checkpoint for r in results]
             logits = expert_logits(cfg, checkpoints, enc_expert)
@@ -129,17 +136,23 @@ def cfg_yaml(cfg: MoEKDConfig) -> str:
 
 
 def make_tokenizers(cfg: MoEKDConfig, train_funcs: list[str], run_dir: Path):
-    """Experts: their checkpoint's tokenizer, else a BPE on the training code; student: a small BPE. Both saved."""
-    spec = cfg.experts.model
-    if isinstance(spec, PretrainedConfig):
-        expert_tok = load_tokenizer(spec.name_or_path)
-    else:
-        expert_tok = train_bpe(train_funcs, spec.vocab_size, spec.max_length)
+    """Experts: their checkpoint's tokenizer, else a BPE on the training code; student: a small BPE. All saved.
+    Returns (one tokenizer per expert, student tokenizer); experts with the same spec share one object."""
+    by_spec = {}
+    for spec in cfg.experts.specs():
+        key = spec.model_dump_json()
+        if key not in by_spec:
+            if isinstance(spec, PretrainedConfig):
+                by_spec[key] = load_tokenizer(spec.name_or_path)
+            else:
+                by_spec[key] = train_bpe(train_funcs, spec.vocab_size, spec.max_length)
+    expert_toks = [by_spec[spec.model_dump_json()] for spec in cfg.experts.specs()]
+    for k, tok in enumerate(expert_toks):
+        tok.save_pretrained(str(run_dir / "tokenizers" / f"expert_{k}"))
     arch = cfg.distill.arch()
     student_tok = train_bpe(train_funcs, arch.vocab_size, arch.max_length)
-    expert_tok.save_pretrained(str(run_dir / "tokenizers" / "expert"))
     student_tok.save_pretrained(str(run_dir / "tokenizers" / "student"))
-    return expert_tok, student_tok
+    return expert_toks, student_tok
 
 
 def evaluate_all(cfg, checkpoints, targets, student_dir, enc_expert, enc_student, labels) -> list[dict]:
@@ -157,7 +170,7 @@ def evaluate_all(cfg, checkpoints, targets, student_dir, enc_expert, enc_student
     for k, ckpt in enumerate(checkpoints):
         with ckpt.as_directory() as folder:
             model = load_model(folder)
-        rate = throughput(model, enc_expert["test"], bs, threads)
+        rate = throughput(model, enc_expert[k]["test"], bs, threads)
         expert_rates.append(rate)
         expert_params += num_params(model)
         expert_mb += size_mb(model)

@@ -1,0 +1,91 @@
+"""`moekd validate` and `moekd config` through cli.main (no Ray, no MLflow)."""
+
+import sys
+import types
+
+import pytest
+
+from moekd_ray.cli import main
+
+
+@pytest.fixture(autouse=True)
+def no_mlflow(monkeypatch):
+    # cli's error handler imports moekd_ray.tracking (for TrackingError), which imports mlflow: seconds per run.
+    if "moekd_ray.tracking" not in sys.modules:
+        fake = types.ModuleType("moekd_ray.tracking")
+        fake.TrackingError = type("TrackingError", (RuntimeError,), {})
+        monkeypatch.setitem(sys.modules, "moekd_ray.tracking", fake)
+    monkeypatch.delenv("MOEKD_DEBUG", raising=False)
+
+
+def job(tmp_path, text: str) -> str:
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_validate_good_config(tmp_path, capsys):
+    path = job(tmp_path, "experts:\n  k: 3\n")
+    assert main(["validate", path]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"{path}: valid") and "3 experts" in out
+
+
+def test_validate_applies_overrides(tmp_path, capsys):
+    assert main(["validate", job(tmp_path, ""), "experts.k=4", "distill.student=25mb"]) == 0
+    out = capsys.readouterr().out
+    assert "4 experts" in out and "student 25mb" in out
+
+
+@pytest.mark.parametrize(
+    "text, overrides, key",
+    [
+        ("experts:\n  modle: {}\n", [], "experts.modle"),
+        ("distill:\n  temperature: -1\n", [], "distill.temperature"),
+        ("", ["experts.k=0"], "experts.k"),
+        (None, [], "not found"),
+    ],
+)
+def test_validate_error_is_short_and_has_no_traceback(tmp_path, capsys, text, overrides, key):
+    path = job(tmp_path, text) if text is not None else str(tmp_path / "missing.yaml")
+    assert main(["validate", path, *overrides]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("moekd: error:")
+    assert "Traceback" not in captured.err
+    assert key in captured.err
+    assert len(captured.err.strip().splitlines()) <= 3  # a header and one line per problem
+
+
+def test_debug_flag_raises(tmp_path):
+    with pytest.raises(Exception, match="distill.temperature"):
+        main(["--debug", "validate", job(tmp_path, "distill:\n  temperature: -1\n")])
+
+
+def test_config_lists_options(capsys):
+    assert main(["config"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    temp = [line for line in lines if line.startswith("distill.temperature = ")]
+    assert len(temp) == 1 and "10.0" in temp[0] and "# Distillation temperature" in temp[0]
+    assert any(line.startswith("experts.k = 2") for line in lines)
+    assert any(line.startswith("data.subset = 'random'") for line in lines)
+
+
+@pytest.mark.xfail(strict=False, reason="describe_options recurses into the nested class, so sections whose parent "
+                   "default_factory differs (distill.schedule, distill.resources) show the class defaults")
+def test_config_shows_the_effective_defaults(capsys):
+    import ast
+
+    from moekd_ray.config import load_config
+
+    main(["config"])
+    defaults = load_config().model_dump(mode="json")
+    wrong = []
+    for line in capsys.readouterr().out.splitlines():
+        key, shown = line.split("  # ")[0].split(" = ", 1)
+        value = defaults
+        for part in key.split("."):
+            value = value[part]
+        if ast.literal_eval(shown) != value:
+            wrong.append(f"{key}: shows {shown}, default is {value!r}")
+    assert not wrong, wrong
