@@ -12,33 +12,27 @@ import os
 import sys
 from enum import Enum
 
-# The errors a user can fix: printed as one line (no traceback unless --debug).
-from moekd_ray.config import ConfigError, MoEKDConfig, load_config
-from moekd_ray.data import DataError
+from pydantic import BaseModel
+
+from moekd_ray.config import MoEKDConfig, load_config
+from moekd_ray.errors import USER_ERRORS
 
 
-def _user_errors():
-    from moekd_ray.tracking import TrackingError
-
-    return (ConfigError, DataError, TrackingError, ValueError, FileNotFoundError)
-
-
-def describe_options(model=MoEKDConfig, prefix: str = "") -> list[str]:
-    """Every option, dotted, with its default and description (help text comes from the schema)."""
-    from pydantic import BaseModel
-
+def describe_options(section: BaseModel | None = None, prefix: str = "") -> list[str]:
+    """Every option, dotted, with its default and description (help text comes from the schema).
+    Walks a default instance, so a section's defaults are the ones its parent gives it."""
+    section = section if section is not None else MoEKDConfig()
     lines = []
-    for name, f in model.model_fields.items():
-        ann = f.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            lines.extend(describe_options(ann, f"{prefix}{name}."))
+    for name, f in type(section).model_fields.items():
+        value = getattr(section, name)
+        if isinstance(value, BaseModel) and name != "model":
+            lines.extend(describe_options(value, f"{prefix}{name}."))
             continue
-        default = f.get_default(call_default_factory=True)
-        if isinstance(default, BaseModel):
-            default = default.model_dump(mode="json")
-        elif isinstance(default, Enum):
-            default = default.value
-        lines.append(f"{prefix}{name} = {default!r}  # {f.description or ''}")
+        if isinstance(value, BaseModel):
+            value = value.model_dump(mode="json")
+        elif isinstance(value, Enum):
+            value = value.value
+        lines.append(f"{prefix}{name} = {value!r}  # {f.description or ''}")
     return lines
 
 
@@ -66,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
 
         run_pipeline(cfg)
         return 0
-    except _user_errors() as exc:
+    except USER_ERRORS as exc:
         if args.debug or os.environ.get("MOEKD_DEBUG"):
             raise
         print(f"moekd: error: {exc}", file=sys.stderr)

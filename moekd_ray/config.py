@@ -13,11 +13,8 @@ from pathlib import Path
 from typing import Annotated, Literal, Union
 
 import yaml
+from moekd_ray.errors import ConfigError
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
-
-
-class ConfigError(ValueError):
-    """A config that cannot be used; the message lists every problem with its fix."""
 
 
 class _Strict(BaseModel):
@@ -93,7 +90,7 @@ class PretrainedConfig(_Strict):
 
 def _source_tag(value) -> str:
     # `source` may be left out of a YAML model block: it then means "config" (build from an architecture).
-    return value.get("source", "config") if isinstance(value, dict) else value.source
+    return value.get("source", "config") if isinstance(value, dict) else getattr(value, "source", None)
 
 
 ModelSource = Annotated[
@@ -251,17 +248,19 @@ def _set_dotted(tree: dict, dotted: str, value) -> None:
 
 
 def format_validation_error(err: ValidationError, source: str) -> str:
-    lines = [f"{source}: {err.error_count()} config problem(s):"]
+    """Every problem on one line: `source: key: problem (got value); key: ...`."""
+    problems = []
     for e in err.errors():
-        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        # Drop the union tag pydantic puts in the path (experts.model.config.hidden_size -> experts.model.hidden_size).
+        where = ".".join(str(p) for p in e["loc"] if p not in ("config", "pretrained")) or "(top level)"
         if e["type"] == "extra_forbidden":
-            hint = "unknown key; check its spelling against `moekd validate --help-config`"
+            hint = "unknown key; check its spelling against `moekd config`"
         else:
-            hint = e["msg"]
+            hint = e["msg"].removeprefix("Value error, ")
         seen = e.get("input")
-        seen_txt = "" if isinstance(seen, dict) else f" (got {seen!r})"
-        lines.append(f"  - {where}: {hint}{seen_txt}")
-    return "\n".join(lines)
+        seen_txt = "" if isinstance(seen, dict) or e["type"] == "extra_forbidden" else f" (got {seen!r})"
+        problems.append(f"{where}: {hint}{seen_txt}")
+    return f"{source}: " + "; ".join(problems)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> MoEKDConfig:

@@ -16,14 +16,11 @@ from pathlib import Path
 import datasets
 
 from moekd_ray.config import DataConfig
+from moekd_ray.errors import DataError
 
 SPLITS = ("train", "valid", "test")
 # The hub copy names the validation split "validation".
 _HUB_SPLIT = {"train": "train", "valid": "validation", "test": "test"}
-
-
-class DataError(ValueError):
-    """Input data that cannot be used; the message names the file, the line and the fix."""
 
 
 def default_data_dir() -> Path:
@@ -81,8 +78,13 @@ def read_jsonl(path: Path, max_chars: int) -> list[dict]:
     opener = gzip.open if path.suffix == ".gz" else open
     rows = []
     try:
-        with opener(path, "rt", encoding="utf-8-sig") as fh:
-            for lineno, line in enumerate(fh, 1):
+        with opener(path, "rb") as fh:
+            for lineno, raw in enumerate(fh, 1):
+                try:
+                    line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a leading BOM is allowed
+                except UnicodeDecodeError as exc:
+                    raise DataError(f"{path}:{lineno}: not valid UTF-8 (byte {exc.start} of the line); "
+                                    "re-encode the file as UTF-8") from None
                 if not line.strip():
                     continue
                 try:
@@ -90,8 +92,6 @@ def read_jsonl(path: Path, max_chars: int) -> list[dict]:
                 except json.JSONDecodeError as exc:
                     raise DataError(f"{path}:{lineno}: malformed JSON ({exc.msg}); fix or remove that line") from None
                 rows.append(validate_row(obj, f"{path}:{lineno}", max_chars))
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not valid UTF-8 at byte {exc.start}; re-encode the file as UTF-8") from None
     except (OSError, EOFError) as exc:
         raise DataError(f"{path}: cannot be read ({exc}); check the file is a complete .jsonl or .jsonl.gz") from None
     if not rows:

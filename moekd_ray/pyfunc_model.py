@@ -6,6 +6,7 @@ Weights are safetensors and the tokenizer is a saved HF tokenizer: loading unpic
 """
 
 import mlflow
+import numpy as np
 import pandas as pd
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -22,10 +23,13 @@ class StudentClassifier(mlflow.pyfunc.PythonModel):
         self.batch_size = 64
 
     def predict(self, context, model_input, params=None):
-        if isinstance(model_input, pd.DataFrame):
-            funcs = model_input["func"].astype(str).tolist()
-        else:
-            funcs = [str(f) for f in model_input]
+        column = model_input["func"] if isinstance(model_input, (pd.DataFrame, dict)) else model_input
+        funcs = []
+        for value in column:
+            if isinstance(value, (list, tuple, np.ndarray)):  # {"func": [a, b]} can arrive as one row holding a list
+                funcs.extend(str(f) for f in value)
+            else:
+                funcs.append(str(value))
         probs = []
         with torch.no_grad():
             for i in range(0, len(funcs), self.batch_size):

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
 import ray
+import ray.train
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
@@ -60,9 +63,24 @@ def fit_all(trainers: list[TorchTrainer]) -> list:
         return list(pool.map(lambda t: t.fit(), trainers))
 
 
+HISTORY_FILE = "metrics_history.json"
+
+
+def report_epoch(metrics: dict, history: list[dict], save_model: Callable[[str], None] | None) -> None:
+    """Worker side: `ray.train.report` this epoch's metrics with a checkpoint from the rank that passes
+    `save_model` (it writes the model into a folder). The checkpoint also holds every epoch's metrics so far, so
+    the history survives Ray keeping only the latest checkpoint (like HF Trainer's trainer_state.json)."""
+    history.append(metrics)
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if save_model is not None:
+            save_model(tmp)
+            (Path(tmp) / HISTORY_FILE).write_text(json.dumps(history))
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
 def epoch_rows(result) -> list[dict]:
-    """The per-epoch metrics a Ray Train run reported, as plain dicts."""
-    df = result.metrics_dataframe
-    keep = [c for c in df.columns if c == "epoch" or not c.startswith(("config", "timestamp", "checkpoint_dir"))]
-    rows = df[keep].to_dict("records")
-    return [{k: v for k, v in r.items() if isinstance(v, (int, float))} for r in rows]
+    """Driver side: the per-epoch metrics of a finished Ray Train run, from its latest checkpoint."""
+    with result.checkpoint.as_directory() as folder:
+        return json.loads((Path(folder) / HISTORY_FILE).read_text())

@@ -14,11 +14,9 @@ import yaml
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
+from moekd_ray.errors import TrackingError
+
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
-
-
-class TrackingError(RuntimeError):
-    """The tracking server or store cannot be used; the message says which and how to fix it."""
 
 
 def connect(tracking_uri: str, experiment: str) -> str:

@@ -100,8 +100,6 @@ def test_invalid_utf8(tmp_path):
     assert str(path) in str(exc.value)
 
 
-@pytest.mark.xfail(strict=False, reason="read_jsonl reports UnicodeDecodeError.start, an offset inside the decoder's "
-                   "chunk (not the file) and no line; decode per line to report file:line")
 def test_invalid_utf8_reports_line(tmp_path):
     path = tmp_path / "t.jsonl"
     path.write_bytes((json.dumps(GOOD) + "\n").encode() * 999 + b'{"func": "\xff", "target": 0}\n')

@@ -21,8 +21,8 @@ TINY_ARCH = {"vocab_size": 400, "hidden_size": 32, "num_layers": 1, "num_heads":
 def tiny_run(ray_cluster, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pipeline")
     cfg = load_config(None, [
-        "name=tiny", f"output_dir={tmp / 'runs'}", "data.train_rows=96", "data.eval_rows=48",
-        f"experts.model={json.dumps(TINY_ARCH)}", "experts.schedule.batch_size=16", "router.epochs=20",
+        "name=tiny", f"output_dir={tmp / 'runs'}", "data.train_rows=256", "data.eval_rows=48",
+        f"experts.model={json.dumps(TINY_ARCH)}", "experts.schedule.batch_size=16", "experts.schedule.epochs=2", "router.epochs=20",
         f"distill.student_arch={json.dumps(TINY_ARCH)}", "distill.schedule.epochs=2", "distill.schedule.batch_size=8",
         "distill.zero_stage=2", "distill.resources.num_workers=2", "distill.alpha=0.5", "distill.temperature=2",
         f"mlflow.tracking_uri=sqlite:///{tmp / 'mlruns.db'}", "mlflow.registered_model=tiny-student",
@@ -75,7 +75,7 @@ def test_soft_targets_file_is_consistent(tiny_run):
     cfg, result = tiny_run
     targets = load_soft_targets(result.run_dir / "soft_targets.safetensors")
     train = targets["train"]
-    assert train["expert_logits"].shape == (96, 2, 2)
+    assert train["expert_logits"].shape == (256, 2, 2)
     np.testing.assert_allclose(train["weights"].sum(1), 1.0, atol=1e-5)
     # The soft targets are the router-weighted mixture of the experts' softmax at T.
     z = torch.from_numpy(train["expert_logits"])

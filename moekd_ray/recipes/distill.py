@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +76,7 @@ def distill_worker(config: dict) -> None:
         engine.backward(loss)
         engine.step()
 
+    history: list[dict] = []
     for epoch in range(1, epochs + 1):
         if hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
             loader.sampler.set_epoch(epoch)
@@ -86,13 +86,10 @@ def distill_worker(config: dict) -> None:
                    "world_size": ctx.get_world_size(), "zero_stage": engine.zero_optimization_stage()}
         print(f"[student] epoch {epoch}/{epochs}: kd loss {stats['train_loss']:.4f}, "
               f"{stats['samples_per_s']:.1f} samples/s/worker, val acc {val['accuracy']:.3f} f1 {val['f1']:.3f}")
-        with tempfile.TemporaryDirectory() as tmp:
-            # Collective under ZeRO-3 (every rank gathers); a no-op gather for stages 0-2.
-            with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
-                if ctx.get_world_rank() == 0:
-                    engine.module.save_pretrained(tmp, safe_serialization=True)
-            checkpoint = ray.train.Checkpoint.from_directory(tmp) if ctx.get_world_rank() == 0 else None
-            ray.train.report(metrics, checkpoint=checkpoint)
+        # The gather is a collective under ZeRO-3 (every rank takes part) and a no-op for stages 0-2.
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
+            save = engine.module.save_pretrained if ctx.get_world_rank() == 0 else None
+            ray_runtime.report_epoch(metrics, history, save)
 
 
 def distill_student(cfg: MoEKDConfig, enc: dict, labels: dict, teacher_probs: np.ndarray, run_dir: Path):

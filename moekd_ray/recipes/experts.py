@@ -7,7 +7,6 @@ concurrently; `expert_logits()` runs each trained expert over every split as a R
 
 from __future__ import annotations
 
-import tempfile
 import time
 from pathlib import Path
 
@@ -41,6 +40,7 @@ def expert_worker(config: dict) -> None:
     loader = ray.train.torch.prepare_data_loader(make_loader(train, sched.batch_size, shuffle=True, seed=config["seed"]))
     optimizer = torch.optim.AdamW(model.parameters(), lr=sched.lr, weight_decay=sched.weight_decay)
     name = config["name"]
+    history: list[dict] = []
     started_at = time.time()  # wall clock, so that overlapping (concurrent) expert runs can be seen afterwards
     for epoch in range(1, sched.epochs + 1):
         if hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
@@ -51,12 +51,8 @@ def expert_worker(config: dict) -> None:
                    "started_at": started_at, "finished_at": time.time()}
         print(f"[{name}] epoch {epoch}/{sched.epochs}: loss {stats['train_loss']:.4f}, "
               f"{stats['samples_per_s']:.1f} samples/s, val acc {val['accuracy']:.3f} f1 {val['f1']:.3f}")
-        with tempfile.TemporaryDirectory() as tmp:
-            checkpoint = None
-            if ctx.get_world_rank() == 0:
-                unwrap(model).save_pretrained(tmp, safe_serialization=True)
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=checkpoint)
+        save = unwrap(model).save_pretrained if ctx.get_world_rank() == 0 else None
+        ray_runtime.report_epoch(metrics, history, save)
 
 
 def part_arrays(enc: dict[str, np.ndarray], labels: np.ndarray, parts: np.ndarray, k: int, cfg: MoEKDConfig) -> dict:
