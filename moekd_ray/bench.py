@@ -4,9 +4,8 @@
     python -m moekd_ray.bench --train-rows 1200 --epochs 2 --max-length 256
 
 One process, one Ray (moekd_ray.ray_runtime.init_ray), real Devign rows (moekd_ray.data), the pipeline's expert
-tokenizer and partition, and moekd_ray.recipes.experts.expert_worker as the training function. Trainers are built
-as train_experts builds them (same loop_config), since train_experts fits them itself. Order of the runs:
-concurrent fits, sequential fits, plain loop; a first-fit warm-up cost, if any, counts against the concurrent run.
+tokenizer and partition, and the pipeline's own expert trainers (moekd_ray.recipes.experts.expert_trainers). Order: one
+unmeasured warm-up fit (the session's first fit pays one-time costs), concurrent fits, sequential fits, plain loop.
 The plain loop repeats the worker's per-epoch work (train_epoch, validation, save_pretrained) in this process, at
 the worker's thread count, so "Ray wall - plain wall" is Ray's fixed cost per fit.
 """
@@ -31,7 +30,7 @@ from moekd_ray.data import describe, load_devign
 from moekd_ray.metrics import classification_metrics
 from moekd_ray.models import build_model, num_params
 from moekd_ray.partition import partition, partition_table
-from moekd_ray.recipes.experts import expert_worker, part_arrays
+from moekd_ray.recipes.experts import expert_trainers, part_arrays
 from moekd_ray.recipes.pipeline import SPLITS, make_tokenizers
 from moekd_ray.tokenization import encode
 from moekd_ray.train_loop import make_loader, predict_logits, probs1, torch_step, train_epoch, weighted_ce
@@ -44,11 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=128, help="tokens per function")
-    p.add_argument("--hidden", type=int, default=64)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--ffn", type=int, default=256)
-    p.add_argument("--vocab", type=int, default=2000)
+    for name, default in (("hidden", 64), ("layers", 2), ("heads", 4), ("ffn", 256), ("vocab", 2000)):
+        p.add_argument(f"--{name}", type=int, default=default, help="expert model size")
     p.add_argument("--k", type=int, default=2, help="number of experts")
     p.add_argument("--partition", default="random", help="kmeans|project|length|random (random: equal parts)")
     p.add_argument("--seed", type=int, default=0)
@@ -67,37 +63,18 @@ def make_config(a: argparse.Namespace, out: Path) -> MoEKDConfig:
     ])
 
 
-def expert_trainers(cfg: MoEKDConfig, enc: dict, labels: dict, parts: np.ndarray, tag: str) -> list:
-    """The K trainers exactly as recipes.experts.train_experts builds them (that function also fits them)."""
-    valid_ref = ray.put({**enc["valid"], "labels": labels["valid"]})
-    trainers = []
-    for k in range(cfg.experts.k):
-        loop_config = {
-            "name": f"expert_{k}",
-            "model": cfg.experts.model.model_dump(),
-            "schedule": cfg.experts.schedule.model_dump(),
-            "threads": cfg.experts.resources.cpus_per_worker,
-            "seed": cfg.seed + k,
-            "train": ray.put(part_arrays(enc["train"], labels["train"], parts, k, cfg)),
-            "valid": valid_ref,
-        }
-        trainers.append(ray_runtime.make_trainer(expert_worker, loop_config, cfg.experts.resources,
-                                                 f"{tag}-expert_{k}", cfg.ray.storage_path))
-    return trainers
-
-
 def ray_rates(result) -> float:
     """Mean samples/s over the epochs expert_worker reported (train_epoch's own timing inside the worker)."""
     return float(np.mean([r["samples_per_s"] for r in ray_runtime.epoch_rows(result)]))
 
 
-def plain_expert(cfg: MoEKDConfig, train: dict, valid: dict, seed: int, threads: int) -> tuple[float, float]:
-    """expert_worker's work without Ray, in this process: (mean samples/s, wall seconds)."""
-    sched, old = cfg.experts.schedule, torch.get_num_threads()
+def plain_expert(cfg: MoEKDConfig, k: int, train: dict, valid: dict, threads: int) -> tuple[float, float]:
+    """expert_worker's work for expert k without Ray, in this process: (mean samples/s, wall seconds)."""
+    sched, seed, old = cfg.experts.schedule, cfg.seed + k, torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         start, rates = time.perf_counter(), []
-        model = build_model(cfg.experts.model, seed)
+        model = build_model(cfg.experts.specs()[k], seed)
         loader = make_loader(train, sched.batch_size, shuffle=True, seed=seed)
         optimizer = torch.optim.AdamW(model.parameters(), lr=sched.lr, weight_decay=sched.weight_decay)
         for _ in range(sched.epochs):
@@ -116,14 +93,14 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory(prefix="moekd-bench-") as tmp:
         out = Path(tmp)
         cfg = make_config(a, out)
-        spec, sched, k = cfg.experts.model, cfg.experts.schedule, cfg.experts.k
+        spec, sched, k = cfg.experts.model, cfg.experts.schedule, cfg.experts.k  # every expert: this spec
         threads = int(cfg.experts.resources.cpus_per_worker)  # expert_worker's torch thread count
         t0 = time.perf_counter()
         data = load_devign(cfg.data, cfg.seed)
         labels = {s: np.asarray(data[s]["target"], dtype=np.int64) for s in SPLITS}
         funcs = {s: list(data[s]["func"]) for s in SPLITS}
-        tok, _ = make_tokenizers(cfg, funcs["train"], out)
-        enc = {s: encode(tok, funcs[s], spec.max_length) for s in ("train", "valid")}
+        toks, _ = make_tokenizers(cfg, funcs["train"], out)  # one per expert (shared when specs are equal)
+        enc = [{s: encode(tok, funcs[s], spec.max_length) for s in ("train", "valid")} for tok in toks]
         parts = partition(funcs["train"], list(data["train"]["project"]), cfg.partition.strategy.value, k,
                           cfg.seed, cfg.partition.hash_features)
         prep_s = time.perf_counter() - t0
@@ -132,14 +109,14 @@ def main(argv=None) -> None:
         init_s = time.perf_counter() - t0
 
         part_rows = [r["rows"] for r in partition_table(parts, labels["train"], k)]
-        fill = float(enc["train"]["attention_mask"].sum(1).mean())
+        fill = float(enc[0]["train"]["attention_mask"].sum(1).mean())
         print("=" * 78)
         print(f"moekd_ray.bench  torch {torch.__version__}, ray {ray.__version__}, "
               f"Ray CPUs {ray.cluster_resources().get('CPU', 0):.0f}")
         print(f"data:    {describe(data)} (Devign, seed {cfg.seed})")
         print(f"parts:   {cfg.partition.strategy.value}, K={k}, rows per expert {part_rows}")
         print(f"model:   RoBERTa hidden {spec.hidden_size}, {spec.num_layers} layers, {spec.num_heads} heads, "
-              f"ffn {spec.ffn_size}, vocab {len(tok)}/{spec.vocab_size}, "
+              f"ffn {spec.ffn_size}, vocab {len(toks[0])}/{spec.vocab_size}, "
               f"{num_params(build_model(spec, 0)):,} params")
         print(f"tokens:  max_length {spec.max_length} (mean real tokens {fill:.0f}; batches trimmed to their longest)")
         print(f"train:   {sched.epochs} epoch(s), batch {sched.batch_size}, AdamW lr {sched.lr}, "
@@ -149,26 +126,32 @@ def main(argv=None) -> None:
               f"1-min load average before start {load_start:.2f} on {os.cpu_count()} cores")
         print("=" * 78, flush=True)
 
+        print("\n== 0. warm-up: one expert fit, not measured (the session's first fit pays one-time costs)", flush=True)
+        t0 = time.perf_counter()
+        expert_trainers(cfg, enc, labels, parts, "warmup", cfg.ray.storage_path)[0].fit()
+        warm_s = time.perf_counter() - t0
+
         print(f"\n== 1a. {k} experts at once: ray_runtime.fit_all", flush=True)
         t0 = time.perf_counter()
-        conc = ray_runtime.fit_all(expert_trainers(cfg, enc, labels, parts, "concurrent"))
+        conc = ray_runtime.fit_all(expert_trainers(cfg, enc, labels, parts, "concurrent", cfg.ray.storage_path))
         conc_s = time.perf_counter() - t0
         print(f"== concurrent: {conc_s:.1f} s", flush=True)
 
         print(f"\n== 1b. {k} experts one after another: trainer.fit()", flush=True)
         seq, seq_s = [], []
-        for trainer in expert_trainers(cfg, enc, labels, parts, "sequential"):
+        for trainer in expert_trainers(cfg, enc, labels, parts, "sequential", cfg.ray.storage_path):
             t0 = time.perf_counter()
             seq.append(trainer.fit())
             seq_s.append(time.perf_counter() - t0)
             print(f"== sequential expert_{len(seq) - 1}: {seq_s[-1]:.1f} s", flush=True)
 
         print(f"\n== 2. plain PyTorch loop in the driver ({threads} torch thread)", flush=True)
-        valid = {**enc["valid"], "labels": labels["valid"]}
-        plain = [plain_expert(cfg, part_arrays(enc["train"], labels["train"], parts, j, cfg), valid, cfg.seed + j,
-                              threads) for j in range(k)]
+        plain = [plain_expert(cfg, j, part_arrays(enc[j]["train"], labels["train"], parts, j, cfg),
+                              {**enc[j]["valid"], "labels": labels["valid"]}, threads) for j in range(k)]
         for j, (rate, wall) in enumerate(plain):
             print(f"== plain expert_{j}: {rate:.1f} samples/s, {wall:.1f} s", flush=True)
+        # Per-epoch metrics live in the checkpoints under `tmp`: read them before it goes.
+        conc_rates, seq_rates = [ray_rates(r) for r in conc], [ray_rates(r) for r in seq]
         ray.shutdown()
 
     w = 12
@@ -180,15 +163,16 @@ def main(argv=None) -> None:
         cells = "".join(f"{'-':>{w}}" if v is None else f"{v:>{w}.{2 if 'ratio' in label else 1}f}" for v in vals)
         print(f"{label:<44}{cells}{total:>{w}}")
 
+    line("0. warm-up fit (excluded)", [None] * k, f"{warm_s:.1f}")
     print("1. concurrent vs sequential (wall s, incl. Ray overhead)")
     line("  concurrent: fit_all of all K", [None] * k, f"{conc_s:.1f}")
     line("  sequential: one fit() after another", seq_s, f"{sum(seq_s):.1f}")
     print(f"{'  ratio sequential / concurrent':<44}{'':>{w * k}}{sum(seq_s) / conc_s:>{w}.2f}")
     print("2. Ray Train vs plain loop (train_epoch samples/s)")
-    line("  Ray worker, concurrent fits", [ray_rates(r) for r in conc])
-    line("  Ray worker, sequential fit (alone)", [ray_rates(r) for r in seq])
+    line("  Ray worker, concurrent fits", conc_rates)
+    line("  Ray worker, sequential fit (alone)", seq_rates)
     line("  plain loop in driver", [p[0] for p in plain])
-    line("  ratio Ray sequential / plain", [ray_rates(r) / p[0] for r, p in zip(seq, plain)])
+    line("  ratio Ray sequential / plain", [r / p[0] for r, p in zip(seq_rates, plain)])
     print("   end-to-end wall s (model build, train, validate, save)")
     line("  Ray fit (sequential)", seq_s, f"{sum(seq_s):.1f}")
     line("  plain loop", [p[1] for p in plain], f"{sum(p[1] for p in plain):.1f}")

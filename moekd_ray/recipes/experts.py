@@ -64,9 +64,9 @@ def part_arrays(enc: dict[str, np.ndarray], labels: np.ndarray, parts: np.ndarra
     return {**enc, "labels": labels, "weight": weight}
 
 
-def train_experts(cfg: MoEKDConfig, enc: list[dict], labels: dict, parts: np.ndarray, run_dir: Path) -> list:
-    """Fit the K experts concurrently; returns their Ray Train results (checkpoint + per-epoch metrics).
-    enc[k] holds expert k's encoded splits (its own tokenizer)."""
+def expert_trainers(cfg: MoEKDConfig, enc: list[dict], labels: dict, parts: np.ndarray, name: str,
+                    storage: str) -> list:
+    """One TorchTrainer per expert (not yet fitted). enc[k] holds expert k's encoded splits (its own tokenizer)."""
     trainers = []
     for k, spec in enumerate(cfg.experts.specs()):
         loop_config = {
@@ -78,11 +78,15 @@ def train_experts(cfg: MoEKDConfig, enc: list[dict], labels: dict, parts: np.nda
             "train": ray.put(part_arrays(enc[k]["train"], labels["train"], parts, k, cfg)),
             "valid": ray.put({**enc[k]["valid"], "labels": labels["valid"]}),
         }
-        trainers.append(ray_runtime.make_trainer(
-            expert_worker, loop_config, cfg.experts.resources, f"{run_dir.name}-expert_{k}",
-            ray_runtime.storage_path(cfg, run_dir),
-        ))
-    return ray_runtime.fit_all(trainers)
+        trainers.append(ray_runtime.make_trainer(expert_worker, loop_config, cfg.experts.resources,
+                                                 f"{name}-expert_{k}", storage))
+    return trainers
+
+
+def train_experts(cfg: MoEKDConfig, enc: list[dict], labels: dict, parts: np.ndarray, run_dir: Path) -> list:
+    """Fit the K experts concurrently; returns their Ray Train results (checkpoint + per-epoch metrics)."""
+    storage = ray_runtime.storage_path(cfg, run_dir)
+    return ray_runtime.fit_all(expert_trainers(cfg, enc, labels, parts, run_dir.name, storage))
 
 
 @ray.remote

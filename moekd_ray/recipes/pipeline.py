@@ -57,14 +57,7 @@ def run_pipeline(cfg: MoEKDConfig, log=print) -> PipelineResult:
 
         with timer("tokenizers"), tracking.stage_run("tokenizers"):
             expert_toks, student_tok = make_tokenizers(cfg, funcs["train"], run_dir)
-            # One encoding per distinct expert tokenizer (k experts of one spec share it).
-            encoded = {}
-            enc_expert = []
-            for spec, tok in zip(cfg.experts.specs(), expert_toks):
-                key = (id(tok), spec.max_length)
-                if key not in encoded:
-                    encoded[key] = {s: encode(tok, funcs[s], spec.max_length) for s in SPLITS}
-                enc_expert.append(encoded[key])
+            enc_expert = encode_for_experts(cfg, expert_toks, funcs)
             student_max = cfg.distill.arch().max_length
             enc_student = {s: encode(student_tok, funcs[s], student_max) for s in SPLITS}
             mlflow.log_artifacts(str(run_dir / "tokenizers"), "tokenizers")
@@ -105,17 +98,17 @@ def run_pipeline(cfg: MoEKDConfig, log=print) -> PipelineResult:
             mlflow.log_artifact(str(run_dir / "deepspeed_config.json"))
             student_dir = run_dir / "student"
             result.checkpoint.to_directory(str(student_dir))
+            student = load_model(student_dir)
+            log(f"student: {num_params(student):,} parameters, {size_mb(student):.2f} MB (float32)")
 
         with timer("evaluate"), tracking.stage_run("evaluate"):
-            rows = evaluate_all(cfg, checkpoints, targets, student_dir, enc_expert, enc_student, labels)
+            rows, test_probs = evaluate_all(cfg, checkpoints, targets, student, enc_expert, enc_student, labels)
             tracking.log_table(rows, "results.json")
             for row in rows:
                 mlflow.log_metrics({f"{row['model']}.{k}": v for k, v in row.items() if isinstance(v, float)})
-            student_test = probs1(predict_logits(load_model(student_dir), enc_student["test"], cfg.eval.batch_size))
-            tracking.log_figure(confusion_matrix_figure(labels["test"], student_test, "student, test"),
-                                "confusion_student_test.png")
-            tracking.log_figure(confusion_matrix_figure(labels["test"], targets["test"]["mixture_probs"][:, 1],
-                                                        "routed mixture, test"), "confusion_mixture_test.png")
+            for name in ("mixture", "student"):
+                fig = confusion_matrix_figure(labels["test"], test_probs[name], f"{name}, test")
+                tracking.log_figure(fig, f"confusion_{name}_test.png")
 
         with timer("register"):
             student_row = next(r for r in rows if r["model"] == "student")
@@ -155,13 +148,25 @@ def make_tokenizers(cfg: MoEKDConfig, train_funcs: list[str], run_dir: Path):
     return expert_toks, student_tok
 
 
-def evaluate_all(cfg, checkpoints, targets, student_dir, enc_expert, enc_student, labels) -> list[dict]:
-    """Accuracy/precision/recall/F1 on valid and test, parameters, MB and inference throughput per model.
-    Throughput: functions/s at eval.batch_size and eval.threads torch threads, on test functions."""
+def encode_for_experts(cfg: MoEKDConfig, expert_toks: list, funcs: dict[str, list[str]]) -> list[dict]:
+    """Expert k's encoded splits; experts sharing a tokenizer and length share one encoding."""
+    encoded, out = {}, []
+    for spec, tok in zip(cfg.experts.specs(), expert_toks):
+        key = (id(tok), spec.max_length)
+        if key not in encoded:
+            encoded[key] = {s: encode(tok, funcs[s], spec.max_length) for s in SPLITS}
+        out.append(encoded[key])
+    return out
+
+
+def evaluate_all(cfg, checkpoints, targets, student, enc_expert, enc_student, labels) -> tuple[list[dict], dict]:
+    """Accuracy/precision/recall/F1 on valid and test, parameters, MB and inference throughput per model, and
+    each model's test P(vulnerable). Throughput: functions/s at eval.batch_size and eval.threads torch threads."""
     bs, threads = cfg.eval.batch_size, cfg.eval.threads
-    rows, expert_rates, expert_params, expert_mb = [], [], 0, 0.0
+    rows, test_probs, expert_rates, expert_params, expert_mb = [], {}, [], 0, 0.0
 
     def row(name, probs_by_split, params, mb, rate):
+        test_probs[name] = probs_by_split["test"]
         r = {"model": name}
         for split in ("valid", "test"):
             r.update({f"{split}_{k}": v for k, v in classification_metrics(labels[split], probs_by_split[split]).items()})
@@ -180,11 +185,10 @@ def evaluate_all(cfg, checkpoints, targets, student_dir, enc_expert, enc_student
     mix_rate = 1.0 / sum(1.0 / r for r in expert_rates)
     mix = {s: targets[s]["mixture_probs"][:, 1] for s in ("valid", "test")}
     rows.append(row("mixture", mix, expert_params, expert_mb, mix_rate))
-    student = load_model(student_dir)
     probs = {s: probs1(predict_logits(student, enc_student[s], bs)) for s in ("valid", "test")}
     rows.append(row("student", probs, num_params(student), size_mb(student),
                     throughput(student, enc_student["test"], bs, threads)))
-    return rows
+    return rows, test_probs
 
 
 def format_table(rows: list[dict]) -> str:
