@@ -30,6 +30,8 @@ def describe_options(section: BaseModel | None = None, prefix: str = "") -> list
             continue
         if isinstance(value, BaseModel):
             value = value.model_dump(mode="json")
+        elif isinstance(value, dict):
+            value = {k: v.model_dump(mode="json") if isinstance(v, BaseModel) else v for k, v in value.items()}
         elif isinstance(value, Enum):
             value = value.value
         lines.append(f"{prefix}{name} = {value!r}  # {f.description or ''}")
@@ -44,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name, help=text)
         p.add_argument("config", help="YAML config, e.g. jobs/quickstart.yaml")
         p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. experts.k=3")
+    p = sub.add_parser("tune", help="Ray Tune search over router/distillation temperatures, alpha and lr")
+    p.add_argument("config", help="YAML config with a `tune:` section, e.g. jobs/tune_quickstart.yaml")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. tune.num_samples=4")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted search of this config")
     sub.add_parser("config", help="list every option with its default and description")
     args = parser.parse_args(argv)
 
@@ -55,6 +61,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "validate":
             print(f"{args.config}: valid (config digest {cfg.digest()}, {cfg.experts.k} experts, "
                   f"student {cfg.distill.student_arch and 'custom' or cfg.distill.student})")
+            return 0
+        if args.command == "tune":
+            from moekd_ray.recipes.tune import run_search
+
+            run_search(cfg, resume=args.resume)
             return 0
         from moekd_ray.recipes.pipeline import run_pipeline
 

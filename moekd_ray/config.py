@@ -210,6 +210,64 @@ class EvalConfig(_Strict):
     threads: int = Field(2, ge=1, description="Torch threads for evaluation and the throughput figure.")
 
 
+# -------------------------------------------------------------------------------------------------- tune
+class UniformDist(_Strict):
+    dist: Literal["uniform"] = "uniform"
+    low: float
+    high: float
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if not self.low < self.high:
+            raise ValueError(f"low={self.low} must be below high={self.high}")
+        return self
+
+
+class LogUniformDist(UniformDist):
+    dist: Literal["loguniform"] = "loguniform"
+    low: float = Field(gt=0, description="> 0 (log scale).")
+
+
+class ChoiceDist(_Strict):
+    dist: Literal["choice"] = "choice"
+    values: list = Field(min_length=1, description="The values to pick from (null allowed, e.g. for top_k).")
+
+
+Distribution = Annotated[Union[UniformDist, LogUniformDist, ChoiceDist], Field(discriminator="dist")]
+
+# Fields a trial may change: all act after the experts, so trials reuse the cached expert logits.
+TUNABLE = ("router.temperature", "router.top_k", "distill.temperature", "distill.alpha", "distill.schedule.lr")
+
+
+def _default_space() -> dict:
+    return {
+        "router.temperature": LogUniformDist(low=0.5, high=2.0),
+        "distill.temperature": ChoiceDist(values=[1, 2, 4, 10]),
+        "distill.alpha": UniformDist(low=0.0, high=1.0),
+        "distill.schedule.lr": LogUniformDist(low=3e-4, high=3e-3),
+    }
+
+
+class TuneConfig(_Strict):
+    from_run: str | None = Field(
+        None, description="MLflow run id of a finished pipeline run whose experts and router trials reuse "
+        "(None: run the pipeline first)."
+    )
+    space: dict[str, Distribution] = Field(
+        default_factory=_default_space, description=f"Search space over {list(TUNABLE)}: uniform, loguniform, choice."
+    )
+    num_samples: int = Field(8, ge=1, description="Trials.")
+    max_concurrent: int = Field(2, ge=1, description="Trials running at once (each needs distill.resources).")
+    scheduler: Literal["asha", "fifo"] = Field("asha", description="asha stops weak trials early; fifo runs all.")
+    grace_period: int = Field(1, ge=1, description="ASHA: epochs every trial runs before it may be stopped.")
+    reduction_factor: int = Field(2, ge=2, description="ASHA: keep 1/reduction_factor of trials per rung.")
+    search: Literal["random", "optuna"] = Field("random", description="random sampling or Optuna's TPE sampler.")
+    metric: Literal["val_f1", "val_accuracy", "val_loss"] = Field(
+        "val_f1", description="Objective (val_loss is minimised, the others maximised)."
+    )
+    register_best: bool = Field(True, description="Register the best trial's student in the model registry.")
+
+
 class MoEKDConfig(_Strict):
     name: str = Field("moekd", description="Run name (MLflow parent run).")
     seed: int = Field(0, description="Seed for subsets, partitions, initialisation and shuffling.")
@@ -222,12 +280,30 @@ class MoEKDConfig(_Strict):
     ray: RayConfig = Field(default_factory=RayConfig)
     mlflow: MLflowConfig = Field(default_factory=MLflowConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig, description="`moekd tune` only.")
 
     @model_validator(mode="after")
     def _cross_field(self):
         if self.router.top_k is not None and self.router.top_k > self.experts.k:
             raise ValueError(f"router.top_k={self.router.top_k} exceeds experts.k={self.experts.k}; use top_k <= k")
+        for key, dist in self.tune.space.items():
+            if key not in TUNABLE:
+                raise ValueError(f"tune.space: {key!r} cannot be tuned on cached experts; tunable: {list(TUNABLE)}")
+            # Each end of the range (each choice) must itself be a valid config value, e.g. T > 0.
+            for value in dist.values if isinstance(dist, ChoiceDist) else (dist.low, dist.high):
+                try:
+                    self.with_values({key: value})
+                except ValidationError as err:
+                    raise ValueError(f"tune.space.{key}: {value!r} is not a valid value ({err.errors()[0]['msg']})") from None
         return self
+
+    def with_values(self, values: dict) -> "MoEKDConfig":
+        """A re-validated copy with dotted fields replaced (a trial's config)."""
+        tree = self.model_dump(mode="json")
+        tree["tune"]["space"] = {}  # a trial's config holds its values, not the space (and is not re-checked)
+        for key, value in values.items():
+            _set_dotted(tree, key, value)
+        return MoEKDConfig.model_validate(tree)
 
     def digest(self) -> str:
         """Short hash of the resolved config (names runs and cached stage outputs)."""
@@ -247,12 +323,16 @@ def _set_dotted(tree: dict, dotted: str, value) -> None:
     tree[keys[-1]] = value
 
 
+# Tags pydantic puts in an error's path for union members (experts.model.config.hidden_size): not the user's keys.
+_UNION_TAGS = {"config", "pretrained", "uniform", "loguniform", "choice"}
+
+
 def format_validation_error(err: ValidationError, source: str) -> str:
     """Every problem on one line: `source: key: problem (got value); key: ...`."""
     problems = []
     for e in err.errors():
         # Drop the union tag pydantic puts in the path (experts.model.config.hidden_size -> experts.model.hidden_size).
-        where = ".".join(str(p) for p in e["loc"] if p not in ("config", "pretrained")) or "(top level)"
+        where = ".".join(str(p) for p in e["loc"] if p not in _UNION_TAGS) or "(top level)"
         if e["type"] == "extra_forbidden":
             hint = "unknown key; check its spelling against `moekd config`"
         else:

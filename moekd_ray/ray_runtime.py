@@ -11,7 +11,7 @@ from typing import Callable
 
 import ray
 import ray.train
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from moekd_ray.config import MoEKDConfig, ResourcesConfig
@@ -37,8 +37,9 @@ def storage_path(cfg: MoEKDConfig, run_dir: Path) -> str:
 
 
 def make_trainer(train_func: Callable[[dict], None], loop_config: dict, resources: ResourcesConfig, name: str,
-                 storage: str) -> TorchTrainer:
-    """One Ray Train run: `resources.num_workers` workers, each with its CPUs (and a GPU when use_gpu)."""
+                 storage: str, callbacks: list | None = None) -> TorchTrainer:
+    """One Ray Train run: `resources.num_workers` workers, each with its CPUs (and a GPU when use_gpu).
+    `callbacks`: e.g. Tune's TuneReportCallback, when the trainer runs inside a Tune trial."""
     per_worker = {"CPU": resources.cpus_per_worker}
     if resources.use_gpu:
         per_worker["GPU"] = 1
@@ -53,6 +54,8 @@ def make_trainer(train_func: Callable[[dict], None], loop_config: dict, resource
             storage_path=storage,
             checkpoint_config=CheckpointConfig(num_to_keep=1),
             failure_config=FailureConfig(max_failures=0),
+            logging_config=LoggingConfig(log_level="WARNING"),  # workers print their own per-epoch lines
+            callbacks=callbacks,
         ),
     )
 

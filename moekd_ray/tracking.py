@@ -78,7 +78,7 @@ def log_table(rows: list[dict], path: str) -> None:
 
 
 def log_student_model(model_dir: Path, tokenizer_dir: Path, config_tree: dict, registered_name: str | None,
-                      metrics: dict[str, float]) -> str:
+                      metrics: dict[str, float], tags: dict[str, str] | None = None) -> str:
     """Log the student as a pyfunc (C source strings -> P(vulnerable)) and register it. Returns its model URI.
 
     The model is defined from code (pyfunc_model.py) and its weights are safetensors: nothing is pickled.
@@ -100,7 +100,10 @@ def log_student_model(model_dir: Path, tokenizer_dir: Path, config_tree: dict, r
             metadata={"metrics": {k: round(v, 4) for k, v in metrics.items()}},
         )
     if registered_name:
-        return f"models:/{registered_name}/{info.registered_model_version}"
+        version = info.registered_model_version
+        for key, value in (tags or {}).items():
+            mlflow.MlflowClient().set_model_version_tag(registered_name, version, key, value)
+        return f"models:/{registered_name}/{version}"
     return info.model_uri
 
 

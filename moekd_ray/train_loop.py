@@ -36,8 +36,12 @@ def trim_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: (v[:, :width] if k in ("input_ids", "attention_mask") else v) for k, v in batch.items()}
 
 
-def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {"input_ids": batch["input_ids"].long(), "attention_mask": batch["attention_mask"].long()}
+def model_inputs(batch: dict[str, torch.Tensor], device: torch.device | None = None) -> dict[str, torch.Tensor]:
+    return {k: batch[k].long().to(device) if device else batch[k].long() for k in ("input_ids", "attention_mask")}
+
+
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
 
 
 LossFn = Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]  # (logits, batch) -> loss
@@ -84,9 +88,10 @@ def weighted_ce(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.T
 def predict_logits(model, arrays: dict[str, np.ndarray], batch_size: int) -> np.ndarray:
     """Logits [N, 2] in input order."""
     model.eval()
+    device = model_device(model)
     out = []
     for batch in make_loader({k: arrays[k] for k in ("input_ids", "attention_mask")}, batch_size, shuffle=False):
-        out.append(model(**model_inputs(trim_padding(batch))).logits.float())
+        out.append(model(**model_inputs(trim_padding(batch), device)).logits.float().cpu())
     return torch.cat(out).numpy()
 
 

@@ -10,8 +10,36 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def ray_cluster():
+    """Started as the CLI starts it (dashboard included: Ray Train's placement-group cleaner needs its state API)."""
     import ray
 
-    ray.init(num_cpus=2, dashboard_host="127.0.0.1", include_dashboard=False, logging_level="WARNING")
+    from moekd_ray.config import load_config
+    from moekd_ray.ray_runtime import init_ray
+
+    init_ray(load_config(None, ["ray.num_cpus=2"]))
     yield ray
     ray.shutdown()
+
+
+TINY_ARCH = {"vocab_size": 400, "hidden_size": 32, "num_layers": 1, "num_heads": 2, "ffn_size": 64, "max_length": 64}
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(ray_cluster, tmp_path_factory):
+    """One tiny pipeline run (real Ray Train, DeepSpeed ZeRO-2 on 2 workers, MLflow sqlite), shared by the tests
+    of the pipeline and of the search that starts from it."""
+    import json
+
+    from moekd_ray.config import load_config
+    from moekd_ray.recipes.pipeline import run_pipeline
+
+    tmp = tmp_path_factory.mktemp("pipeline")
+    cfg = load_config(None, [
+        "name=tiny", f"output_dir={tmp / 'runs'}", "data.train_rows=256", "data.eval_rows=48",
+        f"experts.model={json.dumps(TINY_ARCH)}", "experts.schedule.batch_size=16", "experts.schedule.epochs=2",
+        "router.epochs=20", f"distill.student_arch={json.dumps(TINY_ARCH)}", "distill.schedule.epochs=2",
+        "distill.schedule.batch_size=8", "distill.zero_stage=2", "distill.resources.num_workers=2",
+        "distill.alpha=0.5", "distill.temperature=2",
+        f"mlflow.tracking_uri=sqlite:///{tmp / 'mlruns.db'}", "mlflow.registered_model=tiny-student",
+    ])
+    return cfg, run_pipeline(cfg, log=lambda *_: None)

@@ -8,27 +8,22 @@ import numpy as np
 import pytest
 import torch
 
-from moekd_ray.config import load_config
 from moekd_ray.models import load_model
 from moekd_ray.recipes.aggregate import load_soft_targets
-from moekd_ray.recipes.pipeline import run_pipeline
 from moekd_ray.tokenization import load_tokenizer
-
-TINY_ARCH = {"vocab_size": 400, "hidden_size": 32, "num_layers": 1, "num_heads": 2, "ffn_size": 64, "max_length": 64}
 
 
 @pytest.fixture(scope="module")
-def tiny_run(ray_cluster, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("pipeline")
-    cfg = load_config(None, [
-        "name=tiny", f"output_dir={tmp / 'runs'}", "data.train_rows=256", "data.eval_rows=48",
-        f"experts.model={json.dumps(TINY_ARCH)}", "experts.schedule.batch_size=16", "experts.schedule.epochs=2", "router.epochs=20",
-        f"distill.student_arch={json.dumps(TINY_ARCH)}", "distill.schedule.epochs=2", "distill.schedule.batch_size=8",
-        "distill.zero_stage=2", "distill.resources.num_workers=2", "distill.alpha=0.5", "distill.temperature=2",
-        f"mlflow.tracking_uri=sqlite:///{tmp / 'mlruns.db'}", "mlflow.registered_model=tiny-student",
-    ])
-    result = run_pipeline(cfg, log=lambda *_: None)
-    return cfg, result
+def tiny_run(tiny_pipeline):
+    return tiny_pipeline
+
+
+def child_runs(cfg, result):
+    client = mlflow.tracking.MlflowClient(cfg.mlflow.tracking_uri)
+    return client, client.search_runs(
+        [client.get_experiment_by_name(cfg.mlflow.experiment).experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{result.run_id}'",
+    )
 
 
 def test_table_has_experts_mixture_and_student(tiny_run):
@@ -40,11 +35,7 @@ def test_table_has_experts_mixture_and_student(tiny_run):
 
 def test_experts_trained_concurrently(tiny_run):
     cfg, result = tiny_run
-    client = mlflow.tracking.MlflowClient(cfg.mlflow.tracking_uri)
-    children = client.search_runs(
-        [client.get_experiment_by_name(cfg.mlflow.experiment).experiment_id],
-        filter_string=f"tags.mlflow.parentRunId = '{result.run_id}'",
-    )
+    _, children = child_runs(cfg, result)
     spans = {}
     for run in children:
         if run.info.run_name.startswith("expert_"):
@@ -59,11 +50,8 @@ def test_experts_trained_concurrently(tiny_run):
 
 def test_distillation_ran_deepspeed_zero2_on_two_workers(tiny_run):
     cfg, result = tiny_run
-    client = mlflow.tracking.MlflowClient(cfg.mlflow.tracking_uri)
-    distill = client.search_runs(
-        [client.get_experiment_by_name(cfg.mlflow.experiment).experiment_id],
-        filter_string=f"tags.mlflow.parentRunId = '{result.run_id}' and attributes.run_name = 'distill'",
-    )[0]
+    client, children = child_runs(cfg, result)
+    distill = next(r for r in children if r.info.run_name == "distill")
     assert distill.data.metrics["zero_stage"] == 2
     assert distill.data.metrics["world_size"] == 2
     assert len(client.get_metric_history(distill.info.run_id, "train_loss")) == 2  # one per epoch

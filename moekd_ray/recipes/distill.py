@@ -16,6 +16,7 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
+import torch.nn.functional as F
 
 from moekd_ray import ray_runtime
 from moekd_ray.config import ArchConfig, DistillConfig, MoEKDConfig
@@ -81,7 +82,9 @@ def distill_worker(config: dict) -> None:
         if hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
             loader.sampler.set_epoch(epoch)
         stats = train_epoch(engine, loader, loss_fn, step)
-        val = classification_metrics(valid["labels"], probs1(predict_logits(engine, valid, 64)))
+        val_logits = predict_logits(engine, valid, 64)
+        val = classification_metrics(valid["labels"], probs1(val_logits))
+        val["loss"] = float(F.cross_entropy(torch.from_numpy(val_logits), torch.from_numpy(valid["labels"]).long()))
         metrics = {"epoch": epoch, **stats, **{f"val_{k}": v for k, v in val.items()},
                    "world_size": ctx.get_world_size(), "zero_stage": engine.zero_optimization_stage()}
         print(f"[student] epoch {epoch}/{epochs}: kd loss {stats['train_loss']:.4f}, "
@@ -92,14 +95,14 @@ def distill_worker(config: dict) -> None:
             ray_runtime.report_epoch(metrics, history, save)
 
 
-def distill_student(cfg: MoEKDConfig, enc: dict, labels: dict, teacher_probs: np.ndarray, run_dir: Path):
-    """Fit the student on the transfer set (train split) with `teacher_probs` [N, 2] at T. Returns the Ray result."""
-    ds_config = deepspeed_config(cfg.distill)
-    (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=1))
+def distill_trainer(cfg: MoEKDConfig, enc: dict, labels: dict, teacher_probs: np.ndarray, name: str, storage: str,
+                    callbacks: list | None = None):
+    """The student's TorchTrainer (not yet fitted) on the transfer set (train split) with `teacher_probs` [N, 2]
+    softened at T. `enc`/`labels` values may be arrays or Ray ObjectRefs of them (Tune trials pass refs)."""
     train = {**enc["train"], "labels": labels["train"], "teacher": teacher_probs.astype(np.float32)}
     loop_config = {
         "arch": cfg.distill.arch().model_dump(),
-        "ds_config": ds_config,
+        "ds_config": deepspeed_config(cfg.distill),
         "temperature": cfg.distill.temperature,
         "alpha": cfg.distill.alpha,
         "epochs": cfg.distill.schedule.epochs,
@@ -109,7 +112,11 @@ def distill_student(cfg: MoEKDConfig, enc: dict, labels: dict, teacher_probs: np
         "train": ray.put(train),
         "valid": ray.put({**enc["valid"], "labels": labels["valid"]}),
     }
-    trainer = ray_runtime.make_trainer(
-        distill_worker, loop_config, cfg.distill.resources, f"{run_dir.name}-student", ray_runtime.storage_path(cfg, run_dir)
-    )
-    return trainer.fit()
+    return ray_runtime.make_trainer(distill_worker, loop_config, cfg.distill.resources, name, storage, callbacks)
+
+
+def distill_student(cfg: MoEKDConfig, enc: dict, labels: dict, teacher_probs: np.ndarray, run_dir: Path):
+    """Fit the student; the DeepSpeed config is written into the run folder. Returns the Ray result."""
+    (run_dir / "deepspeed_config.json").write_text(json.dumps(deepspeed_config(cfg.distill), indent=1))
+    storage = ray_runtime.storage_path(cfg, run_dir)
+    return distill_trainer(cfg, enc, labels, teacher_probs, f"{run_dir.name}-student", storage).fit()
