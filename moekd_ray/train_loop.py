@@ -36,8 +36,8 @@ def trim_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: (v[:, :width] if k in ("input_ids", "attention_mask") else v) for k, v in batch.items()}
 
 
-def model_inputs(batch: dict[str, torch.Tensor], device: torch.device | None = None) -> dict[str, torch.Tensor]:
-    return {k: batch[k].long().to(device) if device else batch[k].long() for k in ("input_ids", "attention_mask")}
+def model_inputs(batch: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    return {k: batch[k].long().to(device) for k in ("input_ids", "attention_mask")}
 
 
 def model_device(model) -> torch.device:
@@ -51,10 +51,11 @@ def train_epoch(model, loader: DataLoader, loss_fn: LossFn, step: Callable[[torc
                 log_every: int = 0, log=print) -> dict[str, float]:
     """One pass; `step(loss)` does backward + optimizer step (plain torch or a DeepSpeed engine)."""
     model.train()
+    device = model_device(model)
     total, seen, start = 0.0, 0, time.perf_counter()
     for i, batch in enumerate(loader, 1):
-        batch = trim_padding(batch)
-        logits = model(**model_inputs(batch)).logits
+        batch = {k: v.to(device) for k, v in trim_padding(batch).items()}  # no-op where Ray already moved it
+        logits = model(**model_inputs(batch, device)).logits
         loss = loss_fn(logits, batch)
         step(loss)
         n = len(batch["input_ids"])
