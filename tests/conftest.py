@@ -8,6 +8,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may come from a hub duri
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: extra torch threads only add sync overhead, and stall for seconds on a busy machine."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """Started as the CLI starts it (dashboard included: Ray Train's placement-group cleaner needs its state API)."""

@@ -10,13 +10,7 @@ from moekd_ray.losses import kd_loss
 from moekd_ray.router import balance_loss, gate_logits, mixture_probs, route, train_router, uniform_weights
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors: extra threads only add sync overhead, and stall for seconds on a busy machine.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 gen = torch.Generator().manual_seed(0)

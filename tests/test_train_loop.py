@@ -18,13 +18,7 @@ from moekd_ray.train_loop import make_loader, predict_logits, torch_step, train_
 TINY = ArchConfig(vocab_size=300, hidden_size=16, num_layers=1, num_heads=2, ffn_size=32, max_length=32)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors: extra threads only add sync overhead, and stall for seconds on a busy machine.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def toy_task(n: int, seed: int = 0) -> dict[str, np.ndarray]:
