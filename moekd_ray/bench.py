@@ -31,8 +31,7 @@ from moekd_ray.metrics import classification_metrics
 from moekd_ray.models import build_model, num_params
 from moekd_ray.partition import partition, partition_table
 from moekd_ray.recipes.experts import expert_trainers, part_arrays
-from moekd_ray.recipes.pipeline import SPLITS, make_tokenizers
-from moekd_ray.tokenization import encode
+from moekd_ray.recipes.pipeline import SPLITS, encode_for_experts, make_tokenizers
 from moekd_ray.train_loop import make_loader, predict_logits, probs1, torch_step, train_epoch, weighted_ce
 
 
@@ -100,7 +99,7 @@ def main(argv=None) -> None:
         labels = {s: np.asarray(data[s]["target"], dtype=np.int64) for s in SPLITS}
         funcs = {s: list(data[s]["func"]) for s in SPLITS}
         toks, _ = make_tokenizers(cfg, funcs["train"], out)  # one per expert (shared when specs are equal)
-        enc = [{s: encode(tok, funcs[s], spec.max_length) for s in ("train", "valid")} for tok in toks]
+        enc = encode_for_experts(cfg, toks, funcs)
         parts = partition(funcs["train"], list(data["train"]["project"]), cfg.partition.strategy.value, k,
                           cfg.seed, cfg.partition.hash_features)
         prep_s = time.perf_counter() - t0

@@ -311,6 +311,11 @@ class MoEKDConfig(_Strict):
 
 
 # ------------------------------------------------------------------------------------------------ loading
+def dump_yaml(tree: dict) -> str:
+    """The resolved config as saved with every run, checkpoint and registered model."""
+    return yaml.safe_dump(tree, sort_keys=False)
+
+
 def _set_dotted(tree: dict, dotted: str, value) -> None:
     keys = dotted.split(".")
     for key in keys[:-1]:

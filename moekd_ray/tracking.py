@@ -10,10 +10,10 @@ import urllib.request
 from pathlib import Path
 
 import mlflow
-import yaml
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
+from moekd_ray.config import dump_yaml
 from moekd_ray.errors import TrackingError
 
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
@@ -56,7 +56,7 @@ def stage_run(name: str, params: dict | None = None):
 
 def log_config(config_tree: dict) -> None:
     mlflow.log_params(flatten(config_tree))
-    mlflow.log_text(yaml.safe_dump(config_tree, sort_keys=False), "config.yaml")
+    mlflow.log_text(dump_yaml(config_tree), "config.yaml")
 
 
 def log_epochs(rows: list[dict], prefix: str = "") -> None:
@@ -88,7 +88,7 @@ def log_student_model(model_dir: Path, tokenizer_dir: Path, config_tree: dict, r
     )
     with tempfile.TemporaryDirectory() as tmp:
         cfg_path = Path(tmp) / "config.yaml"
-        cfg_path.write_text(yaml.safe_dump(config_tree, sort_keys=False))
+        cfg_path.write_text(dump_yaml(config_tree))
         info = mlflow.pyfunc.log_model(
             name="student",
             python_model=str(PYFUNC_CODE),

@@ -16,7 +16,7 @@ import mlflow
 import numpy as np
 
 from moekd_ray import ray_runtime, tracking
-from moekd_ray.config import MoEKDConfig, PretrainedConfig
+from moekd_ray.config import MoEKDConfig, PretrainedConfig, dump_yaml
 from moekd_ray.data import describe, load_devign
 from moekd_ray.metrics import classification_metrics, confusion_matrix_figure
 from moekd_ray.models import load_model, num_params, size_mb
@@ -45,7 +45,7 @@ def run_pipeline(cfg: MoEKDConfig, log=print) -> PipelineResult:
     data = load_devign(cfg.data, cfg.seed)
     log(f"data: {describe(data)}")
     run_dir.mkdir(parents=True)
-    (run_dir / "config.yaml").write_text(cfg_yaml(cfg))
+    (run_dir / "config.yaml").write_text(dump_yaml(cfg.model_dump(mode="json")))
     ray_runtime.init_ray(cfg)
     labels = {s: np.asarray(data[s]["target"], dtype=np.int64) for s in SPLITS}
     funcs = {s: list(data[s]["func"]) for s in SPLITS}
@@ -120,12 +120,6 @@ def run_pipeline(cfg: MoEKDConfig, log=print) -> PipelineResult:
         log(format_table(rows))
         log(f"student model: {model_uri}")
         return PipelineResult(run_dir, parent.info.run_id, model_uri, rows, timer.seconds)
-
-
-def cfg_yaml(cfg: MoEKDConfig) -> str:
-    import yaml
-
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 
 
 def make_tokenizers(cfg: MoEKDConfig, train_funcs: list[str], run_dir: Path):
