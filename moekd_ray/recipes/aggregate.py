@@ -31,7 +31,7 @@ def fit_gate(cfg: MoEKDConfig, features: dict[str, sp.spmatrix], logits: dict[st
 
 
 def expert_weights(cfg: MoEKDConfig, gates: np.ndarray) -> np.ndarray:
-    g = torch.from_numpy(gates)
+    g = torch.from_numpy(np.array(gates))  # a copy: arrays from the Ray object store are read-only
     if cfg.router.kind == "uniform":
         return uniform_weights(len(g), cfg.experts.k).numpy()
     return route(g, cfg.router.temperature, cfg.router.top_k).numpy()

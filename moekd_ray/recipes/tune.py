@@ -52,7 +52,7 @@ def run_trial(values: dict, base: dict, refs: dict) -> None:
     cfg = MoEKDConfig.model_validate(base).with_values(values)
     cache = ray.get(refs["cache"])
     weights = torch.from_numpy(expert_weights(cfg, cache["gate_logits"]))
-    teacher = mixture_probs(torch.from_numpy(cache["expert_logits"]), weights, cfg.distill.temperature).numpy()
+    teacher = mixture_probs(torch.from_numpy(np.array(cache["expert_logits"])), weights, cfg.distill.temperature).numpy()
     name = f"{refs['search_name']}-{tune.get_context().get_trial_id()}"
     trainer = distill_trainer(cfg, ray.get(refs["enc"]), ray.get(refs["labels"]), teacher, name, refs["storage"],
                               callbacks=[TuneReportCallback()])
