@@ -52,3 +52,21 @@ def scatter_figure(x: list[float], y: list[float], xlabel: str, ylabel: str, tit
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def line_figure(series: dict[str, tuple[list[float], list[float]]], xlabel: str, ylabel: str, title: str):
+    """One line per named series of (x, y)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    for name, (x, y) in series.items():
+        ax.plot(x, y, marker="o", markersize=3, label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,135 @@
+"""The attacked model: C source strings in, P(vulnerable) out, with a per-example query counter and budget.
+
+A victim is named by one string, so that every Ray worker can load it itself:
+  models:/<name>/<version> or models:/<name>@<alias>   a registered student (MLflow pyfunc)
+  <MLflow run id> or runs/<pipeline run folder>         a pipeline run; `target` picks student, expert_<k> or
+                                                        uniform (the plain mean of its experts)
+  <model folder>                                        config.json + model.safetensors, tokenizer files beside
+                                                        them or in `tokenizer`
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from moekd_ray.errors import ConfigError
+from moekd_ray.models import load_model
+from moekd_ray.tokenization import encode, load_tokenizer
+from moekd_ray.tracking import pipeline_run
+
+
+class Classifier:
+    """A HF sequence classifier and its tokenizer, scored at the model's own maximum length."""
+
+    def __init__(self, model, tokenizer, max_length: int | None = None, batch_size: int = 64):
+        self.model, self.tokenizer, self.batch_size = model.eval(), tokenizer, batch_size
+        # RoBERTa positions start after the padding index: usable length is 2 less than the table.
+        self.max_length = max_length or int(model.config.max_position_embeddings) - 2
+
+    @torch.no_grad()
+    def __call__(self, funcs: list[str]) -> np.ndarray:
+        out = []
+        for i in range(0, len(funcs), self.batch_size):
+            # Fixed-length padding: a function's score does not depend on what it is batched with.
+            enc = encode(self.tokenizer, funcs[i : i + self.batch_size], self.max_length)
+            logits = self.model(input_ids=torch.from_numpy(enc["input_ids"]).long(),
+                                attention_mask=torch.from_numpy(enc["attention_mask"]).long()).logits
+            out.append(torch.softmax(logits.float(), dim=-1)[:, 1].numpy())
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+
+    def embed_names(self, names: list[str]) -> np.ndarray:
+        """Each identifier as the mean input embedding of its tokens (ALERT's substitute space)."""
+        table = self.model.get_input_embeddings().weight.detach()
+        ids = self.tokenizer([" " + n for n in names], add_special_tokens=False)["input_ids"]
+        return torch.stack([table[i].mean(0) if i else table.mean(0) for i in ids]).numpy()
+
+
+class Ensemble:
+    """Plain mean of several classifiers' P(vulnerable): the uniform-router mixture of a run's experts."""
+
+    def __init__(self, members: list[Classifier]):
+        self.members = members
+
+    def __call__(self, funcs: list[str]) -> np.ndarray:
+        return np.mean([m(funcs) for m in self.members], axis=0)
+
+    def embed_names(self, names: list[str]) -> np.ndarray:
+        return self.members[0].embed_names(names)
+
+
+class BudgetedVictim:
+    """P(true class) per function; never answers more than `budget` functions for one attacked example."""
+
+    def __init__(self, model, label: int, budget: int):
+        self.model, self.label, self.budget, self.queries = model, label, budget, 0
+
+    @property
+    def remaining(self) -> int:
+        return self.budget - self.queries
+
+    def query(self, funcs: list[str]) -> np.ndarray:
+        """Scores the first `remaining` of `funcs` (all of them while the budget lasts)."""
+        funcs = funcs[: self.remaining]
+        self.queries += len(funcs)
+        if not funcs:
+            return np.zeros(0, dtype=np.float32)
+        p = np.asarray(self.model(funcs), dtype=np.float64)
+        return p if self.label == 1 else 1.0 - p
+
+
+def _expert_dirs(run_dir: Path) -> list[Path]:
+    dirs = []
+    for k in range(1000):
+        found = sorted(run_dir.glob(f"ray/*-expert_{k}/checkpoint_*"))
+        if not found:
+            return dirs
+        dirs.append(found[-1])
+    return dirs
+
+
+def resolve_victim(spec: str, dst: Path) -> Path:
+    """A local folder for `spec` (registry models are downloaded into `dst`), so Ray workers load from disk."""
+    if spec.startswith("models:/"):
+        import mlflow
+
+        try:
+            return Path(mlflow.artifacts.download_artifacts(artifact_uri=spec, dst_path=str(dst)))
+        except mlflow.exceptions.MlflowException as exc:
+            raise ConfigError(f"--model {spec}: {str(exc).splitlines()[0][:200]}; check the name and version "
+                              "(`mlflow models` / the registry UI) and mlflow.tracking_uri") from None
+    run = pipeline_run(spec, "--model")
+    folder = (run[0] if run else Path(spec)).resolve()
+    if not folder.is_dir():
+        raise ConfigError(f"--model {spec}: not a models:/ URI, an MLflow run id or a folder")
+    return folder
+
+
+def load_victim(folder: str | Path, target: str = "student", batch_size: int = 64):
+    """The model in `folder` (from `resolve_victim`), as a callable with `embed_names`."""
+    folder = Path(folder)
+    if (folder / "MLmodel").is_file():  # a registered student: the pyfunc wrapper holds model and tokenizer
+        import mlflow
+
+        wrapped = mlflow.pyfunc.load_model(str(folder)).unwrap_python_model()
+        return Classifier(wrapped.model, wrapped.tokenizer, wrapped.max_length, batch_size)
+    if (folder / "config.yaml").is_file():  # a pipeline run folder
+        experts = _expert_dirs(folder)
+        if target == "student":
+            return Classifier(load_model(folder / "student"), load_tokenizer(folder / "tokenizers" / "student"),
+                              batch_size=batch_size)
+        if target == "uniform":
+            return Ensemble([load_victim(folder, f"expert_{k}", batch_size) for k in range(len(experts))])
+        m = re.fullmatch(r"expert_(\d+)", target)
+        if m and int(m.group(1)) < len(experts):
+            k = int(m.group(1))
+            return Classifier(load_model(experts[k]), load_tokenizer(folder / "tokenizers" / f"expert_{k}"),
+                              batch_size=batch_size)
+        raise ConfigError(f"--target {target}: {folder} has student, uniform and expert_0..expert_{len(experts) - 1}")
+    if (folder / "model.safetensors").is_file():
+        tok = folder / "tokenizer" if (folder / "tokenizer").is_dir() else folder
+        return Classifier(load_model(folder), load_tokenizer(tok), batch_size=batch_size)
+    raise ConfigError(f"--model {folder}: holds no MLmodel, pipeline config.yaml or model.safetensors")

@@ -1,0 +1,219 @@
+"""Stage: identifier-renaming attacks (MHM, WIR-Random, ALERT-style) on a trained model, examples in parallel.
+
+    moekd attack jobs/quickstart.yaml --model <pipeline run id | run folder | models:/name/version> \
+        [--target student|uniform|expert_0] [attack.method=mhm attack.n=200 ...]
+
+A seeded sample of `attack.n` functions of `attack.split` is classified once; functions the model gets wrong, or
+that have no renamable identifier, are skipped (and counted); every other function is attacked with
+`attack.query_budget` queries. `attack.workers` Ray actors each load the model once and attack chunks of examples;
+each example has its own seeded generator, so a parallel run gives the serial run's adversarial examples.
+Metrics follow ALERT: attack success rate over attacked functions, mean queries, mean renamed identifiers,
+robust accuracy (correct and not flipped, over all sampled functions). Logged to a new MLflow run tagged with the
+attacked model, with a CSV of every example (original and adversarial code) and an ASR-vs-query-budget plot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import ray
+import torch
+
+from moekd_ray import ray_runtime, tracking
+from moekd_ray.attacks.identifiers import Identifiers, identifier_vocabulary
+from moekd_ray.attacks.methods import ATTACKS, FLIP
+from moekd_ray.attacks.victim import BudgetedVictim, load_victim, resolve_victim
+from moekd_ray.config import AttackConfig, MoEKDConfig
+from moekd_ray.data import load_devign
+from moekd_ray.registry import record_evidence, resolve_version
+
+CHUNK = 4  # examples per actor call: small enough for a live progress line, large enough to amortise the call
+
+
+@dataclass
+class AttackReport:
+    summary: dict
+    rows: list[dict]
+    run_id: str | None
+
+
+@contextlib.contextmanager
+def _one_thread():
+    # One torch thread per attacking worker: the workers are the parallelism, and the scores stay bit-identical
+    # between a serial and a parallel run.
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+class AttackWorker:
+    """Loads the victim once; attacks examples. Used directly (serial) and as a Ray actor (parallel)."""
+
+    def __init__(self, folder: str, target: str, attack: dict, pool: list[str], seed: int, batch_size: int):
+        self.cfg, self.pool, self.seed = AttackConfig.model_validate(attack), pool, seed
+        with _one_thread():
+            self.model = load_victim(folder, target, batch_size)
+            self.pool_vectors = None
+            if self.cfg.method == "alert":
+                v = self.model.embed_names(pool)
+                self.pool_vectors = v / np.linalg.norm(v, axis=1, keepdims=True)
+
+    def attack(self, examples: list[tuple[int, str, int]]) -> list[dict]:
+        with _one_thread():
+            p_vuln = self.model([func for _, func, _ in examples])  # the clean prediction is not charged
+            return [self._one(i, func, label, float(p)) for (i, func, label), p in zip(examples, p_vuln)]
+
+    def _one(self, index: int, func: str, label: int, p_vuln: float) -> dict:
+        p0 = p_vuln if label == 1 else 1.0 - p_vuln
+        row = {"index": index, "label": label, "p_true": p0, "status": "", "queries": 0, "renamed": 0,
+               "p_true_adv": p0, "seconds": 0.0, "mapping": "{}", "original": func, "adversarial": func}
+        if p0 < FLIP:
+            return {**row, "status": "skipped_misclassified"}
+        ids = Identifiers(func, include_function_name=self.cfg.include_function_name)
+        if not ids.names:
+            return {**row, "status": "skipped_no_identifiers"}
+        victim = BudgetedVictim(self.model, label, self.cfg.query_budget)
+        start = time.perf_counter()
+        out = ATTACKS[self.cfg.method](
+            victim, ids, p0, self.pool, np.random.default_rng([self.seed, index]), candidates=self.cfg.candidates,
+            population=self.cfg.population, pool_vectors=self.pool_vectors, embed=self.model.embed_names,
+        )
+        return {**row, "status": "success" if out.success else "failed", "queries": victim.queries,
+                "renamed": len(out.mapping), "p_true_adv": out.p_true, "seconds": time.perf_counter() - start,
+                "mapping": json.dumps(out.mapping), "adversarial": out.code}
+
+
+def attack_examples(folder, target, cfg: MoEKDConfig, examples, pool, log=print) -> list[dict]:
+    """Every example's outcome row, from `attack.workers` Ray actors (or in this process when workers = 1)."""
+    args = (str(folder), target, cfg.attack.model_dump(mode="json"), pool, cfg.seed, cfg.eval.batch_size)
+    chunks = [examples[i : i + CHUNK] for i in range(0, len(examples), CHUNK)]
+    rows: list[dict] = []
+
+    def progress():
+        done = [r for r in rows if r["status"] in ("success", "failed")]
+        asr = sum(r["status"] == "success" for r in done) / max(len(done), 1)
+        log(f"attack {cfg.attack.method}: {len(rows)}/{len(examples)} functions, {len(done)} attacked, ASR {asr:.1%}")
+
+    if cfg.attack.workers == 1:
+        worker = AttackWorker(*args)
+        for chunk in chunks:
+            rows += worker.attack(chunk)
+            progress()
+    else:
+        actor = ray.remote(num_cpus=1)(AttackWorker)
+        pool_ = ray.util.ActorPool([actor.remote(*args) for _ in range(cfg.attack.workers)])
+        for result in pool_.map_unordered(lambda a, chunk: a.attack.remote(chunk), chunks):
+            rows += result
+            progress()
+    return sorted(rows, key=lambda r: r["index"])
+
+
+def summarize(rows: list[dict], seconds: float) -> dict:
+    attacked = [r for r in rows if r["status"] in ("success", "failed")]
+    success = [r for r in attacked if r["status"] == "success"]
+    correct = [r for r in rows if r["status"] != "skipped_misclassified"]
+    return {
+        "functions": len(rows),
+        "attacked": len(attacked),
+        "skipped_misclassified": sum(r["status"] == "skipped_misclassified" for r in rows),
+        "skipped_no_identifiers": sum(r["status"] == "skipped_no_identifiers" for r in rows),
+        "asr": len(success) / max(len(attacked), 1),
+        "mean_queries": float(np.mean([r["queries"] for r in attacked])) if attacked else 0.0,
+        "mean_renamed": float(np.mean([r["renamed"] for r in success])) if success else 0.0,
+        "clean_accuracy": len(correct) / max(len(rows), 1),
+        "robust_accuracy": (len(correct) - len(success)) / max(len(rows), 1),
+        "seconds": seconds,
+        "attacks_per_s": len(attacked) / seconds if seconds else 0.0,
+    }
+
+
+def asr_by_budget(rows: list[dict], budget: int, points: int = 12) -> tuple[list[int], list[float]]:
+    """ASR had the budget been b: a success counts when it needed at most b queries (one run gives the curve)."""
+    attacked = [r for r in rows if r["status"] in ("success", "failed")]
+    budgets = sorted({max(1, int(round(b))) for b in np.linspace(1, budget, points)})
+    asr = [sum(r["status"] == "success" and r["queries"] <= b for r in attacked) / max(len(attacked), 1)
+           for b in budgets]
+    return budgets, asr
+
+
+def sample_examples(cfg: MoEKDConfig) -> tuple[list[tuple[int, str, int]], list[str]]:
+    """The seeded sample of (row index, function, label) to attack, and the substitute pool from training code."""
+    data = load_devign(cfg.data, cfg.seed)
+    split = data[cfg.attack.split]
+    rng = np.random.default_rng(cfg.seed)
+    idx = sorted(rng.choice(len(split), size=min(cfg.attack.n, len(split)), replace=False).tolist())
+    examples = [(i, split[i]["func"], int(split[i]["target"])) for i in idx]
+    train = data["train"]["func"]
+    pool = identifier_vocabulary(list(train[: cfg.attack.vocab_rows]), max_size=cfg.attack.vocab_size)
+    return examples, pool
+
+
+def attack_model(cfg: MoEKDConfig, folder: Path, target: str, name: str, log=print) -> tuple[list[dict], dict]:
+    """Attack the model in `folder` (see attacks.victim.load_victim); return every example's row and the summary."""
+    examples, pool = sample_examples(cfg)
+    log(f"attack {cfg.attack.method} on {name} ({target}): {len(examples)} functions of {cfg.attack.split}, "
+        f"budget {cfg.attack.query_budget} queries, pool of {len(pool)} identifiers, {cfg.attack.workers} workers")
+    if cfg.attack.workers > 1:
+        ray_runtime.init_ray(cfg)
+    start = time.perf_counter()
+    rows = attack_examples(folder, target, cfg, examples, pool, log)
+    summary = summarize(rows, time.perf_counter() - start)
+    log(format_summary(cfg.attack.method, summary))
+    return rows, summary
+
+
+def log_attack(rows: list[dict], summary: dict, attack: AttackConfig, prefix: str = "") -> None:
+    """Into the active MLflow run: the attack's params and metrics, the per-example CSV and the ASR-vs-budget plot."""
+    mlflow.log_params(tracking.flatten(attack.model_dump(mode="json"), "attack."))
+    mlflow.log_metrics({f"{prefix}{k}": float(v) for k, v in summary.items()})
+    log_attack_artifacts(rows, attack)
+
+
+def run_attack(cfg: MoEKDConfig, model: str, target: str = "student", log=print) -> AttackReport:
+    """`moekd attack`: one new MLflow run, tagged with the attacked model."""
+    experiment_id = tracking.connect(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = resolve_victim(model, Path(tmp))
+        rows, summary = attack_model(cfg, folder, target, model, log)
+    with mlflow.start_run(run_name=f"attack-{cfg.attack.method}", experiment_id=experiment_id) as run:
+        mlflow.set_tags({"moekd.attack.model": model, "moekd.attack.target": target,
+                         "moekd.attack.method": cfg.attack.method})
+        log_attack(rows, summary, cfg.attack)
+    version = resolve_version(mlflow.MlflowClient(), model)
+    if version is not None:  # a registered student: its ASR becomes promotion evidence on the version
+        m = cfg.attack.method
+        record_evidence(mlflow.MlflowClient(), *version, {
+            f"metric.asr_{m}": f"{summary['asr']:.6g}", f"metric.robust_accuracy_{m}": f"{summary['robust_accuracy']:.6g}",
+            f"moekd.attack_run_{m}": run.info.run_id})
+    return AttackReport(summary, rows, run.info.run_id)
+
+
+def log_attack_artifacts(rows: list[dict], attack: AttackConfig) -> None:
+    from moekd_ray.metrics import line_figure
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"attack_{attack.method}.csv"
+        pd.DataFrame(rows).to_csv(path, index=False)
+        mlflow.log_artifact(str(path))
+    budgets, asr = asr_by_budget(rows, attack.query_budget)
+    tracking.log_figure(line_figure({attack.method: (budgets, asr)}, "query budget per function",
+                                    "attack success rate", "ASR had the budget been smaller"),
+                        f"asr_vs_budget_{attack.method}.png")
+
+
+def format_summary(method: str, s: dict) -> str:
+    return (f"{method}: ASR {s['asr']:.1%} of {s['attacked']} attacked ({s['skipped_misclassified']} misclassified, "
+            f"{s['skipped_no_identifiers']} without identifiers skipped); mean queries {s['mean_queries']:.1f}, "
+            f"mean renamed {s['mean_renamed']:.2f}; accuracy {s['clean_accuracy']:.3f} -> robust "
+            f"{s['robust_accuracy']:.3f}; {s['seconds']:.0f} s ({s['attacks_per_s']:.2f} attacks/s)")

@@ -1,0 +1,129 @@
+"""Attacks against designed victims (one that keys on an identifier's name, one that ignores identifiers), query
+budgets, and `moekd attack` on the tiny pipeline run: real Ray actors, real MLflow, serial == parallel."""
+
+import hashlib
+import re
+
+import mlflow
+import numpy as np
+import pytest
+
+from moekd_ray.attacks.identifiers import Identifiers
+from moekd_ray.attacks.methods import ATTACKS
+from moekd_ray.attacks.victim import BudgetedVictim
+
+CODE = """int copy(char *dst, const char *src, int len) {
+    char buf[64];
+    int i;
+    for (i = 0; i < len; i++) buf[i] = src[i];
+    memcpy(dst, buf, len);
+    return len;
+}"""
+POOL = [f"name{i}" for i in range(200)] + ["tmp", "data", "size", "count", "ptr", "out"]
+
+
+class KeysOnName:
+    """Brittle: 'vulnerable' exactly when an identifier called `buf` is present."""
+
+    def __call__(self, funcs):
+        return np.array([0.9 if re.search(r"\bbuf\b", f) else 0.1 for f in funcs])
+
+    def embed_names(self, names):  # a fixed pseudo-embedding per name (ALERT's substitute ranking needs one)
+        return np.array([np.frombuffer(hashlib.sha256(n.encode()).digest()[:16], dtype=np.uint8) / 255.0
+                         for n in names])
+
+
+class IgnoresIdentifiers(KeysOnName):
+    """Robust by construction: scores the code with every identifier renamed away."""
+
+    def __call__(self, funcs):
+        return np.array([0.2 + 0.6 * (f.count(";") > 3) for f in funcs])
+
+
+def run(method, model, budget=60, seed=0):
+    ids = Identifiers(CODE)
+    victim = BudgetedVictim(model, label=1, budget=budget)
+    pool_vectors = model.embed_names(POOL)
+    pool_vectors = pool_vectors / np.linalg.norm(pool_vectors, axis=1, keepdims=True)
+    p0 = float(model([CODE])[0])
+    out = ATTACKS[method](victim, ids, p0, POOL, np.random.default_rng(seed), candidates=8, population=6,
+                          pool_vectors=pool_vectors, embed=model.embed_names)
+    return out, victim
+
+
+@pytest.mark.parametrize("method", sorted(ATTACKS))
+def test_attack_flips_a_model_that_keys_on_a_name(method):
+    out, victim = run(method, KeysOnName())
+    assert out.success and out.p_true < 0.5
+    assert "buf" in out.mapping and not re.search(r"\bbuf\b", out.code)
+    assert victim.queries <= 60
+    assert Identifiers(out.code).names  # still parses into renamable identifiers
+
+
+@pytest.mark.parametrize("method", sorted(ATTACKS))
+def test_attack_fails_on_a_model_that_ignores_identifiers(method):
+    out, victim = run(method, IgnoresIdentifiers(), budget=45)
+    assert not out.success and out.p_true == pytest.approx(0.8)
+    assert victim.queries <= 45
+
+
+def test_mhm_spends_exactly_its_budget_when_it_cannot_flip():
+    for budget in (1, 7, 45):
+        _, victim = run("mhm", IgnoresIdentifiers(), budget=budget)
+        assert victim.queries == budget
+
+
+def test_budgeted_victim_never_answers_past_its_budget():
+    victim = BudgetedVictim(KeysOnName(), label=0, budget=5)
+    assert len(victim.query([CODE] * 3)) == 3
+    p = victim.query([CODE] * 4)
+    assert len(p) == 2 and victim.remaining == 0
+    assert np.allclose(p, 0.1)  # label 0: P(true) = 1 - P(vulnerable)
+    assert len(victim.query([CODE])) == 0 and victim.queries == 5
+
+
+@pytest.mark.parametrize("method", sorted(ATTACKS))
+def test_same_seed_same_adversarial_example(method):
+    a, _ = run(method, KeysOnName(), seed=3)
+    b, _ = run(method, KeysOnName(), seed=3)
+    assert a.code == b.code and a.mapping == b.mapping
+
+
+# --------------------------------------------------------------------- on the tiny pipeline's student (real stack)
+@pytest.fixture(scope="module")
+def attack_cfg(tiny_pipeline):
+    cfg, result = tiny_pipeline
+    return cfg.with_values({"attack.n": 12, "attack.query_budget": 20, "attack.candidates": 4,
+                            "attack.vocab_rows": 200}), result
+
+
+def test_parallel_attack_equals_serial_and_is_logged(attack_cfg, tmp_path):
+    from moekd_ray.recipes.attack import run_attack
+
+    cfg, result = attack_cfg
+    serial = run_attack(cfg.with_values({"attack.workers": 1}), result.run_id, log=lambda *_: None)
+    parallel = run_attack(cfg.with_values({"attack.workers": 2}), result.run_id, log=lambda *_: None)
+    keys = ("index", "status", "queries", "renamed", "adversarial")
+    assert [tuple(r[k] for k in keys) for r in serial.rows] == [tuple(r[k] for k in keys) for r in parallel.rows]
+    s = serial.summary
+    assert s["functions"] == 12
+    assert s["attacked"] + s["skipped_misclassified"] + s["skipped_no_identifiers"] == 12
+    assert all(r["queries"] <= 20 for r in serial.rows)
+
+    client = mlflow.tracking.MlflowClient(cfg.mlflow.tracking_uri)
+    run = client.get_run(parallel.run_id)
+    assert run.data.tags["moekd.attack.model"] == result.run_id
+    assert run.data.metrics["asr"] == pytest.approx(parallel.summary["asr"])
+    names = {a.path for a in client.list_artifacts(parallel.run_id)}
+    assert {"attack_mhm.csv", "asr_vs_budget_mhm.png"} <= names
+
+
+def test_attack_a_registered_student_by_uri(attack_cfg):
+    from moekd_ray.recipes.attack import run_attack
+
+    cfg, result = attack_cfg
+    by_uri = run_attack(cfg.with_values({"attack.workers": 1, "attack.method": "wir-random"}), result.model_uri,
+                        log=lambda *_: None)
+    by_run = run_attack(cfg.with_values({"attack.workers": 1, "attack.method": "wir-random"}), result.run_id,
+                        log=lambda *_: None)
+    assert [r["p_true"] for r in by_uri.rows] == pytest.approx([r["p_true"] for r in by_run.rows], abs=1e-5)
