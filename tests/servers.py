@@ -1,0 +1,88 @@
+"""Servers the tests start for real (MLflow tracking server, `mlflow models serve`) and end by their own handles."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+START_SERVER = ROOT / "mlflow" / "start_server.sh"
+LOOPBACK = "127.0.0.1"
+# ~10 s on an idle 2-core machine (STACK.md); from 20 to over 60 s measured here with the cores busy.
+HEALTH_TIMEOUT_S = 120
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
+
+
+def server_env(**extra: str) -> dict:
+    """This interpreter's environment (its mlflow on PATH), without MLflow settings leaking in from outside."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "MOEKD_MLFLOW"))}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update(extra)
+    return env
+
+
+def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = HEALTH_TIMEOUT_S) -> str:
+    """The body of the first successful GET of `url`; fails with the server's log tail if none comes in time."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                return response.read().decode()
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"no answer from {url} in {timeout_s} s:\n{log.read_text()[-3000:]}")
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def end_group(proc: subprocess.Popen) -> None:
+    """End the process group this test started (mlflow starts uvicorn and helpers; a signal to mlflow alone
+    leaves helpers behind): SIGTERM, then SIGKILL if any member is left after 20 s."""
+    for sig, grace_s in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+        if not group_alive(proc.pid):
+            return
+        os.killpg(proc.pid, sig)
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline:
+            proc.poll()  # reap the leader: a zombie leader keeps the group alive
+            if not group_alive(proc.pid):
+                return
+            time.sleep(0.2)
+
+
+def start_group(cmd: list[str], log: Path, **env: str) -> subprocess.Popen:
+    """`cmd` in its own process group (so `end_group` ends all of it), output to `log`."""
+    return subprocess.Popen(cmd, env=server_env(**env), stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def save_tiny_student(folder: Path, seed: int = 0) -> tuple[Path, Path]:
+    """A tiny random RoBERTa classifier and BPE tokenizer saved as the pipeline saves a student."""
+    from moekd_ray.config import ArchConfig
+    from moekd_ray.models import build_model
+    from moekd_ray.tokenization import train_bpe
+
+    arch = ArchConfig(vocab_size=300, hidden_size=32, num_layers=1, num_heads=2, ffn_size=64, max_length=64)
+    code = [f"int f{i}(char *buf, int n) {{ int k = {i}; if (n > k) memcpy(buf, \"x\", n); return k; }}"
+            for i in range(50)]
+    model_dir, tok_dir = folder / "student", folder / "tokenizer"
+    build_model(arch, seed).save_pretrained(str(model_dir), safe_serialization=True)
+    train_bpe(code, arch.vocab_size, arch.max_length).save_pretrained(str(tok_dir))
+    return model_dir, tok_dir
