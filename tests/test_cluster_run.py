@@ -1,0 +1,131 @@
+"""`ray job submit` against a real two-node local cluster started here: a head (`ray start --head`, dashboard and
+Jobs API on 127.0.0.1, token authentication on) and a second node with a custom resource that the experts' workers
+require, so the job's experts must be placed on the other node. The tiny pipeline goes up with its working dir;
+the test checks the job SUCCEEDED, the MLflow run and registered student exist, and that a failing job reports
+FAILED with moekd's one-line error in its logs. The cluster is stopped through the processes this test started.
+
+Runs before the rest of the suite (conftest orders it first): two Ray instances on one machine at once confuse
+Ray Train's placement-group cleaner, and the session's shared cluster starts later.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+
+from moekd_ray.data import default_data_dir
+from servers import LOOPBACK, ROOT, end_group, free_port, server_env, start_group, wait_http
+
+pytestmark = pytest.mark.own_cluster
+TINY = {"vocab_size": 400, "hidden_size": 32, "num_layers": 1, "num_heads": 2, "ffn_size": 64, "max_length": 64}
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def ray_env(temp_dir: str) -> dict:
+    # Token authentication as on a real cluster (off by default for `ray start`); the token is this test's own.
+    token = Path(temp_dir) / "auth_token"
+    if not token.exists():
+        token.write_text(os.urandom(24).hex())
+    env = server_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
+    env = ray_env(temp_dir)
+    port, dash = free_port(), free_port()
+    head_log, node_log = Path(temp_dir) / "head.log", Path(temp_dir) / "node.log"
+    head = start_group([RAY, "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dash}",
+                        "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1", "--num-cpus=2",
+                        f"--temp-dir={temp_dir}", "--include-dashboard=true"], head_log, **env)
+    node = None
+    try:
+        wait_http(f"http://{LOOPBACK}:{dash}/api/version", head, head_log)
+        node = start_group([RAY, "start", "--block", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1",
+                            "--num-cpus=2", '--resources={"expert_node": 2}'], node_log, **env)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            out = subprocess.run([RAY, "status", f"--address=127.0.0.1:{port}"], env=env, capture_output=True,
+                                 text=True).stdout
+            if "expert_node" in out:
+                break
+            time.sleep(2)
+        else:
+            raise AssertionError(f"the second node never joined:\n{node_log.read_text()[-2000:]}")
+        yield {"address": f"http://{LOOPBACK}:{dash}", "env": env, "temp_dir": temp_dir}
+    finally:
+        for proc in (node, head):
+            if proc is not None:
+                end_group(proc)
+        leftovers = subprocess.run(["pgrep", "-f", temp_dir], capture_output=True, text=True).stdout.split()
+        for pid in leftovers:  # processes of this cluster only (they name its temp dir), never a broad `ray stop`
+            subprocess.run(["kill", "-9", pid])
+
+
+def submit(cluster, tmp_path, config: dict, overrides: list[str] = ()) -> tuple[str, str]:
+    """Submit `moekd run` with `config` as a job (working dir uploaded); returns (final status, job logs)."""
+    job_dir = tmp_path / "job"
+    (job_dir / "jobs").mkdir(parents=True)
+    (job_dir / "jobs" / "cluster_test.yaml").write_text(yaml.safe_dump(config))
+    # The working dir is a copy of the package and the job config, as a user's checkout would be uploaded.
+    subprocess.run(["cp", "-r", str(ROOT / "moekd_ray"), str(job_dir)], check=True)
+    runtime_env = {"env_vars": {"MOEKD_DATA_DIR": str(default_data_dir())}, "excludes": ["__pycache__"]}
+    cmd = [RAY, "job", "submit", f"--address={cluster['address']}", f"--working-dir={job_dir}",
+           f"--runtime-env-json={json.dumps(runtime_env)}", "--no-wait", "--",
+           sys.executable, "-m", "moekd_ray.cli", "run", "jobs/cluster_test.yaml", *overrides]
+    out = subprocess.run(cmd, env=cluster["env"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    job_id = next(w for w in out.stdout.split() if w.startswith("raysubmit_"))
+    deadline = time.monotonic() + 600
+    status = ""
+    while time.monotonic() < deadline:
+        status = subprocess.run([RAY, "job", "status", f"--address={cluster['address']}", job_id],
+                                env=cluster["env"], capture_output=True, text=True).stdout
+        if any(s in status for s in ("SUCCEEDED", "FAILED", "STOPPED")):
+            break
+        time.sleep(3)
+    logs = subprocess.run([RAY, "job", "logs", f"--address={cluster['address']}", job_id], env=cluster["env"],
+                          capture_output=True, text=True).stdout
+    final = next((s for s in ("SUCCEEDED", "FAILED", "STOPPED") if s in status), status.strip()[-200:])
+    return final, logs
+
+
+def tiny_config(tmp_path) -> dict:
+    return {
+        "name": "cluster-tiny", "output_dir": str(tmp_path / "runs"),
+        "data": {"train_rows": 256, "eval_rows": 48},
+        "experts": {"k": 2, "model": TINY, "schedule": {"epochs": 1, "batch_size": 16},
+                    "resources": {"num_workers": 1, "cpus_per_worker": 1, "custom": {"expert_node": 1}}},
+        "router": {"epochs": 10},
+        "distill": {"student_arch": TINY, "schedule": {"epochs": 1, "batch_size": 16},
+                    "resources": {"num_workers": 1, "cpus_per_worker": 1}},
+        "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlruns.db'}", "registered_model": "cluster-student"},
+    }
+
+
+def test_submitted_pipeline_succeeds_and_is_tracked(cluster, tmp_path):
+    status, logs = submit(cluster, tmp_path, tiny_config(tmp_path))
+    assert status == "SUCCEEDED", logs[-3000:]
+    assert "student model: models:/cluster-student/1" in logs
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlruns.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("moekd").experiment_id],
+                              filter_string="tags.mlflow.runName = 'cluster-tiny'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert client.get_model_version("cluster-student", "1").tags["moekd.source_run"] == runs[0].info.run_id
+
+
+def test_failing_job_reports_failed_with_one_line_error(cluster, tmp_path):
+    status, logs = submit(cluster, tmp_path, tiny_config(tmp_path), ["distill.temperature=-1"])
+    assert status == "FAILED"
+    errors = [line for line in logs.splitlines() if line.startswith("moekd: error:")]
+    assert len(errors) == 1 and "distill.temperature" in errors[0], logs[-2000:]
+    assert "Traceback" not in logs
