@@ -2,6 +2,7 @@
 
     moekd run jobs/quickstart.yaml [experts.k=3 distill.temperature=4 ...]
     moekd validate jobs/devign_gpu.yaml
+    moekd attack [jobs/quickstart.yaml] --model <run id | folder | models:/name/version> --attack mhm --n 200
     moekd config            # every option with its default and description
 """
 
@@ -46,17 +47,66 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name, help=text)
         p.add_argument("config", help="YAML config, e.g. jobs/quickstart.yaml")
         p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. experts.k=3")
+        if name == "run":
+            p.add_argument("--resume", metavar="RUN", help="continue this interrupted run (its folder or MLflow run "
+                           "id): finished stages are reused, an unfinished training resumes from its checkpoint")
     p = sub.add_parser("tune", help="Ray Tune search over router/distillation temperatures, alpha and lr")
     p.add_argument("config", help="YAML config with a `tune:` section, e.g. jobs/tune_quickstart.yaml")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. tune.num_samples=4")
     p.add_argument("--resume", action="store_true", help="continue the interrupted search of this config")
+    p = sub.add_parser("attack", help="identifier-renaming attack (mhm, wir-random, alert) on a trained model")
+    p.add_argument("config", nargs="?", help="YAML config for data, attack and MLflow settings (default: defaults)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. attack.query_budget=500")
+    p.add_argument("--model", required=True,
+                   help="pipeline run id or folder, a model folder, or models:/<name>/<version> | models:/<name>@<alias>")
+    p.add_argument("--target", default="student", help="in a pipeline run: student, uniform or expert_<k>")
+    p.add_argument("--attack", choices=["mhm", "wir-random", "alert"], help="= attack.method")
+    p.add_argument("--split", choices=["valid", "test"], help="= attack.split")
+    p.add_argument("--n", type=int, help="= attack.n (functions sampled from the split)")
+    p = sub.add_parser("registry", help="list registered students; promote a version through the gates")
+    actions = p.add_subparsers(dest="action", required=True)
+    for action, text in (("list", "every version with aliases and evidence"),
+                         ("promote", "move an alias to a version if it passes registry.gates")):
+        a = actions.add_parser(action, help=text)
+        a.add_argument("--config", help="YAML config (mlflow.tracking_uri, registry.gates); default: defaults")
+        a.add_argument("overrides", nargs="*", help="key=value overrides, e.g. registry.gates.min_test_f1=0.5")
+        a.add_argument("--name", required=action == "promote", help="registered model name")
+        if action == "promote":
+            a.add_argument("--version", required=True)
+            a.add_argument("--alias", default="champion")
+            a.add_argument("--force", action="store_true", help="promote despite failed gates (recorded as forced)")
+    p = sub.add_parser("predict", help="score every C function of a file, a folder (recursive) or stdin")
+    p.add_argument("path", help="a C file, a folder, or - for stdin")
+    p.add_argument("--model", default="models:/moekd-student@champion",
+                   help="models:/<name>/<version> | models:/<name>@<alias>, or a folder holding an MLmodel file")
+    p.add_argument("--threshold", type=float, default=0.5, help="verdict vulnerable at P(vulnerable) >= this")
+    p.add_argument("--format", choices=["table", "json", "sarif"], default="table")
+    p.add_argument("--glob", action="append", help="file name pattern in folders, repeatable (default: *.c, *.h)")
+    p.add_argument("--batch-size", type=int, default=64, help="functions scored at once (bounds memory)")
+    p.add_argument("--output", help="write the results here instead of stdout")
+    p.add_argument("--tracking-uri", help="MLflow store of models:/ URIs (default: $MLFLOW_TRACKING_URI, "
+                   "else sqlite:///mlruns.db)")
     sub.add_parser("config", help="list every option with its default and description")
-    args = parser.parse_args(argv)
+    # key=value overrides may also come after options (`moekd attack CFG --model X attack.n=50`).
+    args, extra = parser.parse_known_args(argv)
+    if extra and (not hasattr(args, "overrides") or any("=" not in e or e.startswith("-") for e in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    # MLflow's INFO lines (creating tables, experiments) would bury moekd's own one-line messages; mlflow reads
+    # this when it is first imported (later, lazily).
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 
     try:
         if args.command == "config":
             print("\n".join(describe_options()))
             return 0
+        if args.command == "attack":
+            return _attack(args)
+        if args.command == "predict":
+            return _predict(args)
+        if args.command == "registry":
+            return _registry(args)
         cfg = load_config(args.config, args.overrides)
         if args.command == "validate":
             print(f"{args.config}: valid (config digest {cfg.digest()}, {cfg.experts.k} experts, "
@@ -69,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from moekd_ray.recipes.pipeline import run_pipeline
 
-        run_pipeline(cfg)
+        run_pipeline(cfg, resume=args.resume)
         return 0
     except USER_ERRORS as exc:
         if args.debug or os.environ.get("MOEKD_DEBUG"):
@@ -77,6 +127,43 @@ def main(argv: list[str] | None = None) -> int:
         print(f"moekd: error: {exc}", file=sys.stderr)
         return 2
 
+
+def _attack(args) -> int:
+    from moekd_ray.recipes.attack import run_attack
+
+    config, overrides = args.config, list(args.overrides)
+    if config and "=" in config:  # `moekd attack --model X attack.n=50`: no config file, only overrides
+        config, overrides = None, [config, *overrides]
+    for key, value in (("method", args.attack), ("split", args.split), ("n", args.n)):
+        if value is not None:
+            overrides.append(f"attack.{key}={value}")
+    run_attack(load_config(config, overrides), args.model, args.target)
+    return 0
+
+
+def _registry(args) -> int:
+    from mlflow import MlflowClient
+
+    from moekd_ray import registry, tracking
+
+    cfg = load_config(args.config, args.overrides)
+    tracking.connect(cfg.mlflow.tracking_uri)
+    client = MlflowClient()
+    if args.action == "list":
+        print(registry.format_versions(registry.list_versions(client, args.name)))
+        return 0
+    failed = registry.promote(client, args.name, args.version, args.alias, cfg.registry.gates, args.force)
+    print(f"{args.name} v{args.version} is now @{args.alias}" + (f" (FORCED past: {'; '.join(failed)})" if failed else ""))
+    return 0
+
+
+
+def _predict(args) -> int:
+    from moekd_ray.predict import predict
+
+    predict(args.path, model=args.model, threshold=args.threshold, fmt=args.format, globs=args.glob,
+            batch_size=args.batch_size, output=args.output, tracking_uri=args.tracking_uri)
+    return 0
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -40,7 +40,7 @@ class DataConfig(_Strict):
     eval_rows: int | None = Field(None, ge=1, description="Use only this many valid and test rows each (None: all).")
     subset: Subset = Field(Subset.random, description="How rows are picked when a row limit is set: first or random.")
     max_chars: int = Field(
-        200_000, ge=1, description="Functions longer than this many characters are rejected as malformed input."
+        200_000, ge=1, description="Functions longer than this many characters are truncated (and counted in the log)."
     )
 
 
@@ -117,6 +117,10 @@ class ResourcesConfig(_Strict):
     num_workers: int = Field(1, ge=1, description="Ray Train workers (data-parallel processes).")
     use_gpu: bool = Field(False, description="Give each worker a GPU (NCCL); CPU workers use gloo.")
     cpus_per_worker: float = Field(1, gt=0, description="CPUs reserved per worker; also its torch thread count.")
+    custom: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources per worker, e.g. {gpu_node: 1} to place the workers "
+        "on nodes started with `ray start --resources`."
+    )
 
 
 class ExpertsConfig(_Strict):
@@ -195,6 +199,13 @@ class RayConfig(_Strict):
     storage_path: str | None = Field(
         None, description="Ray Train checkpoint storage (shared FS/S3 on a cluster). None: <output_dir>/ray."
     )
+    max_failures: int = Field(
+        2, ge=0, description="Restarts of a Ray Train run after a worker dies; it resumes from its latest checkpoint."
+    )
+    fault_injection: str | None = Field(
+        None, description="Testing: '<run>:<epoch>' (run = expert_<k> or student) makes that run's rank-0 worker "
+        "exit hard once after that epoch."
+    )
 
 
 class MLflowConfig(_Strict):
@@ -268,6 +279,41 @@ class TuneConfig(_Strict):
     register_best: bool = Field(True, description="Register the best trial's student in the model registry.")
 
 
+# ------------------------------------------------------------------------------------------------ attack
+class AttackConfig(_Strict):
+    method: Literal["mhm", "wir-random", "alert"] = Field(
+        "mhm", description="mhm: Metropolis-Hastings renaming; wir-random: importance-ranked random renaming; "
+        "alert: embedding-nearest substitutes, greedy then genetic search."
+    )
+    split: Literal["valid", "test"] = Field("test", description="Split the attacked functions are drawn from.")
+    n: int = Field(200, ge=1, description="Functions attacked (a seeded sample of the split).")
+    query_budget: int = Field(300, ge=1, description="Model queries allowed per attacked function.")
+    candidates: int = Field(16, ge=1, description="Substitutes tried per step (one batched query).")
+    population: int = Field(16, ge=2, description="alert: genetic-search population.")
+    vocab_size: int = Field(5000, ge=10, description="Identifier vocabulary (from the training split) to draw from.")
+    vocab_rows: int = Field(4000, ge=10, description="Training functions the vocabulary is read from.")
+    include_function_name: bool = Field(False, description="Also rename the function's own name.")
+    workers: int = Field(2, ge=1, description="Ray tasks attacking in parallel (each loads the model once).")
+    in_pipeline: bool = Field(False, description="`moekd run`: attack the student as a last stage.")
+
+
+# ---------------------------------------------------------------------------------------------- registry
+class GatesConfig(_Strict):
+    """What a student version must show (in its evidence tags) before `moekd registry promote` moves an alias."""
+
+    min_test_f1: float | None = Field(None, ge=0, le=1, description="Test F1 at least this (None: no gate).")
+    max_asr: float | None = Field(None, ge=0, le=1, description="Attack success rate at most this (None: no gate).")
+    asr_attack: Literal["mhm", "wir-random", "alert"] = Field("mhm", description="Which attack's ASR max_asr reads.")
+    max_size_mb: float | None = Field(None, gt=0, description="Size at most this many MB (None: no gate).")
+    max_f1_drop: float | None = Field(
+        0.0, ge=0, description="Test F1 may be at most this far below the alias's current holder (None: no gate)."
+    )
+
+
+class RegistryConfig(_Strict):
+    gates: GatesConfig = Field(default_factory=GatesConfig)
+
+
 class MoEKDConfig(_Strict):
     name: str = Field("moekd", description="Run name (MLflow parent run).")
     seed: int = Field(0, description="Seed for subsets, partitions, initialisation and shuffling.")
@@ -281,6 +327,8 @@ class MoEKDConfig(_Strict):
     mlflow: MLflowConfig = Field(default_factory=MLflowConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig, description="`moekd tune` only.")
+    attack: AttackConfig = Field(default_factory=AttackConfig, description="`moekd attack` (and run's last stage).")
+    registry: RegistryConfig = Field(default_factory=RegistryConfig, description="`moekd registry promote` gates.")
 
     @model_validator(mode="after")
     def _cross_field(self):

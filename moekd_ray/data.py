@@ -8,7 +8,9 @@ reported with its file and line number; the result is a Hugging Face `datasets.D
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
+import logging
 import os
 import random
 from pathlib import Path
@@ -19,6 +21,7 @@ from moekd_ray.config import DataConfig
 from moekd_ray.errors import DataError
 
 SPLITS = ("train", "valid", "test")
+log = logging.getLogger("moekd.data")
 # The hub copy names the validation split "validation".
 _HUB_SPLIT = {"train": "train", "valid": "validation", "test": "test"}
 
@@ -63,12 +66,11 @@ def validate_row(row, where: str, max_chars: int) -> dict:
         raise DataError(f"{where}: 'func' must be a string, got {type(func).__name__}")
     if not func.strip():
         raise DataError(f"{where}: 'func' is empty; drop the row or give it the function's source")
-    if len(func) > max_chars:
-        raise DataError(f"{where}: 'func' has {len(func):,} characters (limit {max_chars:,}); raise data.max_chars or drop it")
     if isinstance(target, bool) or target not in (0, 1):
         raise DataError(f"{where}: 'target' must be 0 or 1, got {target!r}; fix the label")
-    # Lone surrogates from JSON escapes are not valid UTF-8 and break tokenizer training: replace them.
-    func = func.encode("utf-8", "replace").decode("utf-8")
+    # Lone surrogates from JSON escapes are not valid UTF-8 and break tokenizer training: replace them. A function
+    # longer than max_chars is cut there (the tokenizers keep far fewer tokens anyway); read_jsonl counts them.
+    func = func[:max_chars].encode("utf-8", "replace").decode("utf-8")
     return {"func": func, "target": int(target), "project": str(row.get("project") or "")}
 
 
@@ -76,7 +78,7 @@ def read_jsonl(path: Path, max_chars: int) -> list[dict]:
     if path.is_dir():
         raise DataError(f"{path} is a folder, not a file; give the .jsonl(.gz) file itself")
     opener = gzip.open if path.suffix == ".gz" else open
-    rows = []
+    rows, truncated = [], 0
     try:
         with opener(path, "rb") as fh:
             for lineno, raw in enumerate(fh, 1):
@@ -92,10 +94,14 @@ def read_jsonl(path: Path, max_chars: int) -> list[dict]:
                 except json.JSONDecodeError as exc:
                     raise DataError(f"{path}:{lineno}: malformed JSON ({exc.msg}); fix or remove that line") from None
                 rows.append(validate_row(obj, f"{path}:{lineno}", max_chars))
+                truncated += len(obj["func"]) > max_chars
     except (OSError, EOFError) as exc:
         raise DataError(f"{path}: cannot be read ({exc}); check the file is a complete .jsonl or .jsonl.gz") from None
     if not rows:
         raise DataError(f"{path}: no rows; the file is empty")
+    if truncated:
+        log.warning("%s: %d functions longer than data.max_chars=%d characters were truncated", path, truncated,
+                    max_chars)
     return rows
 
 
@@ -140,3 +146,13 @@ def describe(ds: dict[str, datasets.Dataset]) -> str:
         pos = sum(d["target"])
         parts.append(f"{split} {len(d):,} rows ({pos / max(len(d), 1):.1%} vulnerable)")
     return ", ".join(parts)
+
+
+def dataset_hash(ds: dict[str, datasets.Dataset]) -> str:
+    """Short sha256 of every split's functions and labels, in order: which data a model saw, as a registry tag."""
+    h = hashlib.sha256()
+    for split in sorted(ds):
+        for func, target in zip(ds[split]["func"], ds[split]["target"]):
+            h.update(func.encode("utf-8", "surrogatepass"))
+            h.update(b"\x00%d\x00" % int(target))
+    return h.hexdigest()[:16]

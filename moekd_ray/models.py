@@ -41,7 +41,19 @@ def build_model(spec: ArchConfig | PretrainedConfig, seed: int):
 
 def load_model(folder: str | Path):
     """A saved HF classifier (safetensors weights only)."""
-    return AutoModelForSequenceClassification.from_pretrained(str(folder), use_safetensors=True)
+    problem = None
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            str(folder), use_safetensors=True, output_loading_info=True)
+        # transformers re-initialises mismatched or missing weights with only a report: a silently random model.
+        bad = {k: v for k, v in info.items() if k in ("missing_keys", "mismatched_keys", "unexpected_keys") and v}
+        if not bad:
+            return model
+        problem = "; ".join(f"{len(v)} {k.replace('_', ' ')}, e.g. {sorted(map(str, v))[0][:80]}" for k, v in bad.items())
+    except (OSError, RuntimeError, ValueError) as exc:
+        problem = str(exc).strip().splitlines()[0][:160]
+    raise ValueError(f"{folder}: the model cannot be loaded ({problem}); its weights must be safetensors of the "
+                     "architecture in its config.json: give a folder a moekd run wrote")
 
 
 def num_params(model: torch.nn.Module) -> int:

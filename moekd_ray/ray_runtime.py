@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
@@ -37,10 +38,12 @@ def storage_path(cfg: MoEKDConfig, run_dir: Path) -> str:
 
 
 def make_trainer(train_func: Callable[[dict], None], loop_config: dict, resources: ResourcesConfig, name: str,
-                 storage: str, callbacks: list | None = None) -> TorchTrainer:
+                 storage: str, callbacks: list | None = None, max_failures: int = 0) -> TorchTrainer:
     """One Ray Train run: `resources.num_workers` workers, each with its CPUs (and a GPU when use_gpu).
-    `callbacks`: e.g. Tune's TuneReportCallback, when the trainer runs inside a Tune trial."""
-    per_worker = {"CPU": resources.cpus_per_worker}
+    `callbacks`: e.g. Tune's TuneReportCallback, when the trainer runs inside a Tune trial. After a worker dies,
+    Ray restarts the group up to `max_failures` times and the workers resume from the latest checkpoint
+    (`restored_state`)."""
+    per_worker = {"CPU": resources.cpus_per_worker, **resources.custom}
     if resources.use_gpu:
         per_worker["GPU"] = 1
     return TorchTrainer(
@@ -53,7 +56,7 @@ def make_trainer(train_func: Callable[[dict], None], loop_config: dict, resource
             name=name,
             storage_path=storage,
             checkpoint_config=CheckpointConfig(num_to_keep=1),
-            failure_config=FailureConfig(max_failures=0),
+            failure_config=FailureConfig(max_failures=max_failures),
             logging_config=LoggingConfig(log_level="WARNING"),  # workers print their own per-epoch lines
             callbacks=callbacks,
         ),
@@ -67,6 +70,33 @@ def fit_all(trainers: list[TorchTrainer]) -> list:
 
 
 HISTORY_FILE = "metrics_history.json"
+OPTIMIZER_FILE = "optimizer.pt"
+
+
+def restored_state() -> tuple[Path | None, list[dict]]:
+    """Worker side, at start: the latest checkpoint (copied to a local folder) and the epochs it holds, when Ray
+    restarted this run after a failure; (None, []) on a fresh start."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None, []
+    folder = Path(tempfile.mkdtemp(prefix="moekd-restore-"))
+    checkpoint.to_directory(str(folder))
+    return folder, json.loads((folder / HISTORY_FILE).read_text())
+
+
+def maybe_inject_fault(config: dict, epoch: int) -> None:
+    """Testing (ray.fault_injection = "<run>:<epoch>"): rank 0 of that run exits hard, once, after reporting the
+    epoch, as a killed worker process would. The marker file makes "once" survive the restart."""
+    if config.get("fault_injection") != f"{config['name']}:{epoch}" or ray.train.get_context().get_world_rank() != 0:
+        return
+    marker = Path(config["fault_marker"])
+    if not marker.exists():
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(f"killed after epoch {epoch}")
+        # The controller collects reports by polling the workers: give it time to register this epoch's checkpoint,
+        # as it would have before a worker is killed while training the next epoch.
+        time.sleep(5)
+        os._exit(1)
 
 
 def report_epoch(metrics: dict, history: list[dict], save_model: Callable[[str], None] | None) -> None:

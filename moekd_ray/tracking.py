@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import tempfile
 import urllib.error
 import urllib.request
@@ -19,19 +20,61 @@ from moekd_ray.errors import TrackingError
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 
 
-def connect(tracking_uri: str, experiment: str) -> str:
-    """Point MLflow at `tracking_uri`, fail fast with one line if unreachable; return the experiment id."""
-    if tracking_uri.startswith(("http://", "https://")):
-        try:
-            urllib.request.urlopen(tracking_uri.rstrip("/") + "/health", timeout=5).read()
-        except (urllib.error.URLError, OSError) as exc:
-            raise TrackingError(
-                f"MLflow tracking server {tracking_uri} is unreachable ({getattr(exc, 'reason', exc)}); start it "
-                "(mlflow/start_server.sh) or set mlflow.tracking_uri=sqlite:///mlruns.db"
-            ) from None
+def _reachable(tracking_uri: str) -> bool:
+    try:
+        urllib.request.urlopen(tracking_uri.rstrip("/") + "/health", timeout=5).read()
+        return True
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+@contextlib.contextmanager
+def outage_guard(how_to_continue: str):
+    """A tracking server that stops answering mid-run (after MLflow's own retries) ends the run with one line
+    saying how to continue, instead of a traceback; what was logged before stays on the server."""
+    try:
+        yield
+    except mlflow.exceptions.MlflowException:
+        uri = mlflow.get_tracking_uri()
+        if not uri.startswith(("http://", "https://")) or _reachable(uri):
+            raise
+        raise TrackingError(f"MLflow tracking server {uri} stopped answering during the run; restart it, then "
+                            f"{how_to_continue}") from None
+
+
+def connect(tracking_uri: str, experiment: str | None = None) -> str | None:
+    """Point MLflow at `tracking_uri`, fail fast with one line if unreachable; set `experiment` (created if new)
+    as the active one and return its id."""
+    if tracking_uri.startswith(("http://", "https://")) and not _reachable(tracking_uri):
+        raise TrackingError(
+            f"MLflow tracking server {tracking_uri} is unreachable; start it (mlflow/start_server.sh) or set "
+            "mlflow.tracking_uri=sqlite:///mlruns.db"
+        )
     mlflow.set_tracking_uri(tracking_uri)
     # The active experiment, so that nested stage runs land beside their parent.
-    return mlflow.set_experiment(experiment).experiment_id
+    return mlflow.set_experiment(experiment).experiment_id if experiment else None
+
+
+def pipeline_run(spec: str, option: str) -> tuple[Path, str | None] | None:
+    """(run folder, MLflow parent run id) of a pipeline run given by its folder or its MLflow run id (tag
+    moekd.run_dir); None when `spec` is neither a run folder nor a run id. `option` names the flag in errors."""
+    if Path(spec, "config.yaml").is_file():
+        folder = Path(spec).resolve()
+        runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                  filter_string=f"tags.`moekd.run_dir` = '{folder}'")
+        return folder, (runs[0].info.run_id if runs else None)
+    if not re.fullmatch(r"[0-9a-f]{32}", spec):
+        return None
+    try:
+        run = mlflow.tracking.MlflowClient().get_run(spec)
+    except mlflow.exceptions.MlflowException:
+        raise TrackingError(f"{option} {spec}: no such MLflow run at {mlflow.get_tracking_uri()}; give the run id "
+                            "of a `moekd run` or its run folder") from None
+    folder = run.data.tags.get("moekd.run_dir")
+    if not folder or not Path(folder, "config.yaml").is_file():
+        raise TrackingError(f"{option} {spec}: that run has no pipeline run folder on this machine (tag "
+                            "moekd.run_dir); give the run folder itself")
+    return Path(folder), spec
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
@@ -79,7 +122,8 @@ def log_table(rows: list[dict], path: str) -> None:
 
 def log_student_model(model_dir: Path, tokenizer_dir: Path, config_tree: dict, registered_name: str | None,
                       metrics: dict[str, float], tags: dict[str, str] | None = None) -> str:
-    """Log the student as a pyfunc (C source strings -> P(vulnerable)) and register it. Returns its model URI.
+    """Log the student as a pyfunc (C source strings -> P(vulnerable)) and register it with its evidence tags
+    and model card (registry.py). Returns its model URI.
 
     The model is defined from code (pyfunc_model.py) and its weights are safetensors: nothing is pickled.
     """
@@ -100,9 +144,13 @@ def log_student_model(model_dir: Path, tokenizer_dir: Path, config_tree: dict, r
             metadata={"metrics": {k: round(v, 4) for k, v in metrics.items()}},
         )
     if registered_name:
+        from moekd_ray.config import MoEKDConfig
+        from moekd_ray.registry import evidence_tags, record_evidence
+
         version = info.registered_model_version
-        for key, value in (tags or {}).items():
-            mlflow.MlflowClient().set_model_version_tag(registered_name, version, key, value)
+        run = mlflow.active_run()
+        evidence = evidence_tags(MoEKDConfig.model_validate(config_tree), metrics, run and run.info.run_id)
+        record_evidence(mlflow.MlflowClient(), registered_name, version, {**evidence, **(tags or {})})
         return f"models:/{registered_name}/{version}"
     return info.model_uri
 

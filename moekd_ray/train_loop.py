@@ -30,6 +30,17 @@ def make_loader(arrays: dict[str, np.ndarray], batch_size: int, shuffle: bool, s
     return DataLoader(ArrayDataset(arrays), batch_size=batch_size, shuffle=shuffle, generator=gen)
 
 
+def start_epoch(loader: DataLoader, epoch: int, seed: int) -> None:
+    """Shuffle order and dropout as functions of (seed, epoch) only, so a run resumed at epoch e computes what an
+    uninterrupted run would (DistributedSampler when Ray added one, else the loader's own generator)."""
+    torch.manual_seed(seed * 100_003 + epoch)  # dropout masks
+    sampler = getattr(loader, "sampler", None)
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+    elif getattr(sampler, "generator", None) is not None:
+        sampler.generator.manual_seed(seed * 100_003 + epoch)
+
+
 def trim_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Cut the columns that are padding in every row: most functions are far shorter than max_length."""
     width = int(batch["attention_mask"].sum(1).max())

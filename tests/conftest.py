@@ -8,6 +8,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may come from a hub duri
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_collection_modifyitems(items):
+    """Tests that start their own Ray cluster run first, before the session's shared cluster exists: two Ray
+    instances on one machine at once confuse Ray Train's placement-group cleaner."""
+    items.sort(key=lambda item: item.get_closest_marker("own_cluster") is None)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny tensors: extra torch threads only add sync overhead, and stall for seconds on a busy machine."""

@@ -56,3 +56,22 @@ def test_soft_target_file_round_trips(inputs, tmp_path):
     for split in targets:
         for name, arr in targets[split].items():
             np.testing.assert_array_equal(back[split][name], arr)
+
+
+def test_damaged_soft_target_file_is_detected(tmp_path):
+    import pytest
+
+    targets = {"train": {"soft_targets": np.random.default_rng(0).random((64, 2), dtype=np.float32)}}
+    path = tmp_path / "soft.safetensors"
+    save_soft_targets(targets, path, {"config_digest": "abc"})
+    assert load_soft_targets(path, expect_digest="abc")["train"]["soft_targets"].shape == (64, 2)
+    with pytest.raises(ValueError, match="not abc2"):
+        load_soft_targets(path, expect_digest="abc2")
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF  # one flipped bit pattern inside the last tensor
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="checksum"):
+        load_soft_targets(path)
+    path.write_bytes(bytes(data[: len(data) // 2]))  # truncated
+    with pytest.raises(ValueError, match="readable"):
+        load_soft_targets(path)

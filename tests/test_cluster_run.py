@@ -10,6 +10,7 @@ Ray Train's placement-group cleaner, and the session's shared cluster starts lat
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -21,7 +22,7 @@ import pytest
 import yaml
 
 from moekd_ray.data import default_data_dir
-from servers import LOOPBACK, ROOT, end_group, free_port, server_env, start_group, wait_http
+from servers import LOOPBACK, ROOT, end_group, free_port, server_env, start_group
 
 pytestmark = pytest.mark.own_cluster
 TINY = {"vocab_size": 400, "hidden_size": 32, "num_layers": 1, "num_heads": 2, "ffn_size": 64, "max_length": 64}
@@ -38,6 +39,16 @@ def ray_env(temp_dir: str) -> dict:
     return env
 
 
+def wait_ray(ready, proc, log: Path, timeout_s: float = 180) -> None:
+    """Until `ready()` (the Jobs API answers with our token; the node shows up), or fail with the log's tail."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and proc.poll() is None:
+        if ready():
+            return
+        time.sleep(2)
+    raise AssertionError(f"Ray did not come up in {timeout_s} s:\n{log.read_text()[-3000:]}")
+
+
 @pytest.fixture(scope="module")
 def cluster():
     temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
@@ -49,18 +60,15 @@ def cluster():
                         f"--temp-dir={temp_dir}", "--include-dashboard=true"], head_log, **env)
     node = None
     try:
-        wait_http(f"http://{LOOPBACK}:{dash}/api/version", head, head_log)
+        wait_ray(lambda: subprocess.run([RAY, "job", "list", f"--address=http://{LOOPBACK}:{dash}"], env=env,
+                                        capture_output=True).returncode == 0, head, head_log)
         node = start_group([RAY, "start", "--block", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1",
-                            "--num-cpus=2", '--resources={"expert_node": 2}'], node_log, **env)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            out = subprocess.run([RAY, "status", f"--address=127.0.0.1:{port}"], env=env, capture_output=True,
-                                 text=True).stdout
-            if "expert_node" in out:
-                break
-            time.sleep(2)
-        else:
-            raise AssertionError(f"the second node never joined:\n{node_log.read_text()[-2000:]}")
+                            "--num-cpus=2", '--resources={"expert_node": 2}',
+                            # Its own temp dir, as on a separate machine: sharing the head's, its runtime-env agent
+                            # would delete the job's working dir (the driver's cwd) when its own workers finish.
+                            f"--temp-dir={temp_dir}/n2"], node_log, **env)
+        wait_ray(lambda: "expert_node" in subprocess.run([RAY, "status", f"--address=127.0.0.1:{port}"], env=env,
+                                                         capture_output=True, text=True).stdout, node, node_log)
         yield {"address": f"http://{LOOPBACK}:{dash}", "env": env, "temp_dir": temp_dir}
     finally:
         for proc in (node, head):
@@ -84,18 +92,21 @@ def submit(cluster, tmp_path, config: dict, overrides: list[str] = ()) -> tuple[
            sys.executable, "-m", "moekd_ray.cli", "run", "jobs/cluster_test.yaml", *overrides]
     out = subprocess.run(cmd, env=cluster["env"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    job_id = next(w for w in out.stdout.split() if w.startswith("raysubmit_"))
+    job_id = re.search(r"raysubmit_[A-Za-z0-9]+", out.stdout).group(0)
     deadline = time.monotonic() + 600
     status = ""
     while time.monotonic() < deadline:
-        status = subprocess.run([RAY, "job", "status", f"--address={cluster['address']}", job_id],
-                                env=cluster["env"], capture_output=True, text=True).stdout
-        if any(s in status for s in ("SUCCEEDED", "FAILED", "STOPPED")):
+        # "Status for job '…': SUCCEEDED", or "Job '…' failed" / "… stopped" (on stderr, with the logs' tail).
+        out = subprocess.run([RAY, "job", "status", f"--address={cluster['address']}", job_id],
+                             env=cluster["env"], capture_output=True, text=True)
+        status = re.sub(r"\x1b\[[0-9;]*m", "", out.stdout + out.stderr).upper()  # without colour codes
+        if re.search(rf"{job_id.upper()}'?:? (SUCCEEDED|FAILED|STOPPED)", status):
             break
         time.sleep(3)
     logs = subprocess.run([RAY, "job", "logs", f"--address={cluster['address']}", job_id], env=cluster["env"],
                           capture_output=True, text=True).stdout
-    final = next((s for s in ("SUCCEEDED", "FAILED", "STOPPED") if s in status), status.strip()[-200:])
+    found = re.search(rf"{job_id.upper()}'?:? (SUCCEEDED|FAILED|STOPPED)", status)
+    final = found.group(1) if found else status.strip()[-300:]
     return final, logs
 
 
@@ -109,6 +120,8 @@ def tiny_config(tmp_path) -> dict:
         "distill": {"student_arch": TINY, "schedule": {"epochs": 1, "batch_size": 16},
                     "resources": {"num_workers": 1, "cpus_per_worker": 1}},
         "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlruns.db'}", "registered_model": "cluster-student"},
+        # The attack as the pipeline's last stage, small: its ASR becomes promotion evidence on the version.
+        "attack": {"in_pipeline": True, "n": 6, "query_budget": 8, "candidates": 4, "workers": 1, "vocab_rows": 100},
     }
 
 
@@ -120,7 +133,9 @@ def test_submitted_pipeline_succeeds_and_is_tracked(cluster, tmp_path):
     runs = client.search_runs([client.get_experiment_by_name("moekd").experiment_id],
                               filter_string="tags.mlflow.runName = 'cluster-tiny'")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    assert client.get_model_version("cluster-student", "1").tags["moekd.source_run"] == runs[0].info.run_id
+    tags = client.get_model_version("cluster-student", "1").tags
+    assert tags["moekd.source_run"] == runs[0].info.run_id
+    assert 0 <= float(tags["metric.asr_mhm"]) <= 1 and "student.asr_mhm" in runs[0].data.metrics
 
 
 def test_failing_job_reports_failed_with_one_line_error(cluster, tmp_path):

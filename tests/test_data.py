@@ -43,7 +43,6 @@ def test_malformed_json_reports_its_line(tmp_path):
         ({"func": "int x;", "target": True}, "'target' must be 0 or 1"),
         ({"func": "  \n", "target": 0}, "'func' is empty"),
         ({"func": 5, "target": 0}, "'func' must be a string"),
-        ({"func": "x" * 101, "target": 0}, "limit 100"),
         ([1, 2], "expected a JSON object"),
     ],
 )
@@ -56,6 +55,14 @@ def test_bad_row_names_file_and_line(tmp_path, row, expect):
 
 def test_validate_row_keeps_func_at_the_limit():
     assert validate_row({"func": "x" * 100, "target": 1}, "f:1", 100)["target"] == 1
+
+
+def test_long_function_is_truncated_and_counted(tmp_path, caplog):
+    path = write_rows(tmp_path / "t.jsonl", [json.dumps(GOOD), json.dumps({"func": "x" * 1_000_000, "target": 1})])
+    with caplog.at_level("WARNING", logger="moekd.data"):
+        rows = read_jsonl(path, max_chars=100)
+    assert len(rows[1]["func"]) == 100 and rows[1]["target"] == 1
+    assert "1 functions longer than data.max_chars=100" in caplog.text
 
 
 def test_empty_file(tmp_path):

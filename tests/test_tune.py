@@ -83,3 +83,53 @@ def test_bad_search_space_is_one_line(tmp_path, capsys, space, words):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("moekd: error:")
     assert all(w in err for w in words), err
+
+
+def test_killed_search_resumes_without_rerunning_finished_trials(tiny_pipeline, ray_cluster, tmp_path):
+    """The driver of a real `moekd tune` is SIGKILLed after its first trial finished; `--resume` completes the
+    search from Tune's experiment state and keeps the finished trial's result (it is not run again)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    from moekd_ray.config import load_config
+
+    cfg, pipeline = tiny_pipeline
+    tree = cfg.model_dump(mode="json")
+    tree.update(name="tiny-resume", output_dir=str(tmp_path / "runs"))
+    tree["ray"]["address"] = ray_cluster.get_runtime_context().gcs_address  # the driver joins this test's cluster
+    tree["distill"]["schedule"]["epochs"] = 1
+    tree["distill"]["resources"] = {"num_workers": 1, "cpus_per_worker": 0.45}
+    tree["tune"] = {"from_run": pipeline.run_id, "num_samples": 3, "max_concurrent": 1, "scheduler": "fifo",
+                    "register_best": False, "space": {"distill.temperature": {"dist": "choice", "values": [1, 2, 4]}}}
+    path = tmp_path / "tune.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    tune_cfg = load_config(path)
+    search_dir = tmp_path / "runs" / "tune" / f"tune-{tune_cfg.name}-{tune_cfg.digest()}"
+
+    def finished_trials():
+        return [p for p in search_dir.glob("run_trial_*/result.json") if p.stat().st_size > 0]
+
+    driver = subprocess.Popen([sys.executable, "-m", "moekd_ray.cli", "tune", str(path)], start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while not finished_trials() and time.time() < deadline and driver.poll() is None:
+            time.sleep(1)
+        assert finished_trials(), "no trial finished before the deadline"
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    first = finished_trials()
+    assert len(first) < 3, "the search finished before it could be interrupted"
+    before = {p: p.read_text() for p in first}
+
+    result = run_search(tune_cfg, resume=True, log=lambda *_: None)
+    assert len(finished_trials()) == 3
+    for p, text in before.items():  # a rerun trial would have rewritten its result file
+        assert p.read_text() == text
+    assert len(trial_runs(tune_cfg, result)[1]) == 3  # one nested MLflow run per trial, logged once

@@ -82,9 +82,10 @@ class BudgetedVictim:
 
 
 def _expert_dirs(run_dir: Path) -> list[Path]:
+    """Each expert's latest checkpoint folder in a pipeline run folder."""
     dirs = []
     for k in range(1000):
-        found = sorted(run_dir.glob(f"ray/*-expert_{k}/checkpoint_*"))
+        found = sorted(p for p in run_dir.glob(f"ray/*-expert_{k}/checkpoint_*") if p.is_dir())
         if not found:
             return dirs
         dirs.append(found[-1])

@@ -6,12 +6,14 @@ aggregated targets, so another router or distillation temperature needs no exper
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
 import torch
-from safetensors.numpy import load_file, save_file
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from moekd_ray.config import MoEKDConfig
 from moekd_ray.router import gate_logits, mixture_probs, route, train_router, uniform_weights
@@ -56,16 +58,36 @@ def aggregate(cfg: MoEKDConfig, logits: dict[str, np.ndarray], gates: dict[str, 
     return out
 
 
+def _checksum(flat: dict[str, np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(flat):
+        h.update(key.encode())
+        h.update(np.ascontiguousarray(flat[key]).tobytes())
+    return h.hexdigest()
+
+
 def save_soft_targets(targets: dict[str, dict[str, np.ndarray]], path: Path, metadata: dict[str, str]) -> None:
     flat = {f"{split}/{name}": np.ascontiguousarray(a) for split, d in targets.items() for name, a in d.items()}
     tmp = path.with_suffix(".tmp")
-    save_file(flat, str(tmp), metadata=metadata)
+    save_file(flat, str(tmp), metadata={**metadata, "sha256": _checksum(flat)})
     tmp.replace(path)  # atomic: a crash never leaves a half-written file under the final name
 
 
-def load_soft_targets(path: Path) -> dict[str, dict[str, np.ndarray]]:
+def load_soft_targets(path: Path, expect_digest: str | None = None) -> dict[str, dict[str, np.ndarray]]:
+    """The file's arrays by split; ValueError if it is truncated, its checksum fails or (with `expect_digest`) it
+    belongs to another config."""
+    try:
+        with safe_open(str(path), framework="np") as f:
+            metadata = f.metadata() or {}
+            flat = {key: f.get_tensor(key) for key in f.keys()}
+    except Exception as exc:  # safetensors raises its own error types for a truncated or garbled file
+        raise ValueError(f"not a readable safetensors file ({str(exc)[:120]})") from None
+    if "sha256" in metadata and metadata["sha256"] != _checksum(flat):
+        raise ValueError("checksum mismatch: the file was changed or damaged after it was written")
+    if expect_digest is not None and metadata.get("config_digest") != expect_digest:
+        raise ValueError(f"written for config {metadata.get('config_digest')}, not {expect_digest}")
     out: dict[str, dict[str, np.ndarray]] = {}
-    for key, arr in load_file(str(path)).items():
+    for key, arr in flat.items():
         split, name = key.split("/", 1)
         out.setdefault(split, {})[name] = arr
     return out

@@ -161,6 +161,7 @@ def sample_examples(cfg: MoEKDConfig) -> tuple[list[tuple[int, str, int]], list[
 
 def attack_model(cfg: MoEKDConfig, folder: Path, target: str, name: str, log=print) -> tuple[list[dict], dict]:
     """Attack the model in `folder` (see attacks.victim.load_victim); return every example's row and the summary."""
+    load_victim(folder, target)  # a model that cannot be loaded: one line here, not a dead actor's traceback
     examples, pool = sample_examples(cfg)
     log(f"attack {cfg.attack.method} on {name} ({target}): {len(examples)} functions of {cfg.attack.split}, "
         f"budget {cfg.attack.query_budget} queries, pool of {len(pool)} identifiers, {cfg.attack.workers} workers")

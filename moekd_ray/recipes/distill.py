@@ -22,8 +22,8 @@ from moekd_ray import ray_runtime
 from moekd_ray.config import ArchConfig, DistillConfig, MoEKDConfig
 from moekd_ray.losses import kd_loss
 from moekd_ray.metrics import classification_metrics
-from moekd_ray.models import build_model
-from moekd_ray.train_loop import make_loader, predict_logits, probs1, train_epoch
+from moekd_ray.models import build_model, load_model
+from moekd_ray.train_loop import make_loader, predict_logits, probs1, start_epoch, train_epoch
 
 
 def deepspeed_config(cfg: DistillConfig) -> dict:
@@ -64,7 +64,10 @@ def distill_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     train, valid = ray.get(config["train"]), ray.get(config["valid"])
 
-    model = build_model(arch, config["seed"])
+    # After a restart: the latest checkpoint's weights and epoch (the optimizer state is not kept: its ZeRO
+    # shards would need DeepSpeed's own checkpoint format).
+    restored, history = ray_runtime.restored_state()
+    model = load_model(restored) if restored else build_model(arch, config["seed"])
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config["ds_config"])
     loader = ray.train.torch.prepare_data_loader(
         make_loader(train, config["ds_config"]["train_micro_batch_size_per_gpu"], shuffle=True, seed=config["seed"])
@@ -77,22 +80,24 @@ def distill_worker(config: dict) -> None:
         engine.backward(loss)
         engine.step()
 
-    history: list[dict] = []
-    for epoch in range(1, epochs + 1):
-        if hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
-            loader.sampler.set_epoch(epoch)
+    resumed_from = len(history)
+    for epoch in range(resumed_from + 1, epochs + 1):
+        start_epoch(loader, epoch, config["seed"])
         stats = train_epoch(engine, loader, loss_fn, step)
         val_logits = predict_logits(engine, valid, 64)
         val = classification_metrics(valid["labels"], probs1(val_logits))
-        val["loss"] = float(F.cross_entropy(torch.from_numpy(val_logits), torch.from_numpy(valid["labels"]).long()))
+        labels = torch.from_numpy(np.array(valid["labels"])).long()  # a copy: object-store arrays are read-only
+        val["loss"] = float(F.cross_entropy(torch.from_numpy(val_logits), labels))
         metrics = {"epoch": epoch, **stats, **{f"val_{k}": v for k, v in val.items()},
-                   "world_size": ctx.get_world_size(), "zero_stage": engine.zero_optimization_stage()}
+                   "world_size": ctx.get_world_size(), "zero_stage": engine.zero_optimization_stage(),
+                   "resumed_from": resumed_from}
         print(f"[student] epoch {epoch}/{epochs}: kd loss {stats['train_loss']:.4f}, "
               f"{stats['samples_per_s']:.1f} samples/s/worker, val acc {val['accuracy']:.3f} f1 {val['f1']:.3f}")
         # The gather is a collective under ZeRO-3 (every rank takes part) and a no-op for stages 0-2.
         with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
             save = engine.module.save_pretrained if ctx.get_world_rank() == 0 else None
             ray_runtime.report_epoch(metrics, history, save)
+        ray_runtime.maybe_inject_fault(config, epoch)
 
 
 def distill_trainer(cfg: MoEKDConfig, enc: dict, labels: dict, teacher_probs: np.ndarray, name: str, storage: str,
@@ -111,8 +116,12 @@ def distill_trainer(cfg: MoEKDConfig, enc: dict, labels: dict, teacher_probs: np
         "seed": cfg.seed,
         "train": ray.put(train),
         "valid": ray.put({**enc["valid"], "labels": labels["valid"]}),
+        "name": "student",
+        "fault_injection": cfg.ray.fault_injection,
+        "fault_marker": str(Path(storage) / f"{name}.fault_injected"),
     }
-    return ray_runtime.make_trainer(distill_worker, loop_config, cfg.distill.resources, name, storage, callbacks)
+    return ray_runtime.make_trainer(distill_worker, loop_config, cfg.distill.resources, name, storage, callbacks,
+                                    max_failures=cfg.ray.max_failures)
 
 
 def distill_student(cfg: MoEKDConfig, enc: dict, labels: dict, teacher_probs: np.ndarray, run_dir: Path):

@@ -21,7 +21,8 @@ from moekd_ray import ray_runtime
 from moekd_ray.config import ModelSource, MoEKDConfig, Schedule
 from moekd_ray.metrics import classification_metrics
 from moekd_ray.models import build_model, load_model
-from moekd_ray.train_loop import make_loader, predict_logits, probs1, torch_step, train_epoch, weighted_ce
+from moekd_ray.train_loop import (make_loader, predict_logits, probs1, start_epoch, torch_step, train_epoch,
+                                  weighted_ce)
 
 
 def unwrap(model):
@@ -29,30 +30,40 @@ def unwrap(model):
 
 
 def expert_worker(config: dict) -> None:
-    """Ray Train worker: train one expert, report val metrics and an HF checkpoint (safetensors) every epoch."""
+    """Ray Train worker: train one expert, report val metrics and an HF checkpoint (safetensors, plus the optimizer
+    state) every epoch. After a restart it resumes from the latest checkpoint's epoch, weights and optimizer."""
     spec = TypeAdapter(ModelSource).validate_python(config["model"])
     sched = Schedule.model_validate(config["schedule"])
     torch.set_num_threads(max(int(config["threads"]), 1))
     ctx = ray.train.get_context()
     train, valid = ray.get(config["train"]), ray.get(config["valid"])
 
-    model = ray.train.torch.prepare_model(build_model(spec, config["seed"]))
+    restored, history = ray_runtime.restored_state()
+    model = ray.train.torch.prepare_model(load_model(restored) if restored else build_model(spec, config["seed"]))
     loader = ray.train.torch.prepare_data_loader(make_loader(train, sched.batch_size, shuffle=True, seed=config["seed"]))
     optimizer = torch.optim.AdamW(model.parameters(), lr=sched.lr, weight_decay=sched.weight_decay)
+    if restored:
+        optimizer.load_state_dict(torch.load(restored / ray_runtime.OPTIMIZER_FILE, weights_only=True))
     name = config["name"]
-    history: list[dict] = []
-    started_at = time.time()  # wall clock, so that overlapping (concurrent) expert runs can be seen afterwards
-    for epoch in range(1, sched.epochs + 1):
-        if hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
-            loader.sampler.set_epoch(epoch)
+    # Wall clock, so that overlapping (concurrent) expert runs can be seen afterwards.
+    started_at = history[0]["started_at"] if history else time.time()
+
+    def save(folder: str) -> None:
+        unwrap(model).save_pretrained(folder)
+        torch.save(optimizer.state_dict(), Path(folder) / ray_runtime.OPTIMIZER_FILE)
+
+    resumed_from = len(history)  # epochs already done (0 on a fresh start)
+    for epoch in range(resumed_from + 1, sched.epochs + 1):
+        start_epoch(loader, epoch, config["seed"])
         stats = train_epoch(model, loader, weighted_ce, torch_step(optimizer))
         val = classification_metrics(valid["labels"], probs1(predict_logits(unwrap(model), valid, 64)))
         metrics = {"epoch": epoch, **stats, **{f"val_{k}": v for k, v in val.items()},
-                   "started_at": started_at, "finished_at": time.time()}
+                   "started_at": started_at, "finished_at": time.time(), "resumed_from": resumed_from}
         print(f"[{name}] epoch {epoch}/{sched.epochs}: loss {stats['train_loss']:.4f}, "
-              f"{stats['samples_per_s']:.1f} samples/s, val acc {val['accuracy']:.3f} f1 {val['f1']:.3f}")
-        save = unwrap(model).save_pretrained if ctx.get_world_rank() == 0 else None
-        ray_runtime.report_epoch(metrics, history, save)
+              f"{stats['samples_per_s']:.1f} samples/s, val acc {val['accuracy']:.3f} f1 {val['f1']:.3f}"
+              + (f" (resumed after epoch {resumed_from})" if restored else ""))
+        ray_runtime.report_epoch(metrics, history, save if ctx.get_world_rank() == 0 else None)
+        ray_runtime.maybe_inject_fault(config, epoch)
 
 
 def part_arrays(enc: dict[str, np.ndarray], labels: np.ndarray, parts: np.ndarray, k: int, cfg: MoEKDConfig) -> dict:
@@ -77,9 +88,11 @@ def expert_trainers(cfg: MoEKDConfig, enc: list[dict], labels: dict, parts: np.n
             "seed": cfg.seed + k,
             "train": ray.put(part_arrays(enc[k]["train"], labels["train"], parts, k, cfg)),
             "valid": ray.put({**enc[k]["valid"], "labels": labels["valid"]}),
+            "fault_injection": cfg.ray.fault_injection,
+            "fault_marker": str(Path(storage) / f"{name}-expert_{k}.fault_injected"),
         }
         trainers.append(ray_runtime.make_trainer(expert_worker, loop_config, cfg.experts.resources,
-                                                 f"{name}-expert_{k}", storage))
+                                                 f"{name}-expert_{k}", storage, max_failures=cfg.ray.max_failures))
     return trainers
 
 
@@ -102,7 +115,8 @@ def _expert_logits_task(checkpoint: ray.train.Checkpoint, splits: dict, batch_si
 def expert_logits(cfg: MoEKDConfig, checkpoints: list, enc: list[dict]) -> dict[str, np.ndarray]:
     """Per split, the logits of every expert: [N, K, 2]. One Ray task per expert, all at once."""
     res = cfg.experts.resources
-    task = _expert_logits_task.options(num_cpus=res.cpus_per_worker, num_gpus=1 if res.use_gpu else 0)
+    task = _expert_logits_task.options(num_cpus=res.cpus_per_worker, num_gpus=1 if res.use_gpu else 0,
+                                       resources=res.custom)
     refs = [task.remote(c, {name: ray.put(a) for name, a in enc_k.items()}, cfg.eval.batch_size,
                         int(res.cpus_per_worker)) for c, enc_k in zip(checkpoints, enc)]
     outs = ray.get(refs)

@@ -7,6 +7,8 @@ evaluate -> register. One MLflow parent run, a nested run per stage and per expe
 from __future__ import annotations
 
 import contextlib
+import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -14,14 +16,16 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import ray.train
 
 from moekd_ray import ray_runtime, tracking
-from moekd_ray.config import MoEKDConfig, PretrainedConfig, dump_yaml
-from moekd_ray.data import describe, load_devign
+from moekd_ray.config import MoEKDConfig, PretrainedConfig, dump_yaml, load_config
+from moekd_ray.errors import ConfigError
+from moekd_ray.data import dataset_hash, describe, load_devign
 from moekd_ray.metrics import classification_metrics, confusion_matrix_figure
 from moekd_ray.models import load_model, num_params, size_mb
 from moekd_ray.partition import code_features, partition, partition_table
-from moekd_ray.recipes.aggregate import aggregate, fit_gate, save_soft_targets
+from moekd_ray.recipes.aggregate import aggregate, fit_gate, load_soft_targets, save_soft_targets
 from moekd_ray.recipes.distill import distill_student
 from moekd_ray.recipes.experts import expert_logits, train_experts
 from moekd_ray.tokenization import encode, load_tokenizer, train_bpe
@@ -39,24 +43,38 @@ class PipelineResult:
     stage_seconds: dict[str, float] = field(default_factory=dict)
 
 
-def run_pipeline(cfg: MoEKDConfig, log=print) -> PipelineResult:
-    run_dir = Path(cfg.output_dir) / f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}-{cfg.digest()}"
+def run_pipeline(cfg: MoEKDConfig, log=print, resume: str | None = None) -> PipelineResult:
+    """The whole pipeline; `resume` (a run folder or MLflow run id of this config) continues an interrupted run:
+    finished stages are reused from its folder, an unfinished Ray Train run resumes from its latest checkpoint."""
     experiment_id = tracking.connect(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)  # fail before any work
+    run_dir, parent_id = resume_target(cfg, resume) if resume else (
+        Path(cfg.output_dir) / f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}-{cfg.digest()}", None)
+    for spec in {s.name_or_path for s in cfg.experts.specs() if isinstance(s, PretrainedConfig)}:
+        load_tokenizer(spec)  # a model that cannot be had (offline, misspelt) fails here, before any work
     data = load_devign(cfg.data, cfg.seed)
     log(f"data: {describe(data)}")
-    run_dir.mkdir(parents=True)
-    (run_dir / "config.yaml").write_text(dump_yaml(cfg.model_dump(mode="json")))
+    if not resume:
+        run_dir.mkdir(parents=True)
+        (run_dir / "config.yaml").write_text(dump_yaml(cfg.model_dump(mode="json")))
     ray_runtime.init_ray(cfg)
     labels = {s: np.asarray(data[s]["target"], dtype=np.int64) for s in SPLITS}
     funcs = {s: list(data[s]["func"]) for s in SPLITS}
     timer = StageTimer(log)
 
-    with mlflow.start_run(run_name=cfg.name, experiment_id=experiment_id) as parent:
-        mlflow.set_tags({"moekd.config_digest": cfg.digest(), "moekd.run_dir": str(run_dir.resolve())})
-        tracking.log_config(cfg.model_dump(mode="json"))
+    resume_hint = f"continue with `moekd run <this config> --resume {run_dir.resolve()}` (finished stages are reused)"
+    with tracking.outage_guard(resume_hint), mlflow.start_run(
+            run_id=parent_id, run_name=None if parent_id else cfg.name, experiment_id=experiment_id) as parent:
+        log(f"run folder {run_dir}, MLflow run {parent.info.run_id}" + (" (resumed)" if resume else ""))
+        if not resume:
+            mlflow.set_tags({"moekd.config_digest": cfg.digest(), "moekd.run_dir": str(run_dir.resolve())})
+            tracking.log_config(cfg.model_dump(mode="json"))
 
         with timer("tokenizers"), tracking.stage_run("tokenizers"):
-            expert_toks, student_tok = make_tokenizers(cfg, funcs["train"], run_dir)
+            expert_toks, student_tok = saved_tokenizers(cfg, run_dir) if resume else (None, None)
+            if expert_toks is None:
+                expert_toks, student_tok = make_tokenizers(cfg, funcs["train"], run_dir)
+            else:
+                timer.reused("tokenizers")
             enc_expert = encode_for_experts(cfg, expert_toks, funcs)
             student_max = cfg.distill.arch().max_length
             enc_student = {s: encode(student_tok, funcs[s], student_max) for s in SPLITS}
@@ -75,29 +93,41 @@ def run_pipeline(cfg: MoEKDConfig, log=print) -> PipelineResult:
                 mlflow.log_metrics({f"part_{row['part']}_rows": row["rows"],
                                     f"part_{row['part']}_vulnerable_share": row["vulnerable_share"]})
 
+        soft_path = run_dir / "soft_targets.safetensors"
+        targets = cached_soft_targets(soft_path, cfg, log) if resume else None
         with timer("experts"):
-            results = train_experts(cfg, enc_expert, labels, parts, run_dir)
-            for k, result in enumerate(results):
-                with tracking.stage_run(f"expert_{k}", cfg.experts.specs()[k].model_dump(mode="json")):
-                    tracking.log_epochs(ray_runtime.epoch_rows(result))
-            checkpoints = [r.checkpoint for r in results]
-            logits = expert_logits(cfg, checkpoints, enc_expert)
+            checkpoints = finished_experts(cfg, run_dir) if resume else None
+            if checkpoints is None:
+                results = train_experts(cfg, enc_expert, labels, parts, run_dir)
+                for k, result in enumerate(results):
+                    with tracking.stage_run(f"expert_{k}", cfg.experts.specs()[k].model_dump(mode="json")):
+                        tracking.log_epochs(ray_runtime.epoch_rows(result))
+                checkpoints = [r.checkpoint for r in results]
+            else:
+                timer.reused("experts")
+            if targets is None:
+                logits = expert_logits(cfg, checkpoints, enc_expert)
 
         with timer("router"), tracking.stage_run("router", cfg.router.model_dump(mode="json")):
-            gates = fit_gate(cfg, features, logits, labels, log=log)
-            targets = aggregate(cfg, logits, gates, labels)
-            soft_path = run_dir / "soft_targets.safetensors"
-            save_soft_targets(targets, soft_path, {"config_digest": cfg.digest()})
-            mlflow.log_artifact(str(soft_path))
+            if targets is None:
+                gates = fit_gate(cfg, features, logits, labels, log=log)
+                targets = aggregate(cfg, logits, gates, labels)
+                save_soft_targets(targets, soft_path, {"config_digest": cfg.digest()})
+                mlflow.log_artifact(str(soft_path))
+            else:
+                timer.reused("router")
             mean_w = targets["train"]["weights"].mean(0)
             mlflow.log_metrics({f"train_mean_weight_{k}": float(w) for k, w in enumerate(mean_w)})
 
         with timer("distill"), tracking.stage_run("distill", cfg.distill.model_dump(mode="json")):
-            result = distill_student(cfg, enc_student, labels, targets["train"]["soft_targets"], run_dir)
-            tracking.log_epochs(ray_runtime.epoch_rows(result))
-            mlflow.log_artifact(str(run_dir / "deepspeed_config.json"))
             student_dir = run_dir / "student"
-            result.checkpoint.to_directory(str(student_dir))
+            if resume and (student_dir / "model.safetensors").is_file():
+                timer.reused("distill")
+            else:
+                result = distill_student(cfg, enc_student, labels, targets["train"]["soft_targets"], run_dir)
+                tracking.log_epochs(ray_runtime.epoch_rows(result))
+                mlflow.log_artifact(str(run_dir / "deepspeed_config.json"))
+                copy_atomically(result.checkpoint, student_dir)
             student = load_model(student_dir)
             log(f"student: {num_params(student):,} parameters, {size_mb(student):.2f} MB (float32)")
 
@@ -110,13 +140,24 @@ def run_pipeline(cfg: MoEKDConfig, log=print) -> PipelineResult:
                 fig = confusion_matrix_figure(labels["test"], test_probs[name], f"{name}, test")
                 tracking.log_figure(fig, f"confusion_{name}_test.png")
 
+        student_row = next(r for r in rows if r["model"] == "student")
+        if cfg.attack.in_pipeline:
+            from moekd_ray.recipes.attack import attack_model, log_attack
+
+            with timer("attack"), tracking.stage_run(f"attack_{cfg.attack.method}"):
+                attack_rows, summary = attack_model(cfg, run_dir.resolve(), "student", "student", log)
+                log_attack(attack_rows, summary, cfg.attack)
+            student_row.update({f"{k}_{cfg.attack.method}": summary[k] for k in ("asr", "robust_accuracy")})
+            mlflow.log_metrics({f"student.{k}_{cfg.attack.method}": summary[k] for k in ("asr", "robust_accuracy")})
+
         with timer("register"):
-            student_row = next(r for r in rows if r["model"] == "student")
             model_uri = tracking.log_student_model(
                 student_dir, run_dir / "tokenizers" / "student", cfg.model_dump(mode="json"),
                 cfg.mlflow.registered_model, {k: v for k, v in student_row.items() if isinstance(v, float)},
+                tags={"moekd.data_hash": dataset_hash(data)},
             )
         mlflow.log_metrics({f"seconds_{k}": v for k, v in timer.seconds.items()})
+        mlflow.set_tags({f"moekd.stage.{k}": v for k, v in timer.status.items()})
         log(format_table(rows))
         log(f"student model: {model_uri}")
         return PipelineResult(run_dir, parent.info.run_id, model_uri, rows, timer.seconds)
@@ -197,15 +238,80 @@ def format_table(rows: list[dict]) -> str:
 
 
 class StageTimer:
-    """`with timer("name"):` logs and keeps each stage's wall time."""
+    """`with timer("name"):` logs and keeps each stage's wall time and status (ran, or reused on resume)."""
 
     def __init__(self, log):
-        self.log, self.seconds = log, {}
+        self.log, self.seconds, self.status = log, {}, {}
 
     @contextlib.contextmanager
     def __call__(self, name):
         self.log(f"== {name}")
+        self.status.setdefault(name, "ran")
         start = time.perf_counter()
         yield
         self.seconds[name] = time.perf_counter() - start
-        self.log(f"== {name} done in {self.seconds[name]:.1f} s")
+        self.log(f"== {name} {self.status[name]} in {self.seconds[name]:.1f} s")
+
+    def reused(self, name):
+        self.status[name] = "reused"
+
+
+# ------------------------------------------------------------------------------------------------- resume
+def resume_target(cfg: MoEKDConfig, spec: str) -> tuple[Path, str | None]:
+    """The run folder and MLflow run to continue; the run must have been made with this very config."""
+    run = tracking.pipeline_run(spec, "--resume")
+    if run is None:
+        raise ConfigError(f"--resume {spec}: neither a run folder (with config.yaml) nor an MLflow run id")
+    folder, run_id = run
+    saved = load_config(folder / "config.yaml")
+    if saved.digest() != cfg.digest():
+        raise ConfigError(f"--resume {spec}: that run used config {saved.digest()}, this config is {cfg.digest()}; "
+                          f"resume with the run's own config: moekd run {folder / 'config.yaml'} --resume {spec}")
+    return folder, run_id
+
+
+def saved_tokenizers(cfg: MoEKDConfig, run_dir: Path):
+    folder = run_dir / "tokenizers"
+    names = [f"expert_{k}" for k in range(cfg.experts.k)] + ["student"]
+    if not all((folder / n / "tokenizer.json").is_file() for n in names):
+        return None, None
+    toks = {n: load_tokenizer(folder / n) for n in names}
+    return [toks[n] for n in names[:-1]], toks["student"]
+
+
+def finished_experts(cfg: MoEKDConfig, run_dir: Path) -> list | None:
+    """Each expert's checkpoint if every expert finished all its epochs; None if any must (re)train."""
+    checkpoints = []
+    for k in range(cfg.experts.k):
+        done = None
+        for folder in sorted(p for p in run_dir.glob(f"ray/{run_dir.name}-expert_{k}/checkpoint_*") if p.is_dir()):
+            try:
+                epochs = len(json.loads((folder / ray_runtime.HISTORY_FILE).read_text()))
+            except (OSError, ValueError):
+                continue
+            if epochs == cfg.experts.schedule.epochs and (folder / "model.safetensors").is_file():
+                done = folder
+        if done is None:
+            return None
+        checkpoints.append(ray.train.Checkpoint.from_directory(str(done)))
+    return checkpoints
+
+
+def cached_soft_targets(path: Path, cfg: MoEKDConfig, log) -> dict | None:
+    """The soft-target file if it is intact and of this config; else None (it is rebuilt), with a warning."""
+    if not path.is_file():
+        return None
+    try:
+        return load_soft_targets(path, expect_digest=cfg.digest())
+    except ValueError as exc:
+        log(f"warning: {path} is unusable ({exc}); rebuilding it")
+        return None
+
+
+def copy_atomically(checkpoint, folder: Path) -> None:
+    """The checkpoint's files into `folder`, which appears complete or not at all."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    checkpoint.to_directory(str(tmp))
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)

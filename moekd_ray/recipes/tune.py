@@ -28,7 +28,7 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from moekd_ray import ray_runtime, tracking
 from moekd_ray.config import ChoiceDist, LogUniformDist, MoEKDConfig, load_config
-from moekd_ray.data import load_devign
+from moekd_ray.data import dataset_hash, load_devign
 from moekd_ray.errors import ConfigError
 from moekd_ray.metrics import classification_metrics, scatter_figure
 from moekd_ray.models import load_model, num_params, size_mb
@@ -102,12 +102,11 @@ def source_run_dir(cfg: MoEKDConfig, log) -> Path:
 
         log("tune.from_run is unset: running the pipeline first")
         return run_pipeline(cfg, log=log).run_dir
-    try:
-        run = mlflow.tracking.MlflowClient().get_run(cfg.tune.from_run)
-    except mlflow.exceptions.MlflowException:
-        raise ConfigError(f"tune.from_run={cfg.tune.from_run}: no such MLflow run in {cfg.mlflow.tracking_uri}; "
-                          "give the parent run id of a finished `moekd run`") from None
-    run_dir = Path(run.data.tags.get("moekd.run_dir", ""))
+    run = tracking.pipeline_run(cfg.tune.from_run, "tune.from_run")
+    if run is None:
+        raise ConfigError(f"tune.from_run={cfg.tune.from_run}: neither an MLflow run id nor a pipeline run folder; "
+                          "give the parent run id of a finished `moekd run`")
+    run_dir = run[0]
     if not (run_dir / "soft_targets.safetensors").is_file():
         raise ConfigError(f"tune.from_run={cfg.tune.from_run}: its run folder {run_dir} has no soft_targets.safetensors;"
                           " give a pipeline run that finished its aggregate stage")
@@ -119,7 +118,11 @@ def run_search(cfg: MoEKDConfig, resume: bool = False, log=print) -> SearchResul
     ray_runtime.init_ray(cfg)
     run_dir = source_run_dir(cfg, log)
     run_cfg = load_config(run_dir / "config.yaml")  # the data subset the cached logits belong to
-    cache = load_soft_targets(run_dir / "soft_targets.safetensors")
+    try:
+        cache = load_soft_targets(run_dir / "soft_targets.safetensors")
+    except ValueError as exc:
+        raise ConfigError(f"{run_dir / 'soft_targets.safetensors'}: {exc}; rerun that pipeline with --resume "
+                          "to rebuild it") from None
     data = load_devign(run_cfg.data, run_cfg.seed)
     labels = {s: np.asarray(data[s]["target"], dtype=np.int64) for s in ("train", "valid", "test")}
     if not np.array_equal(labels["train"], cache["train"]["labels"]):
@@ -199,7 +202,8 @@ def run_search(cfg: MoEKDConfig, resume: bool = False, log=print) -> SearchResul
             tokenizer.save_pretrained(str(tok_dir))
             model_uri = tracking.log_student_model(
                 student_dir, tok_dir, cfg.with_values(best_values).model_dump(mode="json"),
-                cfg.mlflow.registered_model, best_metrics, tags={"moekd.search_run_id": parent.info.run_id},
+                cfg.mlflow.registered_model, best_metrics, tags={"moekd.search_run_id": parent.info.run_id,
+                                                              "moekd.data_hash": dataset_hash(data)},
             )
     log(f"best trial: {best_values} -> " + ", ".join(f"{k} {v:.3f}" for k, v in best_metrics.items()))
     log(f"student model: {model_uri}")

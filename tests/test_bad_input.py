@@ -1,0 +1,140 @@
+"""The bad-input corpus: each kind of bad input to `moekd` gives exit code 2 and one `moekd: error:` line naming
+the input, the problem and the fix, with no traceback, and leaves what an earlier run wrote untouched."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from moekd_ray.cli import main
+from moekd_ray.data import default_data_dir
+
+GOOD = json.dumps({"func": "int f(int a) { return a + 1; }", "target": 0, "project": "p"})
+TINY = '{"vocab_size": 300, "hidden_size": 32, "num_layers": 1, "num_heads": 2, "ffn_size": 64, "max_length": 32}'
+
+
+def data_dir(tmp_path: Path, train: bytes | None) -> Path:
+    """valid/test fine; train.jsonl holds `train` (None: a folder where the file should be)."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for split in ("valid", "test"):
+        (folder / f"{split}.jsonl").write_text(GOOD + "\n")
+    if train is None:
+        (folder / "train.jsonl").mkdir()
+    else:
+        (folder / "train.jsonl").write_bytes(train)
+    return folder
+
+
+def lines(*rows: str) -> bytes:
+    return ("\n".join(rows) + "\n").encode()
+
+
+DATA_CASES = {
+    "malformed JSON line": (lines(GOOD, '{"func": "int x;", "target": 0'), "malformed JSON"),
+    "missing field": (lines(GOOD, '{"func": "int x;"}'), "missing field 'target'"),
+    "label 2": (lines(GOOD, '{"func": "int x;", "target": 2}'), "'target' must be 0 or 1"),
+    "label yes": (lines(GOOD, '{"func": "int x;", "target": "yes"}'), "'target' must be 0 or 1"),
+    "empty function": (lines(GOOD, '{"func": "", "target": 1}'), "'func' is empty"),
+    "invalid UTF-8": (lines(GOOD) + b'{"func": "int \xff x;", "target": 0}\n', "not valid UTF-8"),
+    "BOM inside the file": (lines(GOOD, "\ufeff" + GOOD), "malformed JSON"),
+    "empty file": (b"", "no rows"),
+    "directory instead of file": (None, "is a folder"),
+}
+
+CONFIG_CASES = {
+    "unknown config key": (["experts.modle={}"], "experts.modle"),
+    "negative T": (["distill.temperature=-1"], "distill.temperature"),
+    "K = 0": (["experts.k=0"], "experts.k"),
+    "top-k > K": (["experts.k=2", "router.top_k=3"], "top_k"),
+    "unknown preset": (["distill.student=7mb"], "unknown student preset"),
+    "override without =": (["experts.k"], "key=value"),
+    "missing data folder": (["data.dir=/nonexistent/devign"], "data.dir=/nonexistent/devign"),
+    "unreachable tracking server": (["mlflow.tracking_uri=http://127.0.0.1:9"], "unreachable"),
+}
+
+
+def snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def earlier_run(tmp_path):
+    """What an earlier run left: a run folder with a checkpoint and a config; must not change."""
+    runs = tmp_path / "runs"
+    (runs / "old-run").mkdir(parents=True)
+    (runs / "old-run" / "model.safetensors").write_bytes(b"weights")
+    (runs / "old-run" / "config.yaml").write_text("name: old\n")
+    return runs
+
+
+def check(capsys, code: int, words: list[str]) -> str:
+    """Exit code 2 and one error line, the last thing printed (progress bars and Ray's start-up notice may come
+    before it); no traceback."""
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    errors = [line for line in err.splitlines() if "moekd: error:" in line]
+    assert len(errors) == 1 and err.splitlines()[-1] == errors[0], err
+    assert "Traceback" not in err
+    assert all(w in errors[0] for w in words), err
+    return errors[0]
+
+
+@pytest.mark.parametrize("kind", list(DATA_CASES))
+def test_bad_data(kind, tmp_path, earlier_run, capsys):
+    content, expect = DATA_CASES[kind]
+    folder = data_dir(tmp_path, content)
+    before = snapshot(earlier_run)
+    code = main(["run", "jobs/quickstart.yaml", f"data.dir={folder}", f"output_dir={earlier_run}",
+                 f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlruns.db'}"])
+    check(capsys, code, [expect, "train.jsonl"])
+    assert snapshot(earlier_run) == before and not any(earlier_run.glob("quickstart-*"))
+
+
+@pytest.mark.parametrize("kind", list(CONFIG_CASES))
+def test_bad_config(kind, tmp_path, earlier_run, capsys):
+    overrides, expect = CONFIG_CASES[kind]
+    before = snapshot(earlier_run)
+    code = main(["run", "jobs/quickstart.yaml", f"output_dir={earlier_run}",
+                 f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlruns.db'}", *overrides])
+    check(capsys, code, [expect])
+    assert snapshot(earlier_run) == before and not any(earlier_run.glob("quickstart-*"))
+
+
+def test_yaml_syntax_and_missing_file(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("experts: {k: 2\n")
+    check(capsys, main(["validate", str(bad)]), ["not valid YAML", str(bad)])
+    check(capsys, main(["validate", str(tmp_path / "nope.yaml")]), ["not found"])
+
+
+def test_model_that_cannot_be_loaded_offline(tmp_path, earlier_run, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code = main(["run", "jobs/quickstart.yaml", f"output_dir={tmp_path / 'runs'}", "data.train_rows=50",
+                 "data.eval_rows=20", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlruns.db'}",
+                 'experts.models=[{"source": "pretrained", "name_or_path": "microsoft/codebert-base"}, '
+                 '{"source": "pretrained", "name_or_path": "microsoft/codebert-base"}]'])
+    check(capsys, code, ["microsoft/codebert-base", "cannot be loaded"])
+
+
+@pytest.mark.skipif(not default_data_dir().is_dir(), reason="needs the Devign data")
+def test_checkpoint_of_another_architecture(tmp_path, capsys):
+    import transformers
+
+    from moekd_ray.config import ArchConfig
+    from moekd_ray.models import build_model
+    from moekd_ray.tokenization import train_bpe
+
+    small = json.loads(TINY)
+    folder = tmp_path / "model"
+    build_model(ArchConfig(**small), 0).save_pretrained(str(folder))
+    build_model(ArchConfig(**{**small, "hidden_size": 64}), 0).config.save_pretrained(str(folder))  # wrong config
+    train_bpe(["int f(int a) { return a; }"] * 20, 300, 32).save_pretrained(str(folder))
+    # transformers' own report of the mismatch goes to the stderr its handler captured in an earlier test.
+    transformers.logging.set_verbosity_error()
+    capsys.readouterr()
+    code = main(["attack", "--model", str(folder), "--n", "2", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}",
+                 "attack.workers=1"])
+    check(capsys, code, [str(folder), "cannot be loaded"])
