@@ -65,7 +65,7 @@ def run_pipeline(cfg: MoEKDConfig, log=print, resume: str | None = None) -> Pipe
     with tracking.outage_guard(resume_hint), mlflow.start_run(
             run_id=parent_id, run_name=None if parent_id else cfg.name, experiment_id=experiment_id) as parent:
         log(f"run folder {run_dir}, MLflow run {parent.info.run_id}" + (" (resumed)" if resume else ""))
-        if not resume:
+        if parent_id is None:  # a new MLflow run (also when the resumed folder's run is not in this store)
             mlflow.set_tags({"moekd.config_digest": cfg.digest(), "moekd.run_dir": str(run_dir.resolve())})
             tracking.log_config(cfg.model_dump(mode="json"))
 
