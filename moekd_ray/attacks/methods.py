@@ -81,16 +81,24 @@ def mhm(victim: BudgetedVictim, ids: Identifiers, p0: float, pool, rng, candidat
     return Outcome(p_cur < FLIP, p_cur, mapping, ids.rename(mapping))
 
 
-def wir_random(victim: BudgetedVictim, ids: Identifiers, p0: float, pool, rng, candidates: int, **_) -> Outcome:
+def _greedy(victim, ids, p0, pool, rng, substitutes) -> tuple[dict, float]:
+    """In importance order, give each identifier the substitute (from `substitutes(name, used)`) that lowers P(true)
+    most, until the label flips or the budget is spent. Returns (mapping, P(true))."""
     mapping, p_cur = {}, p0
     for name in _importance(victim, ids, p0, pool, rng):
         if victim.remaining <= 0 or p_cur < FLIP:
             break
-        cands = _fresh_names(pool, ids, set(mapping.values()), candidates, rng)
+        cands = substitutes(name, set(mapping.values()))
         p = victim.query([ids.rename({**mapping, name: c}) for c in cands])
         if len(p) and p.min() < p_cur:
             j = int(p.argmin())
             mapping, p_cur = {**mapping, name: cands[j]}, float(p[j])
+    return mapping, p_cur
+
+
+def wir_random(victim: BudgetedVictim, ids: Identifiers, p0: float, pool, rng, candidates: int, **_) -> Outcome:
+    mapping, p_cur = _greedy(victim, ids, p0, pool, rng,
+                             lambda name, used: _fresh_names(pool, ids, used, candidates, rng))
     return Outcome(p_cur < FLIP, p_cur, mapping, ids.rename(mapping))
 
 
@@ -104,15 +112,7 @@ def alert(victim: BudgetedVictim, ids: Identifiers, p0: float, pool, rng, candid
         subs[name] = [pool[j] for j in np.argsort(-row) if ids.is_valid_new_name(pool[j])][:candidates]
 
     # Greedy pass (ALERT's first stage).
-    mapping, p_cur = {}, p0
-    for name in _importance(victim, ids, p0, pool, rng):
-        if victim.remaining <= 0 or p_cur < FLIP:
-            break
-        cands = [c for c in subs[name] if c not in mapping.values()]
-        p = victim.query([ids.rename({**mapping, name: c}) for c in cands])
-        if len(p) and p.min() < p_cur:
-            j = int(p.argmin())
-            mapping, p_cur = {**mapping, name: cands[j]}, float(p[j])
+    mapping, p_cur = _greedy(victim, ids, p0, pool, rng, lambda name, used: [c for c in subs[name] if c not in used])
     if p_cur < FLIP or victim.remaining <= 0:
         return Outcome(p_cur < FLIP, p_cur, mapping, ids.rename(mapping))
 
