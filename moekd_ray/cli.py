@@ -157,13 +157,13 @@ def _registry(args) -> int:
     return 0
 
 
-
 def _predict(args) -> int:
     from moekd_ray.predict import predict
 
     predict(args.path, model=args.model, threshold=args.threshold, fmt=args.format, globs=args.glob,
             batch_size=args.batch_size, output=args.output, tracking_uri=args.tracking_uri)
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -20,10 +20,8 @@ import contextlib
 import fnmatch
 import json
 import os
-import re
 import resource
 import sys
-import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -32,9 +30,9 @@ from pathlib import Path
 from typing import IO
 from urllib.parse import quote
 
-import tree_sitter_c
-from tree_sitter import Language, Node, Parser, Query, QueryCursor
+from tree_sitter import Node, Query, QueryCursor
 
+from moekd_ray.c_parser import HEADERLESS, LANGUAGE, RETURN_TYPE, parse
 from moekd_ray.errors import ConfigError, DataError, TrackingError
 
 DEFAULT_MODEL = "models:/moekd-student@champion"
@@ -50,13 +48,9 @@ RULE_ID = "moekd/vulnerable-function"
 INFORMATION_URI = "https://github.com/microsoft/CodeXGLUE/tree/main/Code-Code/Defect-detection"
 SRCROOT = "%SRCROOT%"
 
-_LANGUAGE = Language(tree_sitter_c.language())
-_FUNCTIONS = Query(_LANGUAGE, "(function_definition) @f")
-_local = threading.local()  # tree-sitter parsers are not thread-safe: one per thread
+_FUNCTIONS = Query(LANGUAGE, "(function_definition) @f")
 
 _BINARY_PROBE = 8192  # like git and grep: a NUL byte in the first 8 KiB means binary
-_HEADERLESS = re.compile(rb"\s*[A-Za-z_]\w*\s*\(")  # `name(` with no return type before it (Devign style)
-_RETURN_TYPE = b"int "
 _SPECIFIERS = frozenset({"storage_class_specifier", "type_qualifier", "primitive_type", "sized_type_specifier",
                          "type_identifier", "struct_specifier", "union_specifier", "enum_specifier",
                          "attribute_specifier", "ms_declspec_modifier", "macro_type_specifier"})
@@ -70,13 +64,6 @@ class Function:
     start_line: int  # 1-based, inclusive
     end_line: int
     source: str
-
-
-def _parser() -> Parser:
-    parser = getattr(_local, "parser", None)
-    if parser is None:
-        parser = _local.parser = Parser(_LANGUAGE)
-    return parser
 
 
 def _declared_name(declarator: Node | None) -> tuple[str | None, bool]:
@@ -136,7 +123,7 @@ def _recovered(root: Node) -> list[tuple[str, int, int]]:
 
 def _functions_in(data: bytes, skip: int = 0) -> tuple[list[Function], bool]:
     """The functions of ``data`` (its first ``skip`` bytes are a prefix we added) and whether it parsed cleanly."""
-    root = _parser().parse(data).root_node
+    root = parse(data).root_node
     spans = []
     for fn in sorted(QueryCursor(_FUNCTIONS).captures(root).get("f", ()), key=lambda n: n.start_byte):
         spans.append((_definition_name(fn), _definition_start(fn).start_byte, fn.end_byte))
@@ -166,8 +153,8 @@ def extract_functions(data: bytes) -> tuple[list[Function], bool]:
     if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark: same lines, no stray token
         data = data[3:]
     functions, clean = _functions_in(data)
-    if not functions and not clean and _HEADERLESS.match(data):
-        functions, _ = _functions_in(_RETURN_TYPE + data, skip=len(_RETURN_TYPE))
+    if not functions and not clean and HEADERLESS.match(data):
+        functions, _ = _functions_in(RETURN_TYPE + data, skip=len(RETURN_TYPE))
     return functions, clean
 
 

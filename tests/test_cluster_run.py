@@ -22,10 +22,10 @@ import pytest
 import yaml
 
 from moekd_ray.data import default_data_dir
+from conftest import TINY_ARCH
 from servers import LOOPBACK, ROOT, end_group, free_port, server_env, start_group
 
 pytestmark = pytest.mark.own_cluster
-TINY = {"vocab_size": 400, "hidden_size": 32, "num_layers": 1, "num_heads": 2, "ffn_size": 64, "max_length": 64}
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
@@ -114,10 +114,10 @@ def tiny_config(tmp_path) -> dict:
     return {
         "name": "cluster-tiny", "output_dir": str(tmp_path / "runs"),
         "data": {"train_rows": 256, "eval_rows": 48},
-        "experts": {"k": 2, "model": TINY, "schedule": {"epochs": 1, "batch_size": 16},
+        "experts": {"k": 2, "model": TINY_ARCH, "schedule": {"epochs": 1, "batch_size": 16},
                     "resources": {"num_workers": 1, "cpus_per_worker": 1, "custom": {"expert_node": 1}}},
         "router": {"epochs": 10},
-        "distill": {"student_arch": TINY, "schedule": {"epochs": 1, "batch_size": 16},
+        "distill": {"student_arch": TINY_ARCH, "schedule": {"epochs": 1, "batch_size": 16},
                     "resources": {"num_workers": 1, "cpus_per_worker": 1}},
         "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlruns.db'}", "registered_model": "cluster-student"},
         # The attack as the pipeline's last stage, small: its ASR becomes promotion evidence on the version.

@@ -16,8 +16,8 @@ import pytest
 
 from moekd_ray.cli import main
 from moekd_ray.predict import extract_functions, predict
+from servers import save_tiny_student
 
-TINY_ARCH = {"vocab_size": 400, "hidden_size": 32, "num_layers": 1, "num_heads": 2, "ffn_size": 64, "max_length": 64}
 SCHEMA = Path(__file__).with_name("data") / "sarif-2.1.0-subset.json"
 SUMMARY = re.compile(r"moekd: (\d+) files?.*?, (\d+) functions? \((\d+) at or above [\d.]+\) in ([\d.]+) s: "
                      r"([\d.]+) functions/s; model loaded in ([\d.]+) s; peak RSS (\d+) MiB")
@@ -35,17 +35,10 @@ def student(tmp_path_factory, one_thread):
     (alias @champion) in a sqlite store; also downloaded as a local model folder."""
     import mlflow
 
-    from moekd_ray.config import ArchConfig
-    from moekd_ray.models import build_model
-    from moekd_ray.tokenization import train_bpe
     from moekd_ray.tracking import log_student_model
 
     tmp = tmp_path_factory.mktemp("predict_student")
-    corpus = [f"static int f{i}(char *buf, int n) {{ int k = {i}; if (n > k) memcpy(buf, src, n); return k; }}"
-              for i in range(60)]
-    model = build_model(ArchConfig(**TINY_ARCH), seed=0)
-    model.save_pretrained(tmp / "model", safe_serialization=True)
-    train_bpe(corpus, 400, 64).save_pretrained(tmp / "tokenizer")
+    model_dir, tok_dir = save_tiny_student(tmp)
     tracking_uri = f"sqlite:///{tmp}/mlruns.db"
     old = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(tracking_uri)
@@ -53,7 +46,7 @@ def student(tmp_path_factory, one_thread):
         # (an experiment of its own: the default one would put artifacts in ./mlruns of the working directory)
         experiment = mlflow.create_experiment("predict-test", artifact_location=(tmp / "artifacts").as_uri())
         with mlflow.start_run(experiment_id=experiment):
-            uri = log_student_model(tmp / "model", tmp / "tokenizer", {}, "predict-test", {"test_f1": 0.5})
+            uri = log_student_model(model_dir, tok_dir, {}, "predict-test", {"test_f1": 0.5})
         mlflow.MlflowClient().set_registered_model_alias("predict-test", "champion", "1")
         folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp / "local")))
         loaded = mlflow.pyfunc.load_model(uri)

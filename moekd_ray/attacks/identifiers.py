@@ -28,12 +28,12 @@ Offsets from tree-sitter are byte offsets: everything works on the UTF-8 bytes a
 from __future__ import annotations
 
 import re
-import threading
 from collections import Counter
 from typing import Iterable, Iterator
 
-import tree_sitter_c
-from tree_sitter import Language, Node, Parser, Query, QueryCursor
+from tree_sitter import Node, Query, QueryCursor
+
+from moekd_ray.c_parser import HEADERLESS, LANGUAGE, RETURN_TYPE, parse
 
 __all__ = ["C_KEYWORDS", "Identifiers", "error_count", "identifier_vocabulary", "parse"]
 
@@ -62,8 +62,7 @@ C_KEYWORDS: frozenset[str] = frozenset(_C_KEYWORDS.split())
 """C keywords (C89 to C23), GNU/MSVC extension keywords, predefined names and common builtin type names: never
 renamable, never a valid new name."""
 
-_LANGUAGE = Language(tree_sitter_c.language())
-_QUERY = Query(_LANGUAGE, """
+_QUERY = Query(LANGUAGE, """
 (identifier) @id
 [(field_identifier) (statement_identifier)] @other_namespace
 (struct_specifier name: (type_identifier) @other_namespace)
@@ -79,35 +78,18 @@ _QUERY = Query(_LANGUAGE, """
 [(declaration) (parameter_declaration)] @decl
 (function_definition) @function
 """)
-_ERROR_QUERY = Query(_LANGUAGE, "(ERROR) @e (MISSING) @m")
+_ERROR_QUERY = Query(LANGUAGE, "(ERROR) @e (MISSING) @m")
 
 _WORD = re.compile(rb"(?<![\w$])[A-Za-z_$][\w$]*")  # identifier-like words (not suffixes of numbers like 0x1f)
 _C_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
-_HEADERLESS = re.compile(rb"\s*[A-Za-z_]\w*\s*\(")  # `name(` with no return type before it
-_RETURN_TYPE = b"int "
 _RESERVED = re.compile(r"__|_[A-Z]")  # reserved for the implementation: macros like __align8, never locals
 _FIELD_ACCESS = re.compile(rb"(?:\.|->)[ \t\r\n]*\Z")  # an identifier right after `.`/`->` is a member name
 # Declarator wrappers that lead (through their `declarator` field) to the declared identifier.
 _WRAPPERS = frozenset({"init_declarator", "pointer_declarator", "array_declarator", "function_declarator",
                        "parenthesized_declarator", "attributed_declarator"})
 
-_local = threading.local()  # tree-sitter parsers are not thread-safe: one per thread
-
-
-def _parser() -> Parser:
-    parser = getattr(_local, "parser", None)
-    if parser is None:
-        parser = _local.parser = Parser(_LANGUAGE)
-    return parser
-
-
 def _encode(code: str) -> bytes:
     return code.encode("utf-8", "surrogatepass")  # a lone surrogate from a JSON file must not crash us
-
-
-def parse(code: str | bytes):
-    """The tree-sitter-c tree of ``code`` (a str is parsed as its UTF-8 bytes)."""
-    return _parser().parse(code if isinstance(code, bytes) else _encode(code))
 
 
 def _errors(root: Node) -> int:
@@ -252,17 +234,17 @@ class Identifiers:
         root = parse(data).root_node
         captures = QueryCursor(_QUERY).captures(root)
         self._start = 0  # where the function's own bytes begin in self._bytes
-        if root.has_error and _HEADERLESS.match(data):
+        if root.has_error and HEADERLESS.match(data):
             # Devign often drops a `static int` line before `foo(...)`; a return type makes it parse.
-            alt_root = parse(_RETURN_TYPE + data).root_node
+            alt_root = parse(RETURN_TYPE + data).root_node
             alt_captures = QueryCursor(_QUERY).captures(alt_root)
             first = min(alt_captures.get("function", ()), key=lambda n: n.start_byte, default=None)
             params = first.child_by_field_name("declarator") if first is not None else None
             params = params.child_by_field_name("parameters") if params is not None else None
             if (params is not None and not any(c.type == "identifier" for c in params.named_children)
                     and _errors(alt_root) < _errors(root)):  # (not `PPC_OP(slw) {`: a macro, not a function)
-                data, root, captures = _RETURN_TYPE + data, alt_root, alt_captures
-                self._start = len(_RETURN_TYPE)
+                data, root, captures = RETURN_TYPE + data, alt_root, alt_captures
+                self._start = len(RETURN_TYPE)
         self._bytes = data
 
         # Byte classes: 1 = comment/string (words there are not code), 2 = directive text (never renamable).
