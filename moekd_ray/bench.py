@@ -132,7 +132,7 @@ def main(argv=None) -> None:
 
         print(f"\n== 1a. {k} experts at once: ray_runtime.fit_all", flush=True)
         t0 = time.perf_counter()
-        conc = ray_runtime.fit_all(expert_trainers(cfg, enc, labels, parts, "concurrent", cfg.ray.storage_path))
+        conc, _ = ray_runtime.fit_all(expert_trainers(cfg, enc, labels, parts, "concurrent", cfg.ray.storage_path))
         conc_s = time.perf_counter() - t0
         print(f"== concurrent: {conc_s:.1f} s", flush=True)
 

@@ -63,10 +63,15 @@ def make_trainer(train_func: Callable[[dict], None], loop_config: dict, resource
     )
 
 
-def fit_all(trainers: list[TorchTrainer]) -> list:
-    """fit() every trainer at once, one driver thread each; Ray queues the ones the cluster cannot place yet."""
+def fit_all(trainers: list[TorchTrainer]) -> tuple[list, list[float]]:
+    """fit() every trainer at once, one driver thread each; Ray queues the ones the cluster cannot place yet.
+    Returns the results and, per trainer, the wall-clock time its fit() returned (so concurrency can be checked)."""
+    def fit(trainer: TorchTrainer) -> tuple:
+        return trainer.fit(), time.time()
+
     with ThreadPoolExecutor(max_workers=max(len(trainers), 1)) as pool:
-        return list(pool.map(lambda t: t.fit(), trainers))
+        done = list(pool.map(fit, trainers))
+    return [r for r, _ in done], [t for _, t in done]
 
 
 HISTORY_FILE = "metrics_history.json"

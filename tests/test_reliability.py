@@ -41,9 +41,9 @@ def config(tmp_path, *extra):
 def test_killed_expert_worker_resumes_from_its_checkpoint(ray_cluster, data, tmp_path):
     enc, labels = data
     parts = np.zeros(len(labels["train"]), dtype=np.int64)
-    clean = train_experts(config(tmp_path), [enc], labels, parts, tmp_path / "clean")[0]
+    clean = train_experts(config(tmp_path), [enc], labels, parts, tmp_path / "clean")[0][0]
     faulty_cfg = config(tmp_path, "ray.fault_injection=expert_0:1")
-    faulty = train_experts(faulty_cfg, [enc], labels, parts, tmp_path / "faulty")[0]
+    faulty = train_experts(faulty_cfg, [enc], labels, parts, tmp_path / "faulty")[0][0]
 
     assert (tmp_path / "faulty" / "ray" / "faulty-expert_0.fault_injected").is_file()  # the worker did die
     rows = ray_runtime.epoch_rows(faulty)

@@ -32,6 +32,8 @@ def unwrap(model):
 def expert_worker(config: dict) -> None:
     """Ray Train worker: train one expert, report val metrics and an HF checkpoint (safetensors, plus the optimizer
     state) every epoch. After a restart it resumes from the latest checkpoint's epoch, weights and optimizer."""
+    # Wall clock when this worker came up, so that overlapping (concurrent) expert runs can be seen afterwards.
+    started_at = time.time()
     spec = TypeAdapter(ModelSource).validate_python(config["model"])
     sched = Schedule.model_validate(config["schedule"])
     torch.set_num_threads(max(int(config["threads"]), 1))
@@ -45,8 +47,7 @@ def expert_worker(config: dict) -> None:
     if restored:
         optimizer.load_state_dict(torch.load(restored / ray_runtime.OPTIMIZER_FILE, weights_only=True))
     name = config["name"]
-    # Wall clock, so that overlapping (concurrent) expert runs can be seen afterwards.
-    started_at = history[0]["started_at"] if history else time.time()
+    started_at = history[0]["started_at"] if history else started_at
 
     def save(folder: str) -> None:
         unwrap(model).save_pretrained(folder)
@@ -96,8 +97,10 @@ def expert_trainers(cfg: MoEKDConfig, enc: list[dict], labels: dict, parts: np.n
     return trainers
 
 
-def train_experts(cfg: MoEKDConfig, enc: list[dict], labels: dict, parts: np.ndarray, run_dir: Path) -> list:
-    """Fit the K experts concurrently; returns their Ray Train results (checkpoint + per-epoch metrics)."""
+def train_experts(cfg: MoEKDConfig, enc: list[dict], labels: dict, parts: np.ndarray,
+                  run_dir: Path) -> tuple[list, list[float]]:
+    """Fit the K experts concurrently; returns their Ray Train results (checkpoint + per-epoch metrics) and the
+    wall-clock time each run finished."""
     storage = ray_runtime.storage_path(cfg, run_dir)
     return ray_runtime.fit_all(expert_trainers(cfg, enc, labels, parts, run_dir.name, storage))
 

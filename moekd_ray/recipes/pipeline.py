@@ -98,10 +98,11 @@ def run_pipeline(cfg: MoEKDConfig, log=print, resume: str | None = None) -> Pipe
         with timer("experts"):
             checkpoints = finished_experts(cfg, run_dir) if resume else None
             if checkpoints is None:
-                results = train_experts(cfg, enc_expert, labels, parts, run_dir)
+                results, finished_at = train_experts(cfg, enc_expert, labels, parts, run_dir)
                 for k, result in enumerate(results):
                     with tracking.stage_run(f"expert_{k}", cfg.experts.specs()[k].model_dump(mode="json")):
                         tracking.log_epochs(ray_runtime.epoch_rows(result))
+                        mlflow.log_metric("run_finished_at", finished_at[k])
                 checkpoints = [r.checkpoint for r in results]
             else:
                 timer.reused("experts")
