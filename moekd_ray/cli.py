@@ -2,6 +2,7 @@
 
     moekd run jobs/quickstart.yaml [experts.k=3 distill.temperature=4 ...]
     moekd validate jobs/devign_gpu.yaml
+    moekd benchmark jobs/benchmark_quick.yaml
     moekd attack [jobs/quickstart.yaml] --model <run id | folder | models:/name/version> --attack mhm --n 200
     moekd config            # every option with its default and description
 """
@@ -54,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("config", help="YAML config with a `tune:` section, e.g. jobs/tune_quickstart.yaml")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. tune.num_samples=4")
     p.add_argument("--resume", action="store_true", help="continue the interrupted search of this config")
+    p = sub.add_parser("benchmark", help="every distillation method side by side: accuracy, robustness, size, speed")
+    p.add_argument("config", help="YAML config with a `benchmark:` section, e.g. jobs/benchmark_quick.yaml")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. benchmark.seeds=[0]")
     p = sub.add_parser("attack", help="identifier-renaming attack (mhm, wir-random, alert) on a trained model")
     p.add_argument("config", nargs="?", help="YAML config for data, attack and MLflow settings (default: defaults)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. attack.query_budget=500")
@@ -116,6 +120,11 @@ def main(argv: list[str] | None = None) -> int:
             from moekd_ray.recipes.tune import run_search
 
             run_search(cfg, resume=args.resume)
+            return 0
+        if args.command == "benchmark":
+            from moekd_ray.recipes.benchmark import run_benchmark
+
+            run_benchmark(cfg)
             return 0
         from moekd_ray.recipes.pipeline import run_pipeline
 

@@ -98,10 +98,13 @@ ModelSource = Annotated[
     Discriminator(_source_tag),
 ]
 
-# Student sizes after Compressor; "1.5mb" is the ultra-compact half-size student.
+# Student sizes after Compressor; "1.5mb" is the ultra-compact half-size student, "1mb" about half of that
+# (the ultra student of the CPU benchmark, whose main student is "1.5mb": the 12-layer "3mb" does not learn from
+# scratch in a CPU budget).
 STUDENT_PRESETS: dict[str, ArchConfig] = {
     "3mb": ArchConfig(vocab_size=1000, hidden_size=96, num_layers=12, num_heads=8, ffn_size=64, max_length=256),
     "1.5mb": ArchConfig(vocab_size=1000, hidden_size=96, num_layers=6, num_heads=8, ffn_size=64, max_length=256),
+    "1mb": ArchConfig(vocab_size=1000, hidden_size=96, num_layers=2, num_heads=8, ffn_size=64, max_length=256),
     "25mb": ArchConfig(vocab_size=6000, hidden_size=256, num_layers=6, num_heads=8, ffn_size=1024, max_length=256),
 }
 
@@ -169,6 +172,10 @@ class DistillConfig(_Strict):
     max_length: int | None = Field(None, ge=16, le=4096, description="Student tokens per function (None: the preset's).")
     temperature: float = Field(10.0, gt=0, description="Distillation temperature T (KL scaled by T^2).")
     alpha: float = Field(0.0, ge=0, le=1, description="Weight of hard-label cross-entropy; 0 = soft targets only.")
+    augment_ratio: float = Field(
+        0.0, ge=0, le=8, description="Robust distillation: identifier-renamed copies per transfer-set function, "
+        "each distilled towards its original's soft targets (0: off; 0.5: half the functions get one copy).",
+    )
     zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage.")
     bf16: bool = Field(False, description="bf16 mixed precision (GPUs with bf16; fp16 is not offered: CPU lacks it).")
     cpu_shm_comm: bool = Field(
@@ -297,6 +304,48 @@ class AttackConfig(_Strict):
     in_pipeline: bool = Field(False, description="`moekd run`: attack the student as a last stage.")
 
 
+# --------------------------------------------------------------------------------------------- benchmark
+METHODS = ("compressor", "avatar", "uniform-moe", "moekd", "moekd-ultra", "moekd-robust")
+
+# AVATAR's released Devign student (Shi et al., ICSE-SEIP 2023): BPE vocabulary 19,302, 7 layers, hidden 18,
+# FFN 1,491, 6 heads, 351 tokens; trained at lr 1e-3, batch 64.
+AVATAR_STUDENT = ArchConfig(vocab_size=19302, hidden_size=18, num_layers=7, num_heads=6, ffn_size=1491, max_length=351)
+
+
+class BenchmarkConfig(_Strict):
+    """`moekd benchmark`: every method on the same data, transfer set, student preset, seeds and attack sample."""
+
+    methods: list[Literal[METHODS]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: list(METHODS), min_length=1,
+        description="compressor: one teacher, T=teacher_temperature, alpha 0; avatar: the same teacher, AVATAR's "
+        "student; uniform-moe: mean of the K experts; moekd: experts + learned router; moekd-ultra: moekd with "
+        "the ultra_student preset; moekd-robust: moekd with robust_augment_ratio renamed copies in the transfer set.",
+    )
+    seeds: list[int] = Field([0, 1, 2], min_length=1, description="Student seeds (initialisation and shuffling).")
+    attacks: list[Literal["mhm", "wir-random", "alert"]] = Field(
+        ["mhm", "wir-random"], description="Attacks run on every student (attack.n functions, attack.query_budget)."
+    )
+    labelled_fraction: float = Field(
+        0.5, gt=0, lt=1, description="Share of train the teachers learn from with labels; the rest is the transfer "
+        "set the students learn from the teachers' soft targets (Compressor's split).",
+    )
+    teacher_temperature: float = Field(10.0, gt=0, description="T of compressor and avatar (Compressor's 10).")
+    ultra_student: str = Field("1.5mb", description=f"Preset of moekd-ultra: one of {sorted(STUDENT_PRESETS)}.")
+    avatar_student: ArchConfig = Field(default_factory=lambda: AVATAR_STUDENT.model_copy(),
+                                       description="avatar's student architecture.")
+    avatar_lr: float = Field(1e-3, gt=0, description="avatar's learning rate (AVATAR's).")
+    avatar_batch_size: int = Field(64, ge=1, description="avatar's batch size (AVATAR's); epochs as distill's.")
+    robust_augment_ratio: float = Field(1.0, gt=0, le=8, description="moekd-robust's distill.augment_ratio.")
+    attack_teacher: bool = Field(True, description="Also attack the single teacher (a reference row).")
+    latency_functions: int = Field(100, ge=1, description="Functions timed one by one for the p50 latency.")
+
+    @model_validator(mode="after")
+    def _known_ultra(self):
+        if self.ultra_student not in STUDENT_PRESETS:
+            raise ValueError(f"unknown ultra_student preset {self.ultra_student!r}; use one of {sorted(STUDENT_PRESETS)}")
+        return self
+
+
 # ---------------------------------------------------------------------------------------------- registry
 class GatesConfig(_Strict):
     """What a student version must show (in its evidence tags) before `moekd registry promote` moves an alias."""
@@ -329,6 +378,7 @@ class MoEKDConfig(_Strict):
     tune: TuneConfig = Field(default_factory=TuneConfig, description="`moekd tune` only.")
     attack: AttackConfig = Field(default_factory=AttackConfig, description="`moekd attack` (and run's last stage).")
     registry: RegistryConfig = Field(default_factory=RegistryConfig, description="`moekd registry promote` gates.")
+    benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig, description="`moekd benchmark` only.")
 
     @model_validator(mode="after")
     def _cross_field(self):

@@ -70,3 +70,21 @@ def line_figure(series: dict[str, tuple[list[float], list[float]]], xlabel: str,
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def points_figure(points: dict[str, tuple[float, float, float]], xlabel: str, ylabel: str, title: str):
+    """One labelled point (x, y, y error bar) per named series, e.g. one per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    for name, (x, y, err) in points.items():
+        ax.errorbar([x], [y], yerr=[err], marker="o", capsize=3, linestyle="none", label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig

@@ -124,3 +124,20 @@ def throughput(model, arrays: dict[str, np.ndarray], batch_size: int, threads: i
         return len(sub["input_ids"]) / (time.perf_counter() - start)
     finally:
         torch.set_num_threads(old)
+
+
+def latency_p50_ms(model, arrays: dict[str, np.ndarray], threads: int, n: int = 100) -> float:
+    """Median milliseconds to score one function alone (batch of 1, its own length) at `threads` torch threads."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        one = lambda i: {k: v[i : i + 1] for k, v in arrays.items()}  # noqa: E731
+        predict_logits(model, one(0), 1)  # warm-up
+        times = []
+        for i in range(min(n, len(arrays["input_ids"]))):
+            start = time.perf_counter()
+            predict_logits(model, one(i), 1)
+            times.append(time.perf_counter() - start)
+        return float(np.median(times) * 1000)
+    finally:
+        torch.set_num_threads(old)

@@ -21,6 +21,8 @@ import ray.train
 from moekd_ray import ray_runtime, tracking
 from moekd_ray.config import MoEKDConfig, PretrainedConfig, dump_yaml, load_config
 from moekd_ray.errors import ConfigError
+from moekd_ray.attacks.identifiers import identifier_vocabulary
+from moekd_ray.augment import with_renamed_copies
 from moekd_ray.data import dataset_hash, describe, load_devign
 from moekd_ray.metrics import classification_metrics, confusion_matrix_figure
 from moekd_ray.models import load_model, num_params, size_mb
@@ -125,7 +127,16 @@ def run_pipeline(cfg: MoEKDConfig, log=print, resume: str | None = None) -> Pipe
             if resume and (student_dir / "model.safetensors").is_file():
                 timer.reused("distill")
             else:
-                result = distill_student(cfg, enc_student, labels, targets["train"]["soft_targets"], run_dir)
+                enc_train, train_labels, teacher = enc_student["train"], labels["train"], targets["train"]["soft_targets"]
+                if cfg.distill.augment_ratio:
+                    pool = identifier_vocabulary(funcs["train"][: cfg.attack.vocab_rows], max_size=cfg.attack.vocab_size)
+                    enc_train, train_labels, teacher, n = with_renamed_copies(
+                        enc_train, train_labels, teacher, funcs["train"], student_tok, student_max, pool,
+                        cfg.distill.augment_ratio, cfg.seed)
+                    log(f"{n:,} identifier-renamed copies join the {len(labels['train']):,} transfer functions")
+                    mlflow.log_metric("renamed_copies", n)
+                result = distill_student(cfg, {**enc_student, "train": enc_train}, {**labels, "train": train_labels},
+                                         teacher, run_dir)
                 tracking.log_epochs(ray_runtime.epoch_rows(result))
                 mlflow.log_artifact(str(run_dir / "deepspeed_config.json"))
                 copy_atomically(result.checkpoint, student_dir)
@@ -190,7 +201,7 @@ def encode_for_experts(cfg: MoEKDConfig, expert_toks: list, funcs: dict[str, lis
     for spec, tok in zip(cfg.experts.specs(), expert_toks):
         key = (id(tok), spec.max_length)
         if key not in encoded:
-            encoded[key] = {s: encode(tok, funcs[s], spec.max_length) for s in SPLITS}
+            encoded[key] = {s: encode(tok, texts, spec.max_length) for s, texts in funcs.items()}
         out.append(encoded[key])
     return out
 

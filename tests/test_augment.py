@@ -1,0 +1,54 @@
+"""Robust distillation's transfer-set augmentation: renamed copies of real Devign functions."""
+
+import numpy as np
+import pytest
+
+from moekd_ray.attacks.identifiers import Identifiers, error_count, identifier_vocabulary
+from moekd_ray.augment import renamed_variants, with_renamed_copies
+
+
+@pytest.fixture(scope="module")
+def funcs():
+    from moekd_ray.config import DataConfig
+    from moekd_ray.data import load_devign
+
+    data = load_devign(DataConfig(train_rows=200, eval_rows=30), seed=0)
+    return list(data["test"]["func"]), identifier_vocabulary(list(data["train"]["func"]))
+
+
+def test_copies_rename_every_identifier_consistently(funcs):
+    test, pool = funcs
+    variants, source = renamed_variants(test, pool, ratio=1.0, seed=0)
+    assert len(variants) == len(source) >= 25  # all but functions without a renamable identifier
+    for code, i in zip(variants, source):
+        before, after = Identifiers(test[i]), Identifiers(code)
+        assert len(after.names) == len(before.names) and not set(after.names) & set(before.names)
+        assert error_count(code) <= error_count(test[i])  # still parses as well as the original
+        # Consistent renaming: each old name's occurrence count is carried by exactly one new name.
+        assert sorted(before.occurrences(n) for n in before.names) == sorted(after.occurrences(n) for n in after.names)
+
+
+def test_ratio_and_seed(funcs):
+    test, pool = funcs
+    half, _ = renamed_variants(test, pool, ratio=0.5, seed=0)
+    two, source = renamed_variants(test, pool, ratio=2.0, seed=0)
+    assert 5 <= len(half) <= 25 and len(two) >= 2 * 25 and np.all(np.bincount(source) <= 2)
+    assert renamed_variants(test, pool, 1.0, seed=3)[0] == renamed_variants(test, pool, 1.0, seed=3)[0]
+    assert renamed_variants(test, pool, 1.0, seed=3)[0] != renamed_variants(test, pool, 1.0, seed=4)[0]
+
+
+def test_copies_carry_their_originals_targets(funcs):
+    from moekd_ray.tokenization import encode, train_bpe
+
+    test, pool = funcs
+    tok = train_bpe(test, 400, 64)
+    enc = encode(tok, test, 64)
+    labels = np.arange(len(test)) % 2
+    teacher = np.random.default_rng(0).dirichlet([1, 1], size=len(test)).astype(np.float32)
+    enc2, labels2, teacher2, n = with_renamed_copies(enc, labels, teacher, test, tok, 64, pool, 1.0, seed=0)
+    _, source = renamed_variants(test, pool, 1.0, seed=0)
+    assert n == len(source) and enc2["input_ids"].shape == (len(test) + n, 64)
+    np.testing.assert_array_equal(enc2["input_ids"][: len(test)], enc["input_ids"])  # originals untouched, first
+    np.testing.assert_array_equal(labels2[len(test):], labels[source])
+    np.testing.assert_array_equal(teacher2[len(test):], teacher[source])
+    assert (enc2["input_ids"][len(test):] != enc["input_ids"][source]).any(axis=1).mean() > 0.9  # really renamed

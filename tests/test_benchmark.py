@@ -1,0 +1,105 @@
+"""A miniature `moekd benchmark` (2 methods, 1 seed, tiny data) end to end on the session's Ray cluster, DeepSpeed
+and an MLflow sqlite store: the table's shape, and every number in it traced back to a logged MLflow run."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import TINY_ARCH
+
+
+@pytest.fixture(scope="module")
+def mini_benchmark(ray_cluster, tmp_path_factory):
+    from moekd_ray.config import load_config
+    from moekd_ray.recipes.benchmark import run_benchmark
+
+    tmp = tmp_path_factory.mktemp("benchmark")
+    cfg = load_config(None, [
+        "name=mini", f"output_dir={tmp / 'runs'}", "data.train_rows=200", "data.eval_rows=40",
+        f"experts.model={json.dumps(TINY_ARCH)}", "experts.schedule.epochs=1", "experts.resources.cpus_per_worker=0.5",
+        "router.epochs=5", f"distill.student_arch={json.dumps(TINY_ARCH)}", "distill.schedule.epochs=1",
+        "distill.resources.num_workers=1", "attack.n=6", "attack.query_budget=8", "attack.workers=1",
+        "benchmark.methods=[compressor, moekd]", "benchmark.seeds=[0]", "benchmark.attacks=[mhm]",
+        "benchmark.latency_functions=3", f"mlflow.tracking_uri=sqlite:///{tmp / 'mlruns.db'}",
+    ])
+    return cfg, run_benchmark(cfg, log=lambda *_: None)
+
+
+def test_table_has_one_row_per_method_and_reference(mini_benchmark):
+    cfg, result = mini_benchmark
+    assert [r["method"] for r in result.rows] == ["compressor", "moekd", "teacher", "mixture", "expert_0", "expert_1"]
+    students = [r for r in result.rows if r["role"] == "student"]
+    assert all(r["seeds"] == 1 for r in students)
+    for r in students + [next(r for r in result.rows if r["method"] == "teacher")]:
+        assert 0 <= r["asr_mhm_mean"] <= 1 and r["mean_queries_mhm_mean"] <= cfg.attack.query_budget
+    report = result.bench_dir / "report"
+    csv = pd.read_csv(report / "benchmark.csv")
+    assert list(csv["method"]) == [r["method"] for r in result.rows]
+    md = (report / "benchmark.md").read_text().splitlines()
+    assert sum(line.startswith("| ") for line in md) == (1 + len(result.rows)) + (1 + 1)  # table, gains
+    for name in ("accuracy_vs_size.png", "asr_vs_size_mhm.png", "confusion_compressor.png", "confusion_moekd.png"):
+        assert (report / name).stat().st_size > 1000
+
+
+def test_every_number_comes_from_a_logged_run(mini_benchmark):
+    import mlflow
+
+    cfg, result = mini_benchmark
+    client = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
+    csv = pd.read_csv(result.bench_dir / "report" / "benchmark.csv")
+    checked = 0
+    for _, row in csv.iterrows():
+        runs = [client.get_run(i) for i in row["run_ids"].split()]
+        assert all(r.data.tags["mlflow.parentRunId"] == result.run_id for r in runs)
+        assert {r.data.tags["moekd.bench.method"] for r in runs} == {row["method"]}
+        for column in csv.columns:
+            if column.endswith("_mean") and not pd.isna(row[column]):
+                logged = [r.data.metrics[column.removesuffix("_mean")] for r in runs]
+                assert row[column] == pytest.approx(np.mean(logged)), (row["method"], column)
+                checked += 1
+    assert checked >= 6 * 9  # every reference and student row carries at least its 9 model metrics
+    # The report was logged to the benchmark's parent run.
+    logged = {a.path for a in client.list_artifacts(result.run_id, "report")}
+    assert {"report/benchmark.md", "report/benchmark.csv", "report/accuracy_vs_size.png"} <= logged
+
+
+def test_logged_accuracy_is_the_students_real_accuracy(mini_benchmark):
+    """The MLflow figure re-derived from the saved student folder and the test split."""
+    import mlflow
+
+    from moekd_ray.data import load_devign
+    from moekd_ray.metrics import classification_metrics
+    from moekd_ray.models import load_model
+    from moekd_ray.tokenization import encode, load_tokenizer
+    from moekd_ray.train_loop import predict_logits, probs1
+
+    cfg, result = mini_benchmark
+    client = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
+    row = next(r for r in result.rows if r["method"] == "moekd")
+    run = client.get_run(row["run_ids"])
+    test = load_devign(cfg.data, cfg.seed)["test"]
+    folder = run.data.tags["moekd.bench.student_dir"]
+    enc = encode(load_tokenizer(f"{folder}/tokenizer"), list(test["func"]), TINY_ARCH["max_length"])
+    probs = probs1(predict_logits(load_model(folder), enc, 64))
+    acc = classification_metrics(np.asarray(test["target"]), probs)["accuracy"]
+    assert run.data.metrics["test_accuracy"] == pytest.approx(acc)
+    assert run.data.params["alpha"] == "0.0"  # students never see transfer-set labels
+
+
+def test_teachers_are_trained_once_per_setting(mini_benchmark):
+    from moekd_ray.data import load_devign
+    from moekd_ray.recipes.benchmark import split_transfer, train_teachers
+
+    cfg, result = mini_benchmark
+    funcs, labels, projects = split_transfer(load_devign(cfg.data, cfg.seed), cfg.benchmark.labelled_fraction, cfg.seed)
+    lines = []
+    teachers = train_teachers(cfg, funcs, labels, projects, lines.append)
+    assert teachers.info["reused"] == 1 and "reused" in lines[0]
+    assert teachers.logits["experts"]["test"].shape == (40, 2, 2) and teachers.logits["teacher"]["test"].shape == (40, 1, 2)
+    # Another teacher setting does not reuse them.
+    other = cfg.with_values({"experts.schedule.lr": 1e-4})
+    from moekd_ray.recipes.benchmark import teachers_digest
+
+    assert teachers_digest(other) != teachers_digest(cfg)
