@@ -3,6 +3,7 @@
     moekd run jobs/quickstart.yaml [experts.k=3 distill.temperature=4 ...]
     moekd validate jobs/devign_gpu.yaml
     moekd benchmark jobs/benchmark_quick.yaml
+    moekd search-student jobs/student_search.yaml student_search.from_run=<pipeline run id>
     moekd attack [jobs/quickstart.yaml] --model <run id | folder | models:/name/version> --attack mhm --n 200
     moekd config            # every option with its default and description
 """
@@ -58,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("benchmark", help="every distillation method side by side: accuracy, robustness, size, speed")
     p.add_argument("config", help="YAML config with a `benchmark:` section, e.g. jobs/benchmark_quick.yaml")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. benchmark.seeds=[0]")
+    p = sub.add_parser("search-student", help="multi-objective search over the student architecture (Pareto front)")
+    p.add_argument("config", help="YAML config with a `student_search:` section, e.g. jobs/student_search.yaml")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. student_search.from_run=<run id>")
     p = sub.add_parser("attack", help="identifier-renaming attack (mhm, wir-random, alert) on a trained model")
     p.add_argument("config", nargs="?", help="YAML config for data, attack and MLflow settings (default: defaults)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. attack.query_budget=500")
@@ -120,6 +124,11 @@ def main(argv: list[str] | None = None) -> int:
             from moekd_ray.recipes.tune import run_search
 
             run_search(cfg, resume=args.resume)
+            return 0
+        if args.command == "search-student":
+            from moekd_ray.recipes.student_search import run_student_search
+
+            run_student_search(cfg)
             return 0
         if args.command == "benchmark":
             from moekd_ray.recipes.benchmark import run_benchmark

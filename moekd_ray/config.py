@@ -346,6 +346,40 @@ class BenchmarkConfig(_Strict):
         return self
 
 
+# ---------------------------------------------------------------------------------------- student search
+class StudentSearchConfig(_Strict):
+    """`moekd search-student`: multi-objective search over the student's architecture on a run's cached targets.
+    hidden = heads x head_dim, so every sampled hidden width is divisible by its head count."""
+
+    from_run: str | None = Field(
+        None, description="MLflow run id or folder of a finished pipeline run whose aggregated soft targets every "
+        "trial distils from (None: run the pipeline first).",
+    )
+    num_layers: list[int] = Field([1, 2, 4, 6], min_length=1, description="Layer counts to choose from.")
+    num_heads: list[int] = Field([2, 4, 8], min_length=1, description="Attention head counts.")
+    head_dim: list[int] = Field([8, 12, 16], min_length=1, description="Width per head (hidden = heads x head_dim).")
+    ffn_size: list[int] = Field([64, 128, 256, 512], min_length=1, description="Feed-forward widths.")
+    vocab_size: list[int] = Field([500, 1000, 2000], min_length=1, description="Student BPE vocabulary sizes.")
+    max_length: list[int] = Field([64, 128], min_length=1, description="Tokens per function.")
+    max_size_mb: float | None = Field(
+        3.0, gt=0, description="Constraint: a sampled student larger than this is not trained (None: no bound)."
+    )
+    num_samples: int = Field(12, ge=1, description="Trials (sampled architectures).")
+    max_concurrent: int = Field(1, ge=1, description="Trials at once (1 keeps the latency objective clean).")
+    asr_n: int = Field(30, ge=1, description="Validation functions attacked per trial (the same seeded sample).")
+    asr_attack: Literal["mhm", "wir-random", "alert"] = Field("mhm", description="Attack of the ASR objective.")
+    asr_budget: int = Field(50, ge=1, description="Queries per attacked function for the ASR objective.")
+    register_pareto: bool = Field(True, description="Register every Pareto-optimal student (objectives as tags).")
+
+    @model_validator(mode="after")
+    def _positive(self):
+        for name in ("num_layers", "num_heads", "head_dim", "ffn_size", "vocab_size", "max_length"):
+            bad = [v for v in getattr(self, name) if v < (300 if name == "vocab_size" else 1)]
+            if bad:
+                raise ValueError(f"{name}: {bad} out of range (vocab_size >= 300, the rest >= 1)")
+        return self
+
+
 # ---------------------------------------------------------------------------------------------- registry
 class GatesConfig(_Strict):
     """What a student version must show (in its evidence tags) before `moekd registry promote` moves an alias."""
@@ -379,6 +413,8 @@ class MoEKDConfig(_Strict):
     attack: AttackConfig = Field(default_factory=AttackConfig, description="`moekd attack` (and run's last stage).")
     registry: RegistryConfig = Field(default_factory=RegistryConfig, description="`moekd registry promote` gates.")
     benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig, description="`moekd benchmark` only.")
+    student_search: StudentSearchConfig = Field(default_factory=StudentSearchConfig,
+                                                description="`moekd search-student` only.")
 
     @model_validator(mode="after")
     def _cross_field(self):

@@ -18,73 +18,55 @@ def classification_metrics(labels: np.ndarray, probs1: np.ndarray, threshold: fl
 
 
 def confusion_matrix_figure(labels: np.ndarray, probs1: np.ndarray, title: str):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     pred = (probs1 >= 0.5).astype(int)
     cm = np.array([[((labels == t) & (pred == p)).sum() for p in (0, 1)] for t in (0, 1)])
-    fig, ax = plt.subplots(figsize=(3.4, 3))
+    fig, ax = axes((3.4, 3))
     ax.imshow(cm, cmap="Blues")
     for t in (0, 1):
         for p in (0, 1):
             ax.text(p, t, str(cm[t, p]), ha="center", va="center", color="black")
     ax.set_xticks([0, 1], ["safe", "vulnerable"])
     ax.set_yticks([0, 1], ["safe", "vulnerable"])
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
+    return finish(fig, ax, "predicted", "true", title)
+
+
+def axes(figsize=(4.5, 3.2)):
+    """A new (figure, axes) on the file-only Agg backend (no display on servers and Ray workers)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=figsize)
+
+
+def finish(fig, ax, xlabel: str, ylabel: str, title: str, legend: int | None = None):
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
+    if legend:
+        ax.legend(fontsize=legend)
     fig.tight_layout()
     return fig
 
 
 def scatter_figure(x: list[float], y: list[float], xlabel: str, ylabel: str, title: str):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    fig, ax = axes()
     ax.scatter(x, y)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    return fig
+    return finish(fig, ax, xlabel, ylabel, title)
 
 
 def line_figure(series: dict[str, tuple[list[float], list[float]]], xlabel: str, ylabel: str, title: str):
     """One line per named series of (x, y)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    fig, ax = axes()
     for name, (x, y) in series.items():
         ax.plot(x, y, marker="o", markersize=3, label=name)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    return finish(fig, ax, xlabel, ylabel, title, legend=8)
 
 
 def points_figure(points: dict[str, tuple[float, float, float]], xlabel: str, ylabel: str, title: str):
     """One labelled point (x, y, y error bar) per named series, e.g. one per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.4))
+    fig, ax = axes((5, 3.4))
     for name, (x, y, err) in points.items():
         ax.errorbar([x], [y], yerr=[err], marker="o", capsize=3, linestyle="none", label=name)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    return fig
+    return finish(fig, ax, xlabel, ylabel, title, legend=7)

@@ -414,8 +414,8 @@ def write_outputs(rows: list[dict], bench_dir: Path, cfg: MoEKDConfig, log) -> N
         figures[f"asr_vs_size_{a}.png"] = points_figure(
             {r["method"]: (r["size_mb_mean"], r[f"asr_{a}_mean"], r[f"asr_{a}_std"]) for r in students
              if f"asr_{a}_mean" in r}, "size (MB)", f"ASR ({a})", f"attack success rate vs size, {a}")
+    import matplotlib.pyplot as plt
+
     for name, fig in figures.items():
         fig.savefig(report / name, dpi=120)
-        import matplotlib.pyplot as plt
-
         plt.close(fig)

@@ -95,28 +95,33 @@ def make_tuner(cfg: MoEKDConfig, trainable, name: str, storage: str) -> tune.Tun
     )
 
 
-def source_run_dir(cfg: MoEKDConfig, log) -> Path:
-    """The finished pipeline run the search starts from (trained now when tune.from_run is unset)."""
-    if cfg.tune.from_run is None:
+@dataclass
+class SourceRun:
+    """A finished pipeline run that searches start from: its folder, cached logits and targets, and its data."""
+
+    run_dir: Path
+    cache: dict  # soft_targets.safetensors by split
+    data: dict
+    labels: dict[str, np.ndarray]
+
+
+def source_run(cfg: MoEKDConfig, from_run: str | None, option: str, log) -> SourceRun:
+    """The run given by `option` (an MLflow run id or run folder), trained now when unset; its cache checked
+    against the data found now."""
+    if from_run is None:
         from moekd_ray.recipes.pipeline import run_pipeline
 
-        log("tune.from_run is unset: running the pipeline first")
-        return run_pipeline(cfg, log=log).run_dir
-    run = tracking.pipeline_run(cfg.tune.from_run, "tune.from_run")
-    if run is None:
-        raise ConfigError(f"tune.from_run={cfg.tune.from_run}: neither an MLflow run id nor a pipeline run folder; "
-                          "give the parent run id of a finished `moekd run`")
-    run_dir = run[0]
+        log(f"{option} is unset: running the pipeline first")
+        run_dir = run_pipeline(cfg, log=log).run_dir
+    else:
+        run = tracking.pipeline_run(from_run, option)
+        if run is None:
+            raise ConfigError(f"{option}={from_run}: neither an MLflow run id nor a pipeline run folder; "
+                              "give the parent run id of a finished `moekd run`")
+        run_dir = run[0]
     if not (run_dir / "soft_targets.safetensors").is_file():
-        raise ConfigError(f"tune.from_run={cfg.tune.from_run}: its run folder {run_dir} has no soft_targets.safetensors;"
+        raise ConfigError(f"{option}={from_run}: its run folder {run_dir} has no soft_targets.safetensors;"
                           " give a pipeline run that finished its aggregate stage")
-    return run_dir
-
-
-def run_search(cfg: MoEKDConfig, resume: bool = False, log=print) -> SearchResult:
-    tracking.connect(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)
-    ray_runtime.init_ray(cfg)
-    run_dir = source_run_dir(cfg, log)
     run_cfg = load_config(run_dir / "config.yaml")  # the data subset the cached logits belong to
     try:
         cache = load_soft_targets(run_dir / "soft_targets.safetensors")
@@ -128,6 +133,14 @@ def run_search(cfg: MoEKDConfig, resume: bool = False, log=print) -> SearchResul
     if not np.array_equal(labels["train"], cache["train"]["labels"]):
         raise ConfigError(f"{run_dir}: its cached logits do not match the data found now; point data.dir at the "
                           "data that run used")
+    return SourceRun(run_dir, cache, data, labels)
+
+
+def run_search(cfg: MoEKDConfig, resume: bool = False, log=print) -> SearchResult:
+    tracking.connect(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)
+    ray_runtime.init_ray(cfg)
+    source = source_run(cfg, cfg.tune.from_run, "tune.from_run", log)
+    run_dir, cache, data, labels = source.run_dir, source.cache, source.data, source.labels
     arch = cfg.distill.arch()
     funcs = {s: list(data[s]["func"]) for s in labels}
     tokenizer = train_bpe(funcs["train"], arch.vocab_size, arch.max_length)
@@ -156,7 +169,7 @@ def run_search(cfg: MoEKDConfig, resume: bool = False, log=print) -> SearchResul
     mode = "min" if cfg.tune.metric == "val_loss" else "max"
     best = grid.get_best_result(cfg.tune.metric, mode, scope="last")
     trials = [r for r in grid if r.metrics]
-    source = mlflow.tracking.MlflowClient().search_runs(
+    source_runs = mlflow.tracking.MlflowClient().search_runs(
         [mlflow.get_experiment_by_name(cfg.mlflow.experiment).experiment_id],
         filter_string=f"tags.`moekd.run_dir` = '{run_dir}'", max_results=1)
     with mlflow.start_run(run_name=name) as parent:
@@ -174,14 +187,14 @@ def run_search(cfg: MoEKDConfig, resume: bool = False, log=print) -> SearchResul
             "each point a trial (last reported epoch)"), "search_T_vs_metric.png")
         trial_cost = float(np.mean([r.metrics["time_total_s"] for r in trials]))
         metrics = {"search_seconds": search_seconds, "mean_trial_seconds": trial_cost, "trials": len(trials)}
-        if source:
+        if source_runs:
             # What a trial would cost if it retrained the experts and router as well.
-            sm = source[0].data.metrics
+            sm = source_runs[0].data.metrics
             metrics["retrain_experts_trial_seconds"] = trial_cost + sm.get("seconds_experts", 0) + sm.get(
                 "seconds_router", 0) + sm.get("seconds_tokenizers", 0) + sm.get("seconds_partition", 0)
         mlflow.log_metrics(metrics)
         log(f"{len(trials)} trials in {search_seconds:.0f} s; mean trial {trial_cost:.0f} s"
-            + (f" (retraining experts per trial: {metrics['retrain_experts_trial_seconds']:.0f} s)" if source else ""))
+            + (f" (retraining experts per trial: {metrics['retrain_experts_trial_seconds']:.0f} s)" if source_runs else ""))
 
         best_values = {k: best.config[k] for k in cfg.tune.space}
         student_dir = Path(cfg.output_dir) / name / "best_student"
