@@ -338,11 +338,9 @@ def benchmark_table(client, parent_run_id: str, attacks: list[str]) -> list[dict
                 row[f"{name}_mean"] = float(np.mean(values))
                 row[f"{name}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
         rows.append(row)
-    order = {m: i for i, m in enumerate(["teacher", "mixture"] + [f"expert_{k}" for k in range(64)])}
-    students = list(METHODS)
-    rank = lambda r: (r["role"] == "teacher", order.get(r["method"], 0) if r["role"] == "teacher"  # noqa: E731
-                      else students.index(r["method"]))
-    return sorted(rows, key=rank)
+    # Students in METHODS order, then the references: teacher, mixture, experts.
+    order = [*METHODS, "teacher", "mixture", *(f"expert_{k}" for k in range(len(rows)))]
+    return sorted(rows, key=lambda r: order.index(r["method"]))
 
 
 def relative_gains(rows: list[dict], attacks: list[str]) -> list[dict]:
