@@ -9,7 +9,8 @@ their batch is scored. Only the current file and the current batch of function s
 memory is the model plus one batch (plus the largest file), whatever the size of the tree.
 
 Bad input never stops a scan: a binary file, a file that is not UTF-8 or cannot be read is skipped, and a file
-without any function definition is reported, each with one ``moekd: warning:`` line on stderr. What stops it
+without any function definition is reported, each with one ``moekd: warning:`` line on stderr; so is a file with
+syntax errors (naming the function or lines where they are), whose functions are still scored. What stops it
 before anything is scored (one ``moekd: error:`` line, exit code 2): a missing path, a directory without
 matching files, a model that cannot be found, an unreachable tracking server.
 """
@@ -121,8 +122,21 @@ def _recovered(root: Node) -> list[tuple[str, int, int]]:
     return found
 
 
-def _functions_in(data: bytes, skip: int = 0) -> tuple[list[Function], bool]:
-    """The functions of ``data`` (its first ``skip`` bytes are a prefix we added) and whether it parsed cleanly."""
+def _error_lines(root: Node) -> list[tuple[int, int]]:
+    """Line ranges (1-based, inclusive) of the outermost ERROR and MISSING nodes, in source order."""
+    spans, stack = [], [root]
+    while stack:
+        node = stack.pop()
+        if node.type == "ERROR" or node.is_missing:
+            spans.append((node.start_point.row + 1, node.end_point.row + 1))
+        elif node.has_error:
+            stack.extend(node.children)
+    return sorted(spans)
+
+
+def _functions_in(data: bytes, skip: int = 0) -> tuple[list[Function], list[tuple[int, int]]]:
+    """The functions of ``data`` (its first ``skip`` bytes are a prefix we added) and the line ranges of its
+    syntax errors (empty when it parsed cleanly)."""
     root = parse(data).root_node
     spans = []
     for fn in sorted(QueryCursor(_FUNCTIONS).captures(root).get("f", ()), key=lambda n: n.start_byte):
@@ -138,12 +152,13 @@ def _functions_in(data: bytes, skip: int = 0) -> tuple[list[Function], bool]:
         # Lines: a prefix we added has no newline, so counting newlines in the original bytes is exact.
         start_line = data.count(b"\n", skip, start) + 1
         functions.append(Function(name, start_line, start_line + text.count(b"\n"), text.decode("utf-8", "replace")))
-    return functions, not root.has_error
+    return functions, _error_lines(root) if root.has_error else []
 
 
-def extract_functions(data: bytes) -> tuple[list[Function], bool]:
+def extract_functions(data: bytes) -> tuple[list[Function], list[tuple[int, int]]]:
     """Every function definition in the C source ``data`` (UTF-8 bytes), in source order, at any depth
-    (inside ``#ifdef``, ``extern "C" {}``, GNU nested functions), and whether the file parsed without errors.
+    (inside ``#ifdef``, ``extern "C" {}``, GNU nested functions), and the line ranges (1-based, inclusive) of the
+    file's syntax errors as tree-sitter sees them (empty when the file parsed without errors).
 
     A function's source is the definition's own text (return type through closing brace, comments before it
     excluded); its name comes from its declarator. When tree-sitter finds no definition at all, two repairs are
@@ -152,10 +167,10 @@ def extract_functions(data: bytes) -> tuple[list[Function], bool]:
     """
     if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark: same lines, no stray token
         data = data[3:]
-    functions, clean = _functions_in(data)
-    if not functions and not clean and HEADERLESS.match(data):
+    functions, errors = _functions_in(data)
+    if not functions and errors and HEADERLESS.match(data):
         functions, _ = _functions_in(RETURN_TYPE + data, skip=len(RETURN_TYPE))
-    return functions, clean
+    return functions, errors
 
 
 # ------------------------------------------------------------------------------------------ finding files
@@ -236,16 +251,32 @@ def iter_functions(sources: Iterable[tuple[str, Callable[[], bytes]]], stats: Sc
             stats.without_functions += 1
             warn(f"{display}: empty file, no function")
             continue
-        functions, clean = extract_functions(data)
+        functions, errors = extract_functions(data)
         del data
-        stats.with_parse_errors += not clean
+        stats.with_parse_errors += bool(errors)
         if not functions:
             stats.without_functions += 1
-            warn(f"{display}: " + ("no function definition found" if clean else
-                                   "tree-sitter could not parse it and found no function definition"))
+            warn(f"{display}: " + ("tree-sitter could not parse it and found no function definition" if errors
+                                   else "no function definition found"))
             continue
+        if errors:
+            warn(f"{display}: syntax errors in {_error_places(functions, errors)}; "
+                 f"the {len(functions)} function(s) found are scored anyway")
         for fn in functions:
             yield display, fn
+
+
+def _error_places(functions: Sequence[Function], errors: Sequence[tuple[int, int]], shown: int = 3) -> str:
+    """Where the syntax errors are: the (outermost) function holding each one, else its lines."""
+    places: list[str] = []
+    for start, end in errors:
+        fn = next((f for f in functions if f.start_line <= start and end <= f.end_line), None)
+        place = (f"{fn.name} (lines {fn.start_line}-{fn.end_line})" if fn is not None
+                 else f"line {start}" if start == end else f"lines {start}-{end}")
+        if place not in places:
+            places.append(place)
+    more = f" and {len(places) - shown} more" if len(places) > shown else ""
+    return ", ".join(places[:shown]) + more
 
 
 def _sources(path: str, globs: Sequence[str], warn: Callable[[str], None]

@@ -4,7 +4,8 @@ Evidence lives in model-version tags (what an auditor reads in the UI or with `m
   metric.<name>        test_accuracy, test_f1, size_mb, params, ... and asr_<attack> once `moekd attack` ran
   moekd.student        student preset, moekd.teachers: the expert set, moekd.config_digest, moekd.data_hash,
   moekd.source_run     the MLflow run that produced the version
-  promotion.<n>        one JSON record per `moekd registry promote` attempt (alias, passed or refused, gates, force)
+  promotion.<n>        one JSON record per `moekd registry promote` attempt (alias, promoted or refused, gates,
+                       whether --force was given and whether it overrode failed gates); n = 1, 2, ... per version
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from moekd_ray.config import GatesConfig, MoEKDConfig
 from moekd_ray.errors import ConfigError
 
 METRIC = "metric."
+PROMOTION = "promotion."
 
 
 class PromotionRefused(ConfigError):
@@ -114,6 +116,13 @@ def format_versions(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def promotion_records(tags: dict) -> list[tuple[int, dict]]:
+    """(n, record) of a version's `promotion.<n>` tags, oldest first (n compared as a number: 2 before 10)."""
+    found = [(int(k.removeprefix(PROMOTION)), v) for k, v in tags.items()
+             if k.startswith(PROMOTION) and k.removeprefix(PROMOTION).isdigit()]
+    return [(n, json.loads(v)) for n, v in sorted(found)]
+
+
 def failed_gates(tags: dict, gates: GatesConfig, champion_tags: dict | None) -> list[str]:
     """Each gate the version fails, as a phrase naming the gate, the value and the bound."""
     failed = []
@@ -152,11 +161,13 @@ def promote(client: MlflowClient, name: str, version: str, alias: str, gates: Ga
     champion_tags = holder.tags if holder is not None and holder.version != mv.version else None
     failed = failed_gates(mv.tags, gates, champion_tags)
     passed = not failed or force
-    n = sum(k.startswith("promotion.") for k in mv.tags) + 1
-    record = {"alias": alias, "result": "promoted" if passed else "refused", "forced": bool(force and failed),
+    n = max((k for k, _ in promotion_records(mv.tags)), default=0) + 1
+    # force: --force was given; forced: it overrode failed gates (a version that passes is promoted either way)
+    record = {"alias": alias, "result": "promoted" if passed else "refused", "force": bool(force),
+              "forced": bool(force and failed),
               "failed_gates": failed, "gates": gates.model_dump(mode="json"),
               "previous_holder": holder.version if holder is not None else None, "time": int(time.time())}
-    client.set_model_version_tag(name, version, f"promotion.{n}", json.dumps(record))
+    client.set_model_version_tag(name, version, f"{PROMOTION}{n}", json.dumps(record))
     if not passed:
         raise PromotionRefused(f"{name} v{version} not promoted to @{alias}: " + "; ".join(failed)
                                + " (fix the model or the gates in registry.gates; --force overrides and is recorded)")

