@@ -3,6 +3,7 @@ keep the dashboard and MLflow on 127.0.0.1. No Ray is started; one test starts t
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -18,7 +19,8 @@ from servers import LOOPBACK, START_SERVER, end_group, free_port, group_alive, s
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
-DOCS = [CLUSTER / "README.md", ROOT / "mlflow" / "README.md"]
+DOCS = [CLUSTER / "README.md", ROOT / "mlflow" / "README.md", ROOT / "README.md"]
+JOBS = sorted((ROOT / "jobs").glob("*.yaml"))
 EXPECTED = ["kuberay-raycluster.yaml", "kuberay-rayjob.yaml", "ray-cluster.yaml"]
 RUNTIME_ENV_EXCLUDES = {".git", ".venv", "runs/", "mlruns*", "data/"}
 
@@ -55,6 +57,13 @@ def strings(node) -> list[str]:
     if isinstance(node, list):
         return [s for value in node for s in strings(value)]
     return []
+
+
+def header(job: Path) -> str:
+    """A job file's leading comment lines, without their `#`."""
+    lines = job.read_text().splitlines()
+    end = next((i for i, line in enumerate(lines) if not line.startswith("#")), len(lines))
+    return "\n".join(line[1:] for line in lines[:end])
 
 
 def code_blocks(markdown: Path) -> list[str]:
@@ -131,14 +140,16 @@ def test_rayjob_has_entrypoint_cluster_and_small_upload():
 
 
 # ------------------------------------------------------------------------------------------------ jobs named
-MOEKD_COMMAND = re.compile(r"moekd\s+(?:run|validate|tune)\s+(jobs/[\w./-]+\.ya?ml)([^\n;&|]*)")
+MOEKD_COMMAND = re.compile(
+    r"moekd\s+(?:run|validate|tune|attack|benchmark|search-student)\s+(jobs/[\w./-]+\.ya?ml)([^\n;&|]*)")
 
 
 def named_jobs() -> list[tuple[str, str, list[str]]]:
-    """(where, config path, key=value overrides) of every `moekd run|validate|tune jobs/...` command in the
-    parsed cluster files and in the READMEs' code blocks."""
+    """(where, config path, key=value overrides) of every `moekd <command> jobs/...` command in the parsed
+    cluster files, the READMEs' code blocks and the job files' headers."""
     texts = [(f"{path.name}", s) for path, doc in all_documents() for s in strings(doc)]
     texts += [(doc.name, block) for doc in DOCS for block in code_blocks(doc)]
+    texts += [(job.name, header(job)) for job in JOBS]
     found = []
     for where, text in texts:
         for match in MOEKD_COMMAND.finditer(text.replace("\\\n", " ")):
@@ -158,9 +169,27 @@ def test_commands_name_jobs_that_validate():
 
 
 def test_every_jobs_path_mentioned_exists():
-    for path in [*cluster_yamls(), *DOCS, START_SERVER]:
+    for path in [*cluster_yamls(), *DOCS, START_SERVER, *JOBS]:
         for job in re.findall(r"jobs/[\w./-]+\.ya?ml", path.read_text()):
             assert (ROOT / job).is_file(), f"{path.name} names {job}, which does not exist"
+
+
+def test_every_submit_keeps_the_upload_small():
+    """Each `ray job submit --working-dir` shown in the READMEs and the job headers passes the excludes that keep
+    .git, environments, data and run outputs out of the upload (Ray honours .gitignore, but not for .git)."""
+    texts = [(doc.name, block) for doc in DOCS for block in code_blocks(doc)]
+    texts += [(job.name, header(job)) for job in JOBS]
+    submits = 0
+    for where, text in texts:
+        for line in text.replace("\\\n", " ").splitlines():
+            if "ray job submit" not in line or "--working-dir" not in line:
+                continue
+            words = shlex.split(line, comments=True)
+            assert "--runtime-env-json" in words, f"{where}: {line.strip()} uploads without excludes"
+            runtime_env = json.loads(words[words.index("--runtime-env-json") + 1])
+            assert RUNTIME_ENV_EXCLUDES <= set(runtime_env["excludes"]), f"{where}: {line.strip()}"
+            submits += 1
+    assert submits >= 6  # README (GPU, local pipeline and attack, benchmark), cluster/README, the GPU job headers
 
 
 # ------------------------------------------------------------------------------------------------ loopback only

@@ -1,8 +1,10 @@
 """`ray job submit` against a real two-node local cluster started here: a head (`ray start --head`, dashboard and
 Jobs API on 127.0.0.1, token authentication on) and a second node with a custom resource that the experts' workers
-require, so the job's experts must be placed on the other node. The tiny pipeline goes up with its working dir;
-the test checks the job SUCCEEDED, the MLflow run and registered student exist, and that a failing job reports
-FAILED with moekd's one-line error in its logs. The cluster is stopped through the processes this test started.
+require, so the job's experts must be placed on the other node. The job is README's command: the repository root
+uploaded as the working dir with README's runtime_env excludes, `moekd run jobs/quickstart.yaml` with overrides
+that make it tiny. The test checks the upload is the small package those excludes give, the job SUCCEEDED, the
+MLflow run and registered student exist, and that a failing job reports FAILED with moekd's one-line error in its
+logs. The cluster is stopped through the processes this test started.
 
 Runs before the rest of the suite (conftest orders it first): two Ray instances on one machine at once confuse
 Ray Train's placement-group cleaner, and the session's shared cluster starts later.
@@ -15,11 +17,11 @@ import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 
 import mlflow
 import pytest
-import yaml
 
 from moekd_ray.data import default_data_dir
 from conftest import TINY_ARCH
@@ -79,19 +81,23 @@ def cluster():
             subprocess.run(["kill", "-9", pid])
 
 
-def submit(cluster, tmp_path, config: dict, overrides: list[str] = ()) -> tuple[str, str]:
-    """Submit `moekd run` with `config` as a job (working dir uploaded); returns (final status, job logs)."""
-    job_dir = tmp_path / "job"
-    (job_dir / "jobs").mkdir(parents=True)
-    (job_dir / "jobs" / "cluster_test.yaml").write_text(yaml.safe_dump(config))
-    # The working dir is a copy of the package and the job config, as a user's checkout would be uploaded.
-    subprocess.run(["cp", "-r", str(ROOT / "moekd_ray"), str(job_dir)], check=True)
-    runtime_env = {"env_vars": {"MOEKD_DATA_DIR": str(default_data_dir())}, "excludes": ["__pycache__"]}
-    cmd = [RAY, "job", "submit", f"--address={cluster['address']}", f"--working-dir={job_dir}",
+def documented_excludes() -> list[str]:
+    """The runtime_env excludes of README's local `ray job submit` (the test uploads what a user uploads)."""
+    blocks = re.findall(r"```[^\n]*\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    local = next(block for block in blocks if "ray start --head" in block)
+    return json.loads(re.search(r"--runtime-env-json '([^']*)'", local).group(1))["excludes"]
+
+
+def submit(cluster, overrides: list[str]) -> tuple[str, str, str]:
+    """`moekd run jobs/quickstart.yaml OVERRIDES` submitted as README shows it (the repository root uploaded with
+    its excludes); returns (final status, job logs, `ray job submit`'s output)."""
+    runtime_env = {"excludes": documented_excludes()}
+    cmd = [RAY, "job", "submit", f"--address={cluster['address']}", "--working-dir=.",
            f"--runtime-env-json={json.dumps(runtime_env)}", "--no-wait", "--",
-           sys.executable, "-m", "moekd_ray.cli", "run", "jobs/cluster_test.yaml", *overrides]
-    out = subprocess.run(cmd, env=cluster["env"], capture_output=True, text=True, timeout=120)
+           "moekd", "run", "jobs/quickstart.yaml", *overrides]
+    out = subprocess.run(cmd, cwd=ROOT, env=cluster["env"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
+    submitted = out.stdout + out.stderr
     job_id = re.search(r"raysubmit_[A-Za-z0-9]+", out.stdout).group(0)
     deadline = time.monotonic() + 600
     status = ""
@@ -107,27 +113,46 @@ def submit(cluster, tmp_path, config: dict, overrides: list[str] = ()) -> tuple[
                           capture_output=True, text=True).stdout
     found = re.search(rf"{job_id.upper()}'?:? (SUCCEEDED|FAILED|STOPPED)", status)
     final = found.group(1) if found else status.strip()[-300:]
-    return final, logs
+    return final, logs, submitted
 
 
-def tiny_config(tmp_path) -> dict:
-    return {
-        "name": "cluster-tiny", "output_dir": str(tmp_path / "runs"),
-        "data": {"train_rows": 256, "eval_rows": 48},
-        "experts": {"k": 2, "model": TINY_ARCH, "schedule": {"epochs": 1, "batch_size": 16},
-                    "resources": {"num_workers": 1, "cpus_per_worker": 1, "custom": {"expert_node": 1}}},
-        "router": {"epochs": 10},
-        "distill": {"student_arch": TINY_ARCH, "schedule": {"epochs": 1, "batch_size": 16},
-                    "resources": {"num_workers": 1, "cpus_per_worker": 1}},
-        "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlruns.db'}", "registered_model": "cluster-student"},
+def tiny_overrides(tmp_path) -> list[str]:
+    """jobs/quickstart.yaml made tiny; absolute paths, as README says, since the job runs in Ray's copy."""
+    return [
+        "name=cluster-tiny", f"output_dir={tmp_path / 'runs'}", f"data.dir={default_data_dir()}",
+        "data.train_rows=256", "data.eval_rows=48",
+        f"experts.model={json.dumps(TINY_ARCH)}", "experts.schedule.epochs=1",
+        'experts.resources={"num_workers": 1, "cpus_per_worker": 1, "custom": {"expert_node": 1}}',
+        "router.epochs=10",
+        f"distill.student_arch={json.dumps(TINY_ARCH)}", "distill.schedule.epochs=1",
+        'distill.resources={"num_workers": 1, "cpus_per_worker": 1}',
+        f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlruns.db'}", "mlflow.registered_model=cluster-student",
         # The attack as the pipeline's last stage, small: its ASR becomes promotion evidence on the version.
-        "attack": {"in_pipeline": True, "n": 6, "query_budget": 8, "candidates": 4, "workers": 1, "vocab_rows": 100},
-    }
+        "attack.in_pipeline=true", "attack.n=6", "attack.query_budget=8", "attack.candidates=4", "attack.workers=1",
+        "attack.vocab_rows=100",
+    ]
+
+
+def uploaded_package(tmp_path) -> tuple[str, int, list[str]]:
+    """The URI, size and file names of the package `ray job submit` makes of the repository root with README's
+    excludes, built by Ray's own packaging code."""
+    from ray._private.runtime_env.packaging import create_package, get_uri_for_directory
+
+    zipped = tmp_path / "package.zip"
+    create_package(str(ROOT), zipped, include_gitignore=True, excludes=documented_excludes())
+    with zipfile.ZipFile(zipped) as z:
+        names = z.namelist()
+    return get_uri_for_directory(str(ROOT), True, excludes=documented_excludes()), zipped.stat().st_size, names
 
 
 def test_submitted_pipeline_succeeds_and_is_tracked(cluster, tmp_path):
-    status, logs = submit(cluster, tmp_path, tiny_config(tmp_path))
+    status, logs, submitted = submit(cluster, tiny_overrides(tmp_path))
     assert status == "SUCCEEDED", logs[-3000:]
+    # What went up: the package and jobs/, not history, environments, data or run outputs.
+    uri, size, names = uploaded_package(tmp_path)
+    assert uri in submitted, submitted[-2000:]
+    assert size < 2 * 1024**2 and "jobs/quickstart.yaml" in names and "moekd_ray/cli.py" in names
+    assert not [n for n in names if n.split("/")[0] in (".git", ".venv", "runs", "data", "mlruns", "mlruns.db")]
     assert "student model: models:/cluster-student/1" in logs
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlruns.db'}")
     runs = client.search_runs([client.get_experiment_by_name("moekd").experiment_id],
@@ -139,7 +164,7 @@ def test_submitted_pipeline_succeeds_and_is_tracked(cluster, tmp_path):
 
 
 def test_failing_job_reports_failed_with_one_line_error(cluster, tmp_path):
-    status, logs = submit(cluster, tmp_path, tiny_config(tmp_path), ["distill.temperature=-1"])
+    status, logs, _ = submit(cluster, [*tiny_overrides(tmp_path), "distill.temperature=-1"])
     assert status == "FAILED"
     errors = [line for line in logs.splitlines() if line.startswith("moekd: error:")]
     assert len(errors) == 1 and "distill.temperature" in errors[0], logs[-2000:]

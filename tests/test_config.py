@@ -1,5 +1,6 @@
 """Config schema: defaults, YAML files, key=value overrides and the errors a user sees."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -123,3 +124,15 @@ def test_job_files_validate(path):
     if path is None:
         pytest.skip("no YAML files under jobs/ yet")
     load_config(path)
+
+
+@pytest.mark.parametrize("path", JOB_FILES, ids=lambda p: str(p.relative_to(REPO)))
+def test_job_files_name_their_command(path):
+    """Each job file's header (its leading comment lines) gives the command that runs it."""
+    header = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        header.append(line.lstrip("# ").rstrip("\\ "))
+    command = rf"\bmoekd (run|tune|attack|benchmark|search-student) {re.escape(str(path.relative_to(REPO)))}(\s|$)"
+    assert re.search(command, " ".join(header)), f"{path.name}: its header does not say `moekd <command> {path.name}`"
