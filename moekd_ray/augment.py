@@ -1,12 +1,21 @@
 """Robust distillation: the transfer set plus identifier-renamed copies of its functions.
 
-Each copy renames every renamable identifier of its function (tree-sitter, `attacks.identifiers`) to a random
-name from the training code's identifier vocabulary, and is distilled towards the soft targets of its
-**original** function: renaming must not change the answer. `distill.augment_ratio` copies per function
-(0.5: a seeded half of the functions get one copy; 2: every function gets two).
+Each copy is distilled towards the soft targets of its **original** function: renaming must not change the
+answer. `distill.augment_ratio` copies per function (0.5: a seeded half of the functions get one copy; 2: every
+function gets two). A copy is either
+  random       every renamable identifier (tree-sitter, `attacks.identifiers`) gets a random name from the
+               training code's identifier vocabulary, or
+  adversarial  (`distill.augment_attack` = mhm, wir-random or alert) the renaming an attack of the attack suite
+               finds against the teachers, within `distill.augment_budget` queries: it tries to move the plain
+               mean of the experts away from the class the aggregated soft targets give the original. A
+               function's first copy is the attack's result when the attack renamed anything; other copies, and
+               functions the experts already disagree on, get random copies.
 """
 
 from __future__ import annotations
+
+import time
+from pathlib import Path
 
 import numpy as np
 
@@ -14,18 +23,30 @@ from moekd_ray.attacks.identifiers import Identifiers
 from moekd_ray.tokenization import encode
 
 
-def renamed_variants(funcs: list[str], pool: list[str], ratio: float, seed: int) -> tuple[list[str], np.ndarray]:
-    """Renamed copies and, for each, the index of its original in `funcs`. Functions without a renamable
-    identifier get no copy (it would equal the original)."""
-    rng = np.random.default_rng([seed, 7])
+def copies_per_function(n: int, ratio: float, seed: int, rng: np.random.Generator | None = None) -> np.ndarray:
+    """How many copies each of `n` functions gets (seeded; `rng`, when given, is the seed's generator)."""
+    rng = rng or np.random.default_rng([seed, 7])
     whole, part = int(ratio), ratio - int(ratio)
-    copies = np.full(len(funcs), whole) + (rng.random(len(funcs)) < part)
+    return np.full(n, whole) + (rng.random(n) < part)
+
+
+def renamed_variants(funcs: list[str], pool: list[str], ratio: float, seed: int,
+                     adversarial: dict[int, str] | None = None) -> tuple[list[str], np.ndarray]:
+    """Renamed copies and, for each, the index of its original in `funcs`. `adversarial` maps a function's index
+    to an attack-found renaming, used as its first copy. Functions without a renamable identifier get no copy
+    (it would equal the original)."""
+    rng = np.random.default_rng([seed, 7])
+    copies = copies_per_function(len(funcs), ratio, seed, rng)  # the same generator then draws the names
+    adversarial = adversarial or {}
     variants, source = [], []
     for i in np.flatnonzero(copies):
         ids = Identifiers(funcs[i])
         if not ids.names:
             continue
-        for _ in range(copies[i]):
+        if i in adversarial:
+            variants.append(adversarial[i])
+            source.append(i)
+        for _ in range(copies[i] - (i in adversarial)):
             picks = rng.choice(len(pool), size=min(len(pool), 4 * len(ids.names) + 8), replace=False)
             fresh = [pool[j] for j in picks if ids.is_valid_new_name(pool[j])]
             if len(fresh) < len(ids.names):
@@ -35,11 +56,32 @@ def renamed_variants(funcs: list[str], pool: list[str], ratio: float, seed: int)
     return variants, np.asarray(source, dtype=np.int64)
 
 
+def adversarial_renamings(cfg, victim: str | Path, target: str, funcs: list[str], teacher: np.ndarray,
+                          pool: list[str], log=print) -> dict[int, str]:
+    """Attack-found renamings of the functions that get copies (seeded by `cfg.seed`), as {index: code}.
+
+    The victim (`attacks.victim.load_victim(victim, target)`, e.g. a run folder's "uniform" mean of its experts)
+    is attacked with `distill.augment_attack` for `distill.augment_budget` queries per function, the "true"
+    class being the soft targets' argmax; `attack.workers` Ray actors share the work."""
+    from moekd_ray.recipes.attack import attack_examples, format_summary, summarize  # the attack stage: Ray, MLflow
+
+    chosen = np.flatnonzero(copies_per_function(len(funcs), cfg.distill.augment_ratio, cfg.seed))
+    examples = [(int(i), funcs[i], int(teacher[i].argmax())) for i in chosen]
+    acfg = cfg.with_values({"attack.method": cfg.distill.augment_attack,
+                            "attack.query_budget": cfg.distill.augment_budget})
+    start = time.perf_counter()
+    rows = attack_examples(victim, target, acfg, examples, pool, log=lambda *_: None)
+    log(f"adversarial copies against the teachers ({target}): "
+        f"{format_summary(acfg.attack.method, summarize(rows, time.perf_counter() - start))}")
+    return {r["index"]: r["adversarial"] for r in rows if r["mapping"] != "{}"}
+
+
 def with_renamed_copies(enc: dict[str, np.ndarray], labels: np.ndarray, teacher: np.ndarray, funcs: list[str],
-                        tokenizer, max_length: int, pool: list[str], ratio: float, seed: int):
+                        tokenizer, max_length: int, pool: list[str], ratio: float, seed: int,
+                        adversarial: dict[int, str] | None = None):
     """The encoded transfer set, its labels and teacher rows, each extended by the renamed copies (which carry
     their original's label and teacher row). Returns (enc, labels, teacher, number of copies)."""
-    variants, source = renamed_variants(funcs, pool, ratio, seed)
+    variants, source = renamed_variants(funcs, pool, ratio, seed, adversarial)
     if not variants:
         return enc, labels, teacher, 0
     extra = encode(tokenizer, variants, max_length)

@@ -176,6 +176,11 @@ class DistillConfig(_Strict):
         0.0, ge=0, le=8, description="Robust distillation: identifier-renamed copies per transfer-set function, "
         "each distilled towards its original's soft targets (0: off; 0.5: half the functions get one copy).",
     )
+    augment_attack: Literal["random", "mhm", "wir-random", "alert"] = Field(
+        "random", description="How the copies rename: random names, or the renaming an attack finds against the "
+        "plain mean of the experts (a function's first copy; random where the attack renames nothing).",
+    )
+    augment_budget: int = Field(30, ge=1, description="Attack queries per function for adversarial copies.")
     zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage.")
     bf16: bool = Field(False, description="bf16 mixed precision (GPUs with bf16; fp16 is not offered: CPU lacks it).")
     cpu_shm_comm: bool = Field(
@@ -305,7 +310,7 @@ class AttackConfig(_Strict):
 
 
 # --------------------------------------------------------------------------------------------- benchmark
-METHODS = ("compressor", "avatar", "uniform-moe", "moekd", "moekd-ultra", "moekd-robust")
+METHODS = ("compressor", "avatar", "uniform-moe", "moekd", "moekd-ultra", "moekd-robust", "moekd-robust-adv")
 
 # AVATAR's released Devign student (Shi et al., ICSE-SEIP 2023): BPE vocabulary 19,302, 7 layers, hidden 18,
 # FFN 1,491, 6 heads, 351 tokens; trained at lr 1e-3, batch 64.
@@ -319,7 +324,8 @@ class BenchmarkConfig(_Strict):
         default_factory=lambda: list(METHODS), min_length=1,
         description="compressor: one teacher, T=teacher_temperature, alpha 0; avatar: the same teacher, AVATAR's "
         "student; uniform-moe: mean of the K experts; moekd: experts + learned router; moekd-ultra: moekd with "
-        "the ultra_student preset; moekd-robust: moekd with robust_augment_ratio renamed copies in the transfer set.",
+        "the ultra_student preset; moekd-robust: moekd with robust_augment_ratio randomly renamed copies in the "
+        "transfer set; moekd-robust-adv: the same with copies renamed by robust_adv_attack against the experts.",
     )
     seeds: list[int] = Field([0, 1, 2], min_length=1, description="Student seeds (initialisation and shuffling).")
     attacks: list[Literal["mhm", "wir-random", "alert"]] = Field(
@@ -335,7 +341,9 @@ class BenchmarkConfig(_Strict):
                                        description="avatar's student architecture.")
     avatar_lr: float = Field(1e-3, gt=0, description="avatar's learning rate (AVATAR's).")
     avatar_batch_size: int = Field(64, ge=1, description="avatar's batch size (AVATAR's); epochs as distill's.")
-    robust_augment_ratio: float = Field(1.0, gt=0, le=8, description="moekd-robust's distill.augment_ratio.")
+    robust_augment_ratio: float = Field(1.0, gt=0, le=8, description="moekd-robust(-adv)'s distill.augment_ratio.")
+    robust_adv_attack: Literal["mhm", "wir-random", "alert"] = Field(
+        "wir-random", description="moekd-robust-adv's distill.augment_attack (its budget: distill.augment_budget).")
     attack_teacher: bool = Field(True, description="Also attack the single teacher (a reference row).")
     latency_functions: int = Field(100, ge=1, description="Functions timed one by one for the p50 latency.")
 

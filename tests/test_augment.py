@@ -52,3 +52,41 @@ def test_copies_carry_their_originals_targets(funcs):
     np.testing.assert_array_equal(labels2[len(test):], labels[source])
     np.testing.assert_array_equal(teacher2[len(test):], teacher[source])
     assert (enc2["input_ids"][len(test):] != enc["input_ids"][source]).any(axis=1).mean() > 0.9  # really renamed
+
+
+def test_adversarial_copies_are_attack_found_renamings(funcs, tmp_path, one_thread):
+    """distill.augment_attack: each chosen function's first copy is the renaming WIR-Random found against the plain
+    mean of two (tiny, untrained) experts; it lowers their probability of the soft targets' class."""
+    from moekd_ray.attacks.victim import load_victim
+    from moekd_ray.augment import adversarial_renamings
+    from moekd_ray.config import ArchConfig, load_config
+    from moekd_ray.models import build_model
+    from moekd_ray.tokenization import train_bpe
+
+    test, pool = funcs
+    arch = ArchConfig(vocab_size=400, hidden_size=32, num_layers=1, num_heads=2, ffn_size=64, max_length=64)
+    tok = train_bpe(test, arch.vocab_size, arch.max_length)
+    for k in range(2):  # the benchmark teachers' layout: expert_<k>/ with its tokenizer/
+        build_model(arch, seed=k).save_pretrained(str(tmp_path / f"expert_{k}"))
+        tok.save_pretrained(str(tmp_path / f"expert_{k}" / "tokenizer"))
+    victim = load_victim(tmp_path, "uniform")
+    p = victim(test)
+    teacher = np.stack([1 - p, p], axis=1)  # soft targets that agree with the victim: every function is attacked
+    cfg = load_config(None, ["distill.augment_ratio=0.5", "distill.augment_attack=wir-random",
+                             "distill.augment_budget=12", "attack.workers=1"])
+
+    adversarial = adversarial_renamings(cfg, tmp_path, "uniform", test, teacher, pool, log=lambda *_: None)
+    assert adversarial == adversarial_renamings(cfg, tmp_path, "uniform", test, teacher, pool, log=lambda *_: None)
+    assert 3 <= len(adversarial) <= 25  # about half the functions were chosen; most get a renaming
+    for i, code in adversarial.items():
+        before, after = Identifiers(test[i]), Identifiers(code)
+        assert code != test[i] and error_count(code) <= error_count(test[i])
+        assert sorted(before.occurrences(n) for n in before.names) == sorted(after.occurrences(n) for n in after.names)
+        label = int(teacher[i].argmax())
+        p_true = lambda q: q if label == 1 else 1 - q  # noqa: E731
+        assert p_true(victim([code])[0]) < p_true(p[i])  # the greedy attack keeps only renamings that hurt
+
+    variants, source = renamed_variants(test, pool, 0.5, cfg.seed, adversarial)
+    random_only, _ = renamed_variants(test, pool, 0.5, cfg.seed)
+    assert len(variants) == len(random_only)  # same functions, same number of copies
+    assert {i: v for v, i in zip(variants, source) if i in adversarial} == adversarial

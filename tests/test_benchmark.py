@@ -21,7 +21,7 @@ def mini_benchmark(ray_cluster, tmp_path_factory):
         f"experts.model={json.dumps(TINY_ARCH)}", "experts.schedule.epochs=1", "experts.resources.cpus_per_worker=0.5",
         "router.epochs=5", f"distill.student_arch={json.dumps(TINY_ARCH)}", "distill.schedule.epochs=1",
         "distill.resources.num_workers=1", "attack.n=6", "attack.query_budget=8", "attack.workers=1",
-        "benchmark.methods=[compressor, moekd]", "benchmark.seeds=[0]", "benchmark.attacks=[mhm]",
+        "benchmark.methods=[compressor, moekd, moekd-robust-adv]", "distill.augment_budget=8", "benchmark.seeds=[0]", "benchmark.attacks=[mhm]",
         "benchmark.latency_functions=3", f"mlflow.tracking_uri=sqlite:///{tmp / 'mlruns.db'}",
     ])
     return cfg, run_benchmark(cfg, log=lambda *_: None)
@@ -29,7 +29,7 @@ def mini_benchmark(ray_cluster, tmp_path_factory):
 
 def test_table_has_one_row_per_method_and_reference(mini_benchmark):
     cfg, result = mini_benchmark
-    assert [r["method"] for r in result.rows] == ["compressor", "moekd", "teacher", "mixture", "expert_0", "expert_1"]
+    assert [r["method"] for r in result.rows] == ["compressor", "moekd", "moekd-robust-adv", "teacher", "mixture", "expert_0", "expert_1"]
     students = [r for r in result.rows if r["role"] == "student"]
     assert all(r["seeds"] == 1 for r in students)
     for r in students + [next(r for r in result.rows if r["method"] == "teacher")]:
@@ -41,6 +41,16 @@ def test_table_has_one_row_per_method_and_reference(mini_benchmark):
     assert sum(line.startswith("| ") for line in md) == (1 + len(result.rows)) + (1 + 1)  # table, gains
     for name in ("accuracy_vs_size.png", "asr_vs_size_mhm.png", "confusion_compressor.png", "confusion_moekd.png"):
         assert (report / name).stat().st_size > 1000
+
+
+def test_robust_adv_student_learned_from_attack_found_copies(mini_benchmark):
+    import mlflow
+
+    cfg, result = mini_benchmark
+    row = next(r for r in result.rows if r["method"] == "moekd-robust-adv")
+    run = mlflow.MlflowClient(cfg.mlflow.tracking_uri).get_run(row["run_ids"])
+    assert run.data.params["augment_attack"] == cfg.benchmark.robust_adv_attack
+    assert 0 < run.data.metrics["attack_found_copies"] <= run.data.metrics["renamed_copies"] <= 100
 
 
 def test_every_number_comes_from_a_logged_run(mini_benchmark):

@@ -6,6 +6,7 @@ A victim is named by one string, so that every Ray worker can load it itself:
                                                         uniform (the plain mean of its experts)
   <model folder>                                        config.json + model.safetensors, tokenizer files beside
                                                         them or in `tokenizer`
+  <folder of expert_<k>/ model folders>                 `target` uniform or expert_<k> (the benchmark's teachers)
 """
 
 from __future__ import annotations
@@ -130,6 +131,15 @@ def load_victim(folder: str | Path, target: str = "student", batch_size: int = 6
             return Classifier(load_model(experts[k]), load_tokenizer(folder / "tokenizers" / f"expert_{k}"),
                               batch_size=batch_size)
         raise ConfigError(f"--target {target}: {folder} has student, uniform and expert_0..expert_{len(experts) - 1}")
+    if (folder / "expert_0" / "model.safetensors").is_file():  # a folder of experts (the benchmark's teachers)
+        k = 0
+        while (folder / f"expert_{k}").is_dir():
+            k += 1
+        if target == "uniform":
+            return Ensemble([load_victim(folder / f"expert_{i}", batch_size=batch_size) for i in range(k)])
+        if re.fullmatch(r"expert_\d+", target) and (folder / target).is_dir():
+            return load_victim(folder / target, batch_size=batch_size)
+        raise ConfigError(f"--target {target}: {folder} has uniform and expert_0..expert_{k - 1}")
     if (folder / "model.safetensors").is_file():
         tok = folder / "tokenizer" if (folder / "tokenizer").is_dir() else folder
         return Classifier(load_model(folder), load_tokenizer(tok), batch_size=batch_size)

@@ -11,7 +11,8 @@ Top to bottom (`run_benchmark`):
 3. the router, on the labelled part (`recipes.aggregate.fit_gate`).
 4. per seed, every method's soft targets on the transfer set and its student, distilled with DeepSpeed
    (`recipes.distill.distill_trainer`); a seed's students are fitted concurrently. moekd-robust's transfer set
-   also holds identifier-renamed copies of its functions (`augment.py`), drawn from the attacks' vocabulary.
+   also holds identifier-renamed copies of its functions (`augment.py`), drawn from the attacks' vocabulary;
+   moekd-robust-adv's copies are the renamings an attack finds against the plain mean of the experts.
 5. each student and each teacher: test metrics, parameters, MB, throughput, p50 latency; each student and the
    single teacher: every attack of `benchmark.attacks` on the same seeded functions with the same query budget.
 6. the table is read back from the MLflow runs just logged (mean ± std over seeds) and written as markdown and
@@ -36,7 +37,7 @@ import ray.train
 import torch
 
 from moekd_ray import ray_runtime, tracking
-from moekd_ray.augment import with_renamed_copies
+from moekd_ray.augment import adversarial_renamings, with_renamed_copies
 from moekd_ray.config import METHODS, MoEKDConfig, dump_yaml
 from moekd_ray.errors import ConfigError
 from moekd_ray.data import dataset_hash, describe, load_devign
@@ -99,10 +100,11 @@ def run_benchmark(cfg: MoEKDConfig, log=print) -> BenchmarkResult:
                     attack_all(cfg, teachers.folder / "teacher", examples, pool, log)
 
         tokenizers = {}  # students of the same vocabulary and length share one BPE
+        adversarial_copies: dict[str, dict[int, str]] = {}
         for seed in b.seeds:
             log(f"== students, seed {seed}: {', '.join(b.methods)} (distilled concurrently)")
             configs = {m: method_config(cfg, m, seed) for m in b.methods}
-            encoded, trainers = {}, []
+            encoded, trainers, copies = {}, [], {}
             for m, mcfg in configs.items():
                 arch = mcfg.distill.arch()
                 key = (arch.vocab_size, arch.max_length)
@@ -114,10 +116,20 @@ def run_benchmark(cfg: MoEKDConfig, log=print) -> BenchmarkResult:
                 train, train_labels = enc["transfer"], labels["transfer"]
                 teacher = method_targets(mcfg, m, teachers.logits, gates)
                 if mcfg.distill.augment_ratio:
+                    adversarial, copy_seed = None, seed
+                    if mcfg.distill.augment_attack != "random":
+                        # Attack-found copies depend on the teachers only: found once, the same for every seed.
+                        if m not in adversarial_copies:
+                            adversarial_copies[m] = adversarial_renamings(
+                                mcfg.with_values({"seed": cfg.seed}), teachers.folder, "uniform", funcs["transfer"],
+                                teacher, pool, log)
+                        adversarial, copy_seed = adversarial_copies[m], cfg.seed
                     train, train_labels, teacher, n = with_renamed_copies(
                         train, train_labels, teacher, funcs["transfer"], tok, arch.max_length, pool,
-                        mcfg.distill.augment_ratio, seed)
-                    log(f"{m}: {n:,} identifier-renamed copies join the {len(labels['transfer']):,} transfer functions")
+                        mcfg.distill.augment_ratio, copy_seed, adversarial)
+                    log(f"{m}: {n:,} identifier-renamed copies ({len(adversarial or {}):,} attack-found) join the "
+                        f"{len(labels['transfer']):,} transfer functions")
+                    copies[m] = {"renamed_copies": n, "attack_found_copies": len(adversarial or {})}
                 trainers.append(distill_trainer(
                     mcfg, {"train": train, "valid": enc["valid"]}, {"train": train_labels, "valid": labels["valid"]},
                     teacher, f"{bench_dir.name}-{m}-s{seed}", ray_runtime.storage_path(cfg, bench_dir)))
@@ -132,6 +144,7 @@ def run_benchmark(cfg: MoEKDConfig, log=print) -> BenchmarkResult:
                     mlflow.set_tags({"moekd.bench.method": m, "moekd.bench.role": "student",
                                      "moekd.bench.seed": str(seed), "moekd.bench.student_dir": str(folder.resolve())})
                     tracking.log_epochs(epochs)
+                    mlflow.log_metrics(copies.get(m, {}))
                     row, probs = evaluate_model(cfg, load_model(folder), enc["test"], labels["test"],
                                                 sum(r["train_seconds"] for r in epochs))
                     mlflow.log_metrics(row)
@@ -275,8 +288,9 @@ def method_config(cfg: MoEKDConfig, method: str, seed: int) -> MoEKDConfig:
         values["router.kind"] = "uniform"
     elif method == "moekd-ultra":
         values.update({"distill.student": b.ultra_student, "distill.student_arch": None})
-    elif method == "moekd-robust":
+    elif method in ("moekd-robust", "moekd-robust-adv"):
         values["distill.augment_ratio"] = b.robust_augment_ratio
+        values["distill.augment_attack"] = "random" if method == "moekd-robust" else b.robust_adv_attack
     return cfg.with_values(values)
 
 

@@ -22,7 +22,7 @@ from moekd_ray import ray_runtime, tracking
 from moekd_ray.config import MoEKDConfig, PretrainedConfig, dump_yaml, load_config
 from moekd_ray.errors import ConfigError
 from moekd_ray.attacks.identifiers import identifier_vocabulary
-from moekd_ray.augment import with_renamed_copies
+from moekd_ray.augment import adversarial_renamings, with_renamed_copies
 from moekd_ray.data import dataset_hash, describe, load_devign
 from moekd_ray.metrics import classification_metrics, confusion_matrix_figure
 from moekd_ray.models import load_model, num_params, size_mb
@@ -130,10 +130,14 @@ def run_pipeline(cfg: MoEKDConfig, log=print, resume: str | None = None) -> Pipe
                 enc_train, train_labels, teacher = enc_student["train"], labels["train"], targets["train"]["soft_targets"]
                 if cfg.distill.augment_ratio:
                     pool = identifier_vocabulary(funcs["train"][: cfg.attack.vocab_rows], max_size=cfg.attack.vocab_size)
+                    adversarial = None
+                    if cfg.distill.augment_attack != "random":
+                        adversarial = adversarial_renamings(cfg, run_dir, "uniform", funcs["train"], teacher, pool, log)
                     enc_train, train_labels, teacher, n = with_renamed_copies(
                         enc_train, train_labels, teacher, funcs["train"], student_tok, student_max, pool,
-                        cfg.distill.augment_ratio, cfg.seed)
-                    log(f"{n:,} identifier-renamed copies join the {len(labels['train']):,} transfer functions")
+                        cfg.distill.augment_ratio, cfg.seed, adversarial)
+                    log(f"{n:,} identifier-renamed copies ({len(adversarial or {}):,} attack-found) join the "
+                        f"{len(labels['train']):,} transfer functions")
                     mlflow.log_metric("renamed_copies", n)
                 result = distill_student(cfg, {**enc_student, "train": enc_train}, {**labels, "train": train_labels},
                                          teacher, run_dir)
