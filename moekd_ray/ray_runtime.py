@@ -16,6 +16,7 @@ from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig,
 from ray.train.torch import TorchTrainer
 
 from moekd_ray.config import MoEKDConfig, ResourcesConfig
+from moekd_ray.errors import ConfigError
 
 # Train V2 polls workers every 2 s by default; on a small local run that is most of the fixed overhead.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
@@ -31,6 +32,25 @@ def init_ray(cfg: MoEKDConfig) -> None:
         ray.init(address=address, **quiet)
     else:
         ray.init(num_cpus=cfg.ray.num_cpus, dashboard_host="127.0.0.1", **quiet)
+
+
+TRIAL_CPU = 0.01  # a Tune trial's own actor only waits; its Ray Train workers hold the CPUs
+
+
+def check_trial_fits(cfg: MoEKDConfig, resources: ResourcesConfig, option: str) -> None:
+    """On a local cluster (nothing autoscales), refuse a Tune trial whose Train workers can never be placed: Ray
+    Train would otherwise retry their start every 60 s forever."""
+    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+        return
+    total = ray.cluster_resources()
+    need = {"CPU": resources.num_workers * resources.cpus_per_worker + TRIAL_CPU,
+            **({"GPU": resources.num_workers} if resources.use_gpu else {}),
+            **{k: v * resources.num_workers for k, v in resources.custom.items()}}
+    short = [f"{v:g} {k} of {total.get(k, 0):g}" for k, v in need.items() if v > total.get(k, 0) + 1e-9]
+    if short:
+        raise ConfigError(f"{option}: a trial needs {', '.join(short)} on this cluster ({resources.num_workers} workers "
+                          f"x {resources.cpus_per_worker:g} CPUs + {TRIAL_CPU} for the trial); lower "
+                          f"{option}.num_workers or {option}.cpus_per_worker (e.g. 0.95)")
 
 
 def storage_path(cfg: MoEKDConfig, run_dir: Path) -> str:

@@ -76,3 +76,16 @@ def test_search_trains_only_feasible_students_and_registers_the_front(search):
         assert "metric.test_f1" in v.tags  # evidence for `moekd registry promote`
     logged = {a.path for a in client.list_artifacts(out.parent_run_id, "report")}
     assert {"report/pareto.md", "report/trials.csv", "report/pareto.png"} <= logged
+
+
+def test_trial_that_cannot_be_placed_is_refused(ray_cluster):
+    """On the local 2-CPU cluster, 2 workers x 1 CPU + the trial's own 0.01 never fit: one line, not endless retries."""
+    from moekd_ray.config import load_config
+    from moekd_ray.errors import ConfigError
+    from moekd_ray.ray_runtime import check_trial_fits
+
+    cfg = load_config(None, ["distill.resources.num_workers=2", "distill.resources.cpus_per_worker=1"])
+    with pytest.raises(ConfigError, match=r"a trial needs 2.01 CPU of 2 .*cpus_per_worker"):
+        check_trial_fits(cfg, cfg.distill.resources, "distill.resources")
+    cfg = load_config(None, ["distill.resources.num_workers=2", "distill.resources.cpus_per_worker=0.95"])
+    check_trial_fits(cfg, cfg.distill.resources, "distill.resources")

@@ -113,6 +113,7 @@ def run_student_search(cfg: MoEKDConfig, log=print) -> StudentSearchResult:
     s = cfg.student_search
     experiment_id = tracking.connect(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)
     ray_runtime.init_ray(cfg)
+    ray_runtime.check_trial_fits(cfg, cfg.distill.resources, "distill.resources")
     src = source_run(cfg, s.from_run, "student_search.from_run", log)
     funcs = {split: list(src.data[split]["func"]) for split in ("train", "valid", "test")}
     tokenizers = {v: train_bpe(funcs["train"], v, max(s.max_length)) for v in s.vocab_size}
@@ -132,7 +133,7 @@ def run_student_search(cfg: MoEKDConfig, log=print) -> StudentSearchResult:
     space = {key: tune.choice(getattr(s, key)) for key in SPACE_KEYS}
     search = OptunaSearch(metric=list(OBJECTIVES), mode=list(OBJECTIVES.values()), seed=cfg.seed)
     trainable = tune.with_resources(tune.with_parameters(run_student_trial, base=cfg.model_dump(mode="json"),
-                                                         refs=refs), {"cpu": 0.01})  # its Train workers hold CPUs
+                                                         refs=refs), {"cpu": ray_runtime.TRIAL_CPU})
     tuner = tune.Tuner(trainable, param_space=space, run_config=tune.RunConfig(name=name, storage_path=storage),
                        tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(search, s.max_concurrent),
                                                    num_samples=s.num_samples))

@@ -139,6 +139,7 @@ def source_run(cfg: MoEKDConfig, from_run: str | None, option: str, log) -> Sour
 def run_search(cfg: MoEKDConfig, resume: bool = False, log=print) -> SearchResult:
     tracking.connect(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)
     ray_runtime.init_ray(cfg)
+    ray_runtime.check_trial_fits(cfg, cfg.distill.resources, "distill.resources")
     source = source_run(cfg, cfg.tune.from_run, "tune.from_run", log)
     run_dir, cache, data, labels = source.run_dir, source.cache, source.data, source.labels
     arch = cfg.distill.arch()
@@ -155,7 +156,7 @@ def run_search(cfg: MoEKDConfig, resume: bool = False, log=print) -> SearchResul
         "search_name": name, "storage": storage,
     }
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=cfg.model_dump(mode="json"), refs=refs),
-                                    {"cpu": 0.01})  # the trainable only waits; its Train workers hold the CPUs
+                                    {"cpu": ray_runtime.TRIAL_CPU})
     start = time.perf_counter()
     path = str(Path(storage) / name)
     if resume and tune.Tuner.can_restore(path):
