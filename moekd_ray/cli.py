@@ -1,6 +1,7 @@
 """`moekd`: one entry point. Each command loads a YAML config (+ key=value overrides), validates, calls a function.
 
     moekd run jobs/quickstart.yaml [experts.k=3 distill.temperature=4 ...]
+    moekd sync <run folder>  # completes the MLflow run of a `moekd run` that outlived a tracking-server outage
     moekd validate jobs/devign_gpu.yaml
     moekd benchmark jobs/benchmark_quick.yaml
     moekd search-student jobs/student_search.yaml student_search.from_run=<pipeline run id>
@@ -14,11 +15,12 @@ import argparse
 import os
 import sys
 from enum import Enum
+from pathlib import Path
 
 from pydantic import BaseModel
 
 from moekd_ray.config import MoEKDConfig, load_config
-from moekd_ray.errors import USER_ERRORS
+from moekd_ray.errors import USER_ERRORS, ConfigError
 
 
 def describe_options(section: BaseModel | None = None, prefix: str = "") -> list[str]:
@@ -52,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
         if name == "run":
             p.add_argument("--resume", metavar="RUN", help="continue this interrupted run (its folder or MLflow run "
                            "id): finished stages are reused, an unfinished training resumes from its checkpoint")
+    p = sub.add_parser("sync", help="replay the MLflow writes a `moekd run` spooled while the tracking server was "
+                       "unreachable onto its MLflow run")
+    p.add_argument("run_folder", help="the run folder the run printed (holds mlflow_spool.jsonl)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the run's mlflow.tracking_uri)")
     p = sub.add_parser("tune", help="Ray Tune search over router/distillation temperatures, alpha and lr")
     p.add_argument("config", help="YAML config with a `tune:` section, e.g. jobs/tune_quickstart.yaml")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. tune.num_samples=4")
@@ -115,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
             return _predict(args)
         if args.command == "registry":
             return _registry(args)
+        if args.command == "sync":
+            return _sync(args)
         cfg = load_config(args.config, args.overrides)
         if args.command == "validate":
             print(f"{args.config}: valid (config digest {cfg.digest()}, {cfg.experts.k} experts, "
@@ -172,6 +180,23 @@ def _registry(args) -> int:
         return 0
     failed = registry.promote(client, args.name, args.version, args.alias, cfg.registry.gates, args.force)
     print(f"{args.name} v{args.version} is now @{args.alias}" + (f" (FORCED past: {'; '.join(failed)})" if failed else ""))
+    return 0
+
+
+def _sync(args) -> int:
+    from moekd_ray import tracking
+
+    folder = Path(args.run_folder)
+    if not (folder / "config.yaml").is_file():
+        raise ConfigError(f"{folder}: not a `moekd run` folder (no config.yaml); give the folder that `moekd run` "
+                          "printed as `run folder ...`")
+    uri = args.tracking_uri or load_config(folder / "config.yaml").mlflow.tracking_uri
+    tracking.connect(uri)
+    replayed = tracking.replay_spool(folder)
+    if replayed is None:
+        print(f"{folder}: nothing to replay (no {tracking.SPOOL}): its MLflow run is complete")
+    else:
+        print(f"replayed {replayed[1]} spooled MLflow writes onto run {replayed[0]} at {uri}")
     return 0
 
 

@@ -1,16 +1,22 @@
-"""Every MLflow call of the project (so MLflow API churn lands here): runs, params, figures, the student model."""
+"""Every MLflow call of the project (so MLflow API churn lands here): runs, params, figures, the student model, and
+the `Tracker` through which `moekd run` writes, which keeps writing to a spool file while the server is down."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import tempfile
+import time
 import urllib.error
 import urllib.request
-from pathlib import Path
+import uuid
+from datetime import datetime
+from pathlib import Path, PurePosixPath
 
 import mlflow
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
@@ -18,6 +24,7 @@ from moekd_ray.config import dump_yaml
 from moekd_ray.errors import TrackingError
 
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
+SPOOL = "mlflow_spool.jsonl"  # in the run folder: MLflow writes made while the tracking server was down
 
 
 def _reachable(tracking_uri: str) -> bool:
@@ -26,20 +33,6 @@ def _reachable(tracking_uri: str) -> bool:
         return True
     except (urllib.error.URLError, OSError):
         return False
-
-
-@contextlib.contextmanager
-def outage_guard(how_to_continue: str):
-    """A tracking server that stops answering mid-run (after MLflow's own retries) ends the run with one line
-    saying how to continue, instead of a traceback; what was logged before stays on the server."""
-    try:
-        yield
-    except mlflow.exceptions.MlflowException:
-        uri = mlflow.get_tracking_uri()
-        if not uri.startswith(("http://", "https://")) or _reachable(uri):
-            raise
-        raise TrackingError(f"MLflow tracking server {uri} stopped answering during the run; restart it, then "
-                            f"{how_to_continue}") from None
 
 
 def connect(tracking_uri: str, experiment: str | None = None) -> str | None:
@@ -159,3 +152,240 @@ def _requirements() -> list[str]:
     from importlib.metadata import version
 
     return [f"{p}=={version(p)}" for p in ("torch", "transformers", "tokenizers", "safetensors", "pandas", "mlflow")]
+
+
+# --------------------------------------------------------------------------- `moekd run`'s writes, outage-proof
+class Tracker:
+    """Every MLflow write of one `moekd run`: its parent run, the nested stage runs, their params, metrics, tags and
+    artifacts, and the registered student.
+
+    Each write goes to MLflow first (with MLflow's own HTTP retries, MLFLOW_HTTP_REQUEST_MAX_RETRIES). Once an
+    http(s) tracking server has stopped answering, the tracker says so in one line and, for the rest of the run,
+    appends each write as a JSON line to <run folder>/mlflow_spool.jsonl instead, so that training goes on.
+    Artifacts are referenced by their path in the run folder (texts and figures are saved there first); a run created
+    meanwhile gets a local key, which the replay maps to the MLflow run it creates. `moekd sync <run folder>` (or
+    `moekd run --resume`) replays the spool onto the same MLflow run (`replay_spool`). Without a run folder
+    (`run_dir=None`) an outage is an error, as with direct MLflow calls."""
+
+    def __init__(self, run_dir: Path | None, experiment_id: str | None = None, log=print):
+        self.run_dir, self.experiment_id, self.log = run_dir, experiment_id, log
+        self.client = mlflow.MlflowClient()
+        self.runs: list[str] = []  # the runs being written to, innermost last: MLflow run ids, or local keys
+        self.root: str | None = None  # the parent run
+        self.spool_id: str | None = None  # set when spooling starts
+        self.spooled = 0
+
+    @contextlib.contextmanager
+    def run(self, run_id: str | None, name: str):
+        """The parent run: `run_id` reopened, or a new run named `name`. Yields its id (a local key if the server was
+        already down). On leaving it ends FINISHED (FAILED on an error, KILLED on Ctrl-C), and a run that spooled
+        says so in one line with the command that completes it."""
+        if run_id:
+            self.root = run_id
+            self._write({"op": "reopen", "run": run_id})
+        else:
+            self.root = run_id = self._create(name, parent=None)
+        try:
+            with self._open(run_id):
+                yield run_id
+        finally:
+            if self.spooled:
+                self.log(f"MLflow tracking server {mlflow.get_tracking_uri()} was unreachable: {self.spooled} writes "
+                         f"spooled to {self.run_dir / SPOOL}; once it answers again, complete MLflow run {run_id} "
+                         f"with: moekd sync {self.run_dir.resolve()}")
+
+    @contextlib.contextmanager
+    def stage(self, name: str, params: dict | None = None):
+        """A nested run for one stage or expert, under the innermost open run."""
+        with self._open(self._create(name, parent=self.runs[-1])):
+            if params:
+                self.log_params(flatten(params))
+            yield
+
+    def log_params(self, params: dict) -> None:
+        self._write({"op": "params", "run": self.runs[-1], "params": {k: str(v) for k, v in params.items()}})
+
+    def log_metrics(self, metrics: dict, step: int = 0) -> None:
+        self._write({"op": "metrics", "run": self.runs[-1], "metrics": {k: float(v) for k, v in metrics.items()},
+                     "step": step, "time": _now()})
+
+    def set_tags(self, tags: dict) -> None:
+        self._write({"op": "tags", "run": self.runs[-1], "tags": {k: str(v) for k, v in tags.items()}})
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        """A file, or a folder's files (under `artifact_path`)."""
+        self._write({"op": "artifact", "run": self.runs[-1], "path": self._ref(path), "artifact_path": artifact_path})
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self._write({"op": "text", "run": self.runs[-1], "text": text, "artifact_file": artifact_file})
+
+    def log_figure(self, fig, artifact_file: str) -> None:
+        import matplotlib.pyplot as plt
+
+        try:
+            self._write({"op": "figure", "run": self.runs[-1], "figure": fig, "artifact_file": artifact_file})
+        finally:
+            plt.close(fig)
+
+    def log_config(self, config_tree: dict) -> None:
+        self.log_params(flatten(config_tree))
+        self.log_text(dump_yaml(config_tree), "config.yaml")
+
+    def log_table(self, rows: list[dict], path: str) -> None:
+        self.log_text(json.dumps(rows, indent=1), path)
+
+    def log_epochs(self, rows: list[dict], prefix: str = "") -> None:
+        """Per-epoch metrics reported by a Ray Train run, with the epoch as MLflow step."""
+        for row in rows:
+            self.log_metrics({f"{prefix}{k}": v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
+
+    def log_student_model(self, model_dir: Path, tokenizer_dir: Path, config_tree: dict, registered_name: str | None,
+                          metrics: dict[str, float], tags: dict[str, str] | None = None) -> str | None:
+        """`log_student_model` into the innermost run; its model URI, or None when spooled (the replay registers it)."""
+        return self._write({"op": "model", "run": self.runs[-1], "model_dir": self._ref(model_dir),
+                            "tokenizer_dir": self._ref(tokenizer_dir), "config": config_tree,
+                            "registered_name": registered_name, "metrics": metrics, "tags": tags})
+
+    @contextlib.contextmanager
+    def _open(self, run_id: str):
+        self.runs.append(run_id)
+        status = "FAILED"
+        try:
+            yield
+            status = "FINISHED"
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        finally:
+            self.runs.pop()
+            self._write({"op": "end", "run": run_id, "status": status, "time": _now()})
+
+    def _create(self, name: str, parent: str | None) -> str:
+        from mlflow.tracking.context.registry import resolve_tags  # what mlflow.start_run tags a run with
+
+        key = f"local-{uuid.uuid4().hex[:12]}"
+        if parent is None:
+            self.root = key
+        created = self._write({"op": "create", "key": key, "parent": parent, "name": name,
+                               "experiment_id": self.experiment_id, "tags": resolve_tags(), "time": _now()})
+        return created or key
+
+    def _ref(self, path: Path) -> str:
+        """A path as the spool keeps it: relative to the run folder when inside it."""
+        path = Path(path).resolve()
+        if self.run_dir is not None and path.is_relative_to(self.run_dir.resolve()):
+            return str(path.relative_to(self.run_dir.resolve()))
+        return str(path)
+
+    def _write(self, op: dict):
+        if self.spool_id is None:
+            try:
+                return _apply(self.client, op, {}, self.run_dir)
+            except (mlflow.exceptions.MlflowException, OSError):
+                uri = mlflow.get_tracking_uri()
+                if self.run_dir is None or not uri.startswith(("http://", "https://")) or _reachable(uri):
+                    raise
+                self.spool_id = uuid.uuid4().hex[:12]
+                self.log(f"warning: MLflow tracking server {uri} stopped answering; training goes on, and MLflow "
+                         f"writes go to {self.run_dir / SPOOL} for the rest of the run")
+                self._append({"op": "spool", "id": self.spool_id, "run": self.root, "tracking_uri": uri,
+                              "time": _now()})
+        if op["op"] in ("text", "figure"):  # saved in the run folder, the spool keeps its path
+            path = self.run_dir / "mlflow_spool_files" / f"{self.spool_id}-{self.spooled}" / op["artifact_file"]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if op["op"] == "text":
+                path.write_text(op["text"])
+            else:
+                op["figure"].savefig(path)
+            folder = str(PurePosixPath(op["artifact_file"]).parent)
+            op = {"op": "artifact", "run": op["run"], "path": self._ref(path),
+                  "artifact_path": None if folder == "." else folder}
+        self._append(op)
+        self.spooled += 1
+        return None
+
+    def _append(self, op: dict) -> None:
+        with (self.run_dir / SPOOL).open("a") as f:
+            f.write(json.dumps(op) + "\n")
+
+
+def _now() -> int:
+    return int(time.time() * 1000)
+
+
+def _apply(client: mlflow.MlflowClient, op: dict, ids: dict[str, str], run_dir: Path | None):
+    """One Tracker write, to MLflow; `ids` maps local keys of runs created by a replay to their MLflow run ids.
+    Returns the new run id for a run created, the model URI for a student logged."""
+    kind, run = op["op"], ids.get(op.get("run"), op.get("run"))
+    if kind == "create":
+        tags = dict(op["tags"])
+        if op["parent"]:
+            tags["mlflow.parentRunId"] = ids.get(op["parent"], op["parent"])
+        ids[op["key"]] = client.create_run(op["experiment_id"], op["time"], tags, op["name"]).info.run_id
+        return ids[op["key"]]
+    if kind == "reopen":
+        client.update_run(run, "RUNNING")
+    elif kind == "end":
+        client.set_terminated(run, op["status"], op["time"])
+    elif kind == "params":
+        client.log_batch(run, params=[Param(k, v) for k, v in op["params"].items()])
+    elif kind == "metrics":
+        client.log_batch(run, metrics=[Metric(k, v, op["time"], op["step"]) for k, v in op["metrics"].items()])
+    elif kind == "tags":
+        client.log_batch(run, tags=[RunTag(k, v) for k, v in op["tags"].items()])
+    elif kind == "artifact":
+        path = Path(run_dir or "", op["path"])  # an absolute path stays as it is
+        (client.log_artifacts if path.is_dir() else client.log_artifact)(run, str(path), op["artifact_path"])
+    elif kind == "text":
+        client.log_text(run, op["text"], op["artifact_file"])
+    elif kind == "figure":
+        client.log_figure(run, op["figure"], op["artifact_file"])
+    elif kind == "model":  # mlflow.pyfunc.log_model logs into the active run
+        mlflow.start_run(run_id=run)
+        try:
+            return log_student_model(Path(run_dir or "", op["model_dir"]), Path(run_dir or "", op["tokenizer_dir"]),
+                                     op["config"], op["registered_name"], op["metrics"], op["tags"])
+        finally:
+            with contextlib.suppress(mlflow.exceptions.MlflowException, OSError):
+                mlflow.end_run()  # FINISHED for now; the run's own "end" write comes later
+    elif kind != "spool":
+        raise ValueError(f"unknown MLflow spool entry {op!r}")
+    return None
+
+
+def replay_spool(run_dir: Path) -> tuple[str, int] | None:
+    """Replay a run folder's pending spool, in order, at the current tracking URI: the runs created during the
+    outage are created, and every write lands on the run it was meant for. Returns (the parent run's id, writes
+    replayed), or None when nothing is pending. Progress is saved after each write, so a replay cut short continues
+    where it stopped; a finished spool is renamed mlflow_spool.replayed-<time>.jsonl, so replaying twice adds nothing."""
+    run_dir = Path(run_dir)
+    spool, progress_file = run_dir / SPOOL, run_dir / "mlflow_spool.progress.json"
+    if not spool.is_file():
+        return None
+    ops = []
+    for line in spool.read_text().splitlines():
+        try:
+            ops.append(json.loads(line))
+        except ValueError:  # the last line, cut short by a killed driver: that write never completed
+            break
+    progress = json.loads(progress_file.read_text()) if progress_file.is_file() else {}
+    if not ops or progress.get("spool") != ops[0]["id"]:  # none yet, or left by an earlier spool
+        progress = {"spool": ops[0]["id"] if ops else None, "done": 0, "ids": {}}
+    client = mlflow.MlflowClient()
+    for n in range(progress["done"], len(ops)):
+        try:
+            _apply(client, ops[n], progress["ids"], run_dir)
+        except (mlflow.exceptions.MlflowException, OSError):
+            uri = mlflow.get_tracking_uri()
+            if not uri.startswith(("http://", "https://")) or _reachable(uri):
+                raise
+            raise TrackingError(f"MLflow tracking server {uri} stopped answering during the replay ({n} of {len(ops)} "
+                                f"spool lines done); when it is back, `moekd sync {run_dir}` continues from there") from None
+        progress["done"] = n + 1
+        tmp = progress_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(progress))
+        os.replace(tmp, progress_file)
+    spool.rename(run_dir / f"mlflow_spool.replayed-{datetime.now():%Y%m%d-%H%M%S}.jsonl")
+    progress_file.unlink(missing_ok=True)
+    root = ops[0]["run"] if ops else None
+    return progress["ids"].get(root, root), sum(op["op"] != "spool" for op in ops)

@@ -1,9 +1,11 @@
 """Failures for real. A Ray Train worker exits hard (os._exit, as a killed process would) after an epoch: Ray
 restarts the run (FailureConfig) and the workers resume from the latest checkpoint, not from epoch 0. A pipeline
-driver is SIGKILLed: `--resume` reuses what it finished."""
+driver is SIGKILLed: `--resume` reuses what it finished. A tracking server dies mid-run: the run trains on, spooling its
+MLflow writes, and `moekd sync` completes its MLflow run."""
 
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pytest
 import torch
@@ -119,16 +121,123 @@ def test_killed_driver_resumes_without_retraining_experts(ray_cluster, tmp_path)
     assert metrics["seconds_experts"] < 20  # no Ray Train fit (each costs ~30 s here), only the logits pass
 
 
-def test_tracking_server_lost_mid_run(tmp_path, monkeypatch):
-    """A real MLflow server dies mid-run: one line that says how to continue, and after a restart on the same
-    store everything logged before the outage is there and the run can be completed."""
-    import mlflow
+def spool_a_run(run_dir, log):
+    """A parent run with one nested stage, written through a Tracker whose http server never answers: everything,
+    the runs' creation included, goes to the run folder's spool. Returns the spooled parent's local key."""
+    import matplotlib.pyplot as plt
 
     from moekd_ray import tracking
-    from moekd_ray.errors import TrackingError
+    from servers import LOOPBACK, free_port
+
+    mlflow.set_tracking_uri(f"http://{LOOPBACK}:{free_port()}")  # nothing listens there
+    (run_dir / "tokenizers").mkdir(parents=True)
+    (run_dir / "tokenizers" / "vocab.txt").write_text("artifact bytes stay in the run folder")
+    (run_dir / "soft.bin").write_bytes(b"soft targets")
+    tracker = tracking.Tracker(run_dir, "0", log)
+    with tracker.run(None, "spooled") as run_id:
+        tracker.set_tags({"moekd.run_dir": str(run_dir.resolve())})
+        tracker.log_config({"experts": {"k": 2}})
+        with tracker.stage("expert_0", {"hidden": 32}):
+            tracker.log_epochs([{"epoch": 1, "train_loss": 0.7}, {"epoch": 2, "train_loss": 0.5}])
+            tracker.log_artifact(run_dir / "tokenizers", "tokenizers")
+        with tracker.stage("router"):
+            tracker.log_artifact(run_dir / "soft.bin")
+            tracker.log_table([{"part": 0}], "partition.json")
+            tracker.log_figure(plt.figure(), "confusion.png")
+        tracker.log_metrics({"student.test_f1": 0.5})
+    return run_id
+
+
+@pytest.fixture
+def restore_tracking_uri(monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # MLflow's own retries take minutes by default
+    uri = mlflow.get_tracking_uri()
+    yield
+    mlflow.set_tracking_uri(uri)
+
+
+def test_writes_spooled_in_an_outage_are_replayed_once(tmp_path, restore_tracking_uri, monkeypatch, capsys):
+    """Spooled writes reference artifacts by path, and `moekd sync` creates the runs and replays every write; a
+    replay cut short continues where it stopped, and a second sync adds nothing."""
+    from moekd_ray import tracking
+    from moekd_ray.cli import main
+
+    run_dir, lines = tmp_path / "run", []
+    key = spool_a_run(run_dir, lines.append)
+    assert key.startswith("local-") and len(lines) == 2
+    assert "stopped answering" in lines[0] and f"moekd sync {run_dir.resolve()}" in lines[1]
+    spool = (run_dir / tracking.SPOOL).read_text()
+    assert "artifact bytes" not in spool and '"path": "tokenizers"' in spool
+    (run_dir / "config.yaml").write_text(f"mlflow:\n  tracking_uri: sqlite:///{tmp_path / 'mlruns.db'}\n")
+
+    applied, real_apply = [], tracking._apply
+
+    def server_gone_after_five(client, op, ids, folder):
+        if len(applied) == 5:
+            raise mlflow.exceptions.MlflowException("the store went away")
+        applied.append(op["op"])
+        return real_apply(client, op, ids, folder)
+
+    monkeypatch.setattr(tracking, "_apply", server_gone_after_five)
+    with pytest.raises(mlflow.exceptions.MlflowException):
+        main(["sync", str(run_dir)])
+    monkeypatch.setattr(tracking, "_apply", real_apply)
+    assert main(["sync", str(run_dir)]) == 0  # continues after the 5 writes already replayed
+    assert "replayed" in capsys.readouterr().out and not (run_dir / tracking.SPOOL).exists()
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlruns.db'}")
+    runs = {r.info.run_name: r for r in client.search_runs(["0"])}
+    assert sorted(runs) == ["expert_0", "router", "spooled"]  # each run created once
+    parent = runs["spooled"]
+    assert parent.info.status == "FINISHED" and parent.data.metrics == {"student.test_f1": 0.5}
+    assert parent.data.params == {"experts.k": "2"} and parent.data.tags["moekd.run_dir"] == str(run_dir.resolve())
+    for name in ("expert_0", "router"):
+        assert runs[name].data.tags["mlflow.parentRunId"] == parent.info.run_id
+    history = client.get_metric_history(runs["expert_0"].info.run_id, "train_loss")
+    assert [(m.step, m.value) for m in history] == [(1, 0.7), (2, 0.5)]
+    assert runs["expert_0"].data.params == {"hidden": "32"}
+    assert [a.path for a in client.list_artifacts(runs["expert_0"].info.run_id, "tokenizers")] == ["tokenizers/vocab.txt"]
+    assert {a.path for a in client.list_artifacts(runs["router"].info.run_id)} == {
+        "soft.bin", "partition.json", "confusion.png"}
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} == {"config.yaml"}
+
+    assert main(["sync", str(run_dir)]) == 0
+    assert "nothing to replay" in capsys.readouterr().out
+    assert main(["sync", str(tmp_path)]) == 2 and "not a `moekd run` folder" in capsys.readouterr().err
+    assert len(client.search_runs(["0"])) == 3
+    assert len(client.get_metric_history(runs["expert_0"].info.run_id, "train_loss")) == 2
+
+
+def test_resume_replays_a_pending_spool_first(tmp_path, restore_tracking_uri):
+    """`moekd run --resume <folder>` of a run whose parent was created during an outage finds it after the replay."""
+    from moekd_ray.config import dump_yaml
+    from moekd_ray.recipes.pipeline import resume_target
+
+    run_dir, lines = tmp_path / "run", []
+    spool_a_run(run_dir, lambda _: None)
+    cfg = load_config(None, [f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlruns.db'}"])
+    (run_dir / "config.yaml").write_text(dump_yaml(cfg.model_dump(mode="json")))
+    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
+    writes = len((run_dir / "mlflow_spool.jsonl").read_text().splitlines()) - 1  # less the spool's header line
+    folder, run_id = resume_target(cfg, str(run_dir), lines.append)
+    assert folder == run_dir.resolve() and f"replayed {writes} MLflow writes" in lines[0]
+    assert mlflow.MlflowClient().get_run(run_id).info.run_name == "spooled"
+
+
+def test_tracking_server_lost_mid_run(ray_cluster, tmp_path):
+    """A real MLflow server dies after the experts stage of `moekd run`: the run trains on and finishes (exit 0),
+    spooling its MLflow writes, and says so in one line with the command that completes the run. After a restart on
+    the same store, `moekd sync` adds the student's metrics, the stage runs created meanwhile and the registered
+    model to the same MLflow run, and changes nothing logged before the outage; a second sync adds nothing."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
     from servers import LOOPBACK, START_SERVER, end_group, free_port, start_group, wait_http
 
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # MLflow's own retries take minutes by default
     port = free_port()
     env = {"MOEKD_MLFLOW_DIR": str(tmp_path / "store"), "MLFLOW_PORT": str(port)}
     uri = f"http://{LOOPBACK}:{port}"
@@ -138,21 +247,78 @@ def test_tracking_server_lost_mid_run(tmp_path, monkeypatch):
         wait_http(f"{uri}/health", proc, tmp_path / log)
         return proc
 
+    def moekd(*args, **kw):
+        return subprocess.run([sys.executable, "-u", "-m", "moekd_ray.cli", *args], capture_output=True, text=True,
+                              env={**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}, timeout=600, **kw)
+
+    tiny = yaml.safe_load(TINY)
+    tree = {"name": "outage", "output_dir": str(tmp_path / "runs"), "data": {"train_rows": 128, "eval_rows": 32},
+            "experts": {"k": 2, "model": tiny, "schedule": {"epochs": 1, "batch_size": 16}},
+            "router": {"epochs": 5}, "distill": {"student_arch": tiny, "schedule": {"epochs": 2, "batch_size": 16}},
+            "ray": {"address": ray_cluster.get_runtime_context().gcs_address},
+            "mlflow": {"tracking_uri": uri, "experiment": "outage", "registered_model": "outage-student"}}
+    path = tmp_path / "outage.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    out = tmp_path / "driver.log"
     server = start("server1.log")
     try:
-        tracking.connect(uri, "outage")
-        with pytest.raises(TrackingError, match="stopped answering.*--resume"):
-            with tracking.outage_guard("continue with `moekd run ... --resume`"), mlflow.start_run() as run:
-                mlflow.log_metric("before", 1.0)
-                end_group(server)
-                mlflow.log_metric("after", 2.0)
+        driver = subprocess.Popen([sys.executable, "-u", "-m", "moekd_ray.cli", "run", str(path)],
+                                  env={**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"},
+                                  stdout=out.open("w"), stderr=subprocess.STDOUT)
+        deadline = time.time() + 300
+        while "== experts ran" not in out.read_text() and time.time() < deadline and driver.poll() is None:
+            time.sleep(0.2)
+        if "== experts ran" not in out.read_text():
+            driver.kill()
+            pytest.fail(out.read_text()[-3000:])
     finally:
         end_group(server)
+    assert driver.wait(timeout=600) == 0, out.read_text()[-3000:]
+    text = out.read_text()
+    folder, run_id = next(x for x in text.splitlines() if x.startswith("run folder ")).removeprefix(
+        "run folder ").split(", MLflow run ")
+    folder = Path(folder).resolve()
+    assert (folder / "student" / "model.safetensors").is_file() and (folder / "mlflow_spool.jsonl").is_file()
+    assert text.count("stopped answering") == 1, text[-3000:]
+    summary = [x for x in text.splitlines() if "was unreachable" in x]
+    assert len(summary) == 1 and summary[0].endswith(f"moekd sync {folder}") and f"run {run_id}" in summary[0]
+
     server = start("server2.log")
     try:
         client = mlflow.MlflowClient(uri)
-        assert client.get_run(run.info.run_id).data.metrics == {"before": 1.0}
-        client.set_terminated(run.info.run_id)  # what `--resume` does at its end
-        assert client.get_run(run.info.run_id).info.status == "FINISHED"
+        experiment = client.get_experiment_by_name("outage").experiment_id
+
+        def snapshot():
+            runs = client.search_runs([experiment])
+            return {r.info.run_id: (r.info.run_name, r.data.params, {k: [(m.step, m.value, m.timestamp) for m in
+                    client.get_metric_history(r.info.run_id, k)] for k in r.data.metrics}) for r in runs}
+
+        before = snapshot()
+        names = {name for name, _, _ in before.values()}
+        assert {"expert_0", "expert_1"} <= names and "evaluate" not in names  # the evaluate run: spooled
+        assert "seconds_register" not in before[run_id][2] and not client.search_registered_models()
+        sync = moekd("sync", str(folder))
+        assert sync.returncode == 0 and "replayed" in sync.stdout, sync.stdout + sync.stderr
+        after = snapshot()
+        for rid, (name, params, metrics) in before.items():  # nothing logged before the outage changed
+            assert after[rid][0] == name and after[rid][1] == params
+            assert all(after[rid][2][k] == history for k, history in metrics.items()), name
+        parent = client.get_run(run_id)
+        assert parent.info.status == "FINISHED" and parent.data.tags["moekd.stage.distill"] == "ran"
+        assert "seconds_register" in parent.data.metrics
+        children = {r.info.run_name: r for r in client.search_runs(
+            [experiment], filter_string=f"tags.mlflow.parentRunId = '{run_id}'")}
+        assert 0 <= children["evaluate"].data.metrics["student.test_f1"] <= 1
+        assert {"tokenizers", "partition", "expert_0", "expert_1", "router", "distill", "evaluate"} <= set(children)
+        assert all(r.info.status == "FINISHED" for r in children.values())
+        assert len(client.get_metric_history(children["distill"].info.run_id, "train_loss")) == 2
+        assert {"confusion_student_test.png", "results.json"} <= {
+            a.path for a in client.list_artifacts(children["evaluate"].info.run_id)}
+        version = client.get_model_version("outage-student", "1")
+        assert version.run_id == run_id and version.tags["moekd.source_run"] == run_id
+
+        again = moekd("sync", str(folder))
+        assert again.returncode == 0 and "nothing to replay" in again.stdout, again.stdout + again.stderr
+        assert snapshot() == after and len(client.search_model_versions("name = 'outage-student'")) == 1
     finally:
         end_group(server)

@@ -174,11 +174,21 @@ def attack_model(cfg: MoEKDConfig, folder: Path, target: str, name: str, log=pri
     return rows, summary
 
 
-def log_attack(rows: list[dict], summary: dict, attack: AttackConfig, prefix: str = "") -> None:
-    """Into the active MLflow run: the attack's params and metrics, the per-example CSV and the ASR-vs-budget plot."""
-    mlflow.log_params(tracking.flatten(attack.model_dump(mode="json"), "attack."))
-    mlflow.log_metrics({f"{prefix}{k}": float(v) for k, v in summary.items()})
-    log_attack_artifacts(rows, attack)
+def log_attack(rows: list[dict], summary: dict, attack: AttackConfig, tracker: tracking.Tracker, folder: Path,
+               prefix: str = "") -> None:
+    """Into the tracker's run: the attack's params and metrics, the per-example CSV (written to `folder`) and the
+    ASR-vs-budget plot."""
+    from moekd_ray.metrics import line_figure
+
+    tracker.log_params(tracking.flatten(attack.model_dump(mode="json"), "attack."))
+    tracker.log_metrics({f"{prefix}{k}": float(v) for k, v in summary.items()})
+    path = Path(folder) / f"attack_{attack.method}.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    tracker.log_artifact(path)
+    budgets, asr = asr_by_budget(rows, attack.query_budget)
+    tracker.log_figure(line_figure({attack.method: (budgets, asr)}, "query budget per function",
+                                   "attack success rate", "ASR had the budget been smaller"),
+                       f"asr_vs_budget_{attack.method}.png")
 
 
 def run_attack(cfg: MoEKDConfig, model: str, target: str = "student", log=print) -> AttackReport:
@@ -187,30 +197,18 @@ def run_attack(cfg: MoEKDConfig, model: str, target: str = "student", log=print)
     with tempfile.TemporaryDirectory() as tmp:
         folder = resolve_victim(model, Path(tmp))
         rows, summary = attack_model(cfg, folder, target, model, log)
-    with mlflow.start_run(run_name=f"attack-{cfg.attack.method}", experiment_id=experiment_id) as run:
-        mlflow.set_tags({"moekd.attack.model": model, "moekd.attack.target": target,
-                         "moekd.attack.method": cfg.attack.method})
-        log_attack(rows, summary, cfg.attack)
+        tracker = tracking.Tracker(None, experiment_id)  # no run folder to spool to: an outage is an error
+        with tracker.run(None, f"attack-{cfg.attack.method}") as run_id:
+            tracker.set_tags({"moekd.attack.model": model, "moekd.attack.target": target,
+                              "moekd.attack.method": cfg.attack.method})
+            log_attack(rows, summary, cfg.attack, tracker, Path(tmp))
     version = resolve_version(mlflow.MlflowClient(), model)
     if version is not None:  # a registered student: its ASR becomes promotion evidence on the version
         m = cfg.attack.method
         record_evidence(mlflow.MlflowClient(), *version, {
             f"metric.asr_{m}": f"{summary['asr']:.6g}", f"metric.robust_accuracy_{m}": f"{summary['robust_accuracy']:.6g}",
-            f"moekd.attack_run_{m}": run.info.run_id})
-    return AttackReport(summary, rows, run.info.run_id)
-
-
-def log_attack_artifacts(rows: list[dict], attack: AttackConfig) -> None:
-    from moekd_ray.metrics import line_figure
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / f"attack_{attack.method}.csv"
-        pd.DataFrame(rows).to_csv(path, index=False)
-        mlflow.log_artifact(str(path))
-    budgets, asr = asr_by_budget(rows, attack.query_budget)
-    tracking.log_figure(line_figure({attack.method: (budgets, asr)}, "query budget per function",
-                                    "attack success rate", "ASR had the budget been smaller"),
-                        f"asr_vs_budget_{attack.method}.png")
+            f"moekd.attack_run_{m}": run_id})
+    return AttackReport(summary, rows, run_id)
 
 
 def format_summary(method: str, s: dict) -> str:

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import ray.train
 
@@ -49,7 +48,7 @@ def run_pipeline(cfg: MoEKDConfig, log=print, resume: str | None = None) -> Pipe
     """The whole pipeline; `resume` (a run folder or MLflow run id of this config) continues an interrupted run:
     finished stages are reused from its folder, an unfinished Ray Train run resumes from its latest checkpoint."""
     experiment_id = tracking.connect(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)  # fail before any work
-    run_dir, parent_id = resume_target(cfg, resume) if resume else (
+    run_dir, parent_id = resume_target(cfg, resume, log) if resume else (
         Path(cfg.output_dir) / f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}-{cfg.digest()}", None)
     for spec in {s.name_or_path for s in cfg.experts.specs() if isinstance(s, PretrainedConfig)}:
         load_tokenizer(spec)  # a model that cannot be had (offline, misspelt) fails here, before any work
@@ -63,15 +62,16 @@ def run_pipeline(cfg: MoEKDConfig, log=print, resume: str | None = None) -> Pipe
     funcs = {s: list(data[s]["func"]) for s in SPLITS}
     timer = StageTimer(log)
 
-    resume_hint = f"continue with `moekd run <this config> --resume {run_dir.resolve()}` (finished stages are reused)"
-    with tracking.outage_guard(resume_hint), mlflow.start_run(
-            run_id=parent_id, run_name=None if parent_id else cfg.name, experiment_id=experiment_id) as parent:
-        log(f"run folder {run_dir}, MLflow run {parent.info.run_id}" + (" (resumed)" if resume else ""))
+    # Every MLflow write goes through the tracker: if the server stops answering, they are spooled in the run
+    # folder and training goes on (`moekd sync <run folder>` completes the MLflow run).
+    tracker = tracking.Tracker(run_dir, experiment_id, log)
+    with tracker.run(parent_id, cfg.name) as run_id:
+        log(f"run folder {run_dir}, MLflow run {run_id}" + (" (resumed)" if resume else ""))
         if parent_id is None:  # a new MLflow run (also when the resumed folder's run is not in this store)
-            mlflow.set_tags({"moekd.config_digest": cfg.digest(), "moekd.run_dir": str(run_dir.resolve())})
-            tracking.log_config(cfg.model_dump(mode="json"))
+            tracker.set_tags({"moekd.config_digest": cfg.digest(), "moekd.run_dir": str(run_dir.resolve())})
+            tracker.log_config(cfg.model_dump(mode="json"))
 
-        with timer("tokenizers"), tracking.stage_run("tokenizers"):
+        with timer("tokenizers"), tracker.stage("tokenizers"):
             expert_toks, student_tok = saved_tokenizers(cfg, run_dir) if resume else (None, None)
             if expert_toks is None:
                 expert_toks, student_tok = make_tokenizers(cfg, funcs["train"], run_dir)
@@ -80,20 +80,20 @@ def run_pipeline(cfg: MoEKDConfig, log=print, resume: str | None = None) -> Pipe
             enc_expert = encode_for_experts(cfg, expert_toks, funcs)
             student_max = cfg.distill.arch().max_length
             enc_student = {s: encode(student_tok, funcs[s], student_max) for s in SPLITS}
-            mlflow.log_artifacts(str(run_dir / "tokenizers"), "tokenizers")
-            mlflow.log_metrics({"student_vocab": len(student_tok),
-                                **{f"expert_{k}_vocab": len(t) for k, t in enumerate(expert_toks)}})
+            tracker.log_artifact(run_dir / "tokenizers", "tokenizers")
+            tracker.log_metrics({"student_vocab": len(student_tok),
+                                 **{f"expert_{k}_vocab": len(t) for k, t in enumerate(expert_toks)}})
 
-        with timer("partition"), tracking.stage_run("partition", cfg.partition.model_dump(mode="json")):
+        with timer("partition"), tracker.stage("partition", cfg.partition.model_dump(mode="json")):
             features = {s: code_features(funcs[s], cfg.partition.hash_features) for s in SPLITS}
             parts = partition(funcs["train"], list(data["train"]["project"]), cfg.partition.strategy.value,
                               cfg.experts.k, cfg.seed, cfg.partition.hash_features)
             table = partition_table(parts, labels["train"], cfg.experts.k)
-            tracking.log_table(table, "partition.json")
+            tracker.log_table(table, "partition.json")
             for row in table:
                 log(f"part {row['part']}: {row['rows']} rows, {row['vulnerable_share']:.1%} vulnerable")
-                mlflow.log_metrics({f"part_{row['part']}_rows": row["rows"],
-                                    f"part_{row['part']}_vulnerable_share": row["vulnerable_share"]})
+                tracker.log_metrics({f"part_{row['part']}_rows": row["rows"],
+                                     f"part_{row['part']}_vulnerable_share": row["vulnerable_share"]})
 
         soft_path = run_dir / "soft_targets.safetensors"
         targets = cached_soft_targets(soft_path, cfg, log) if resume else None
@@ -102,27 +102,27 @@ def run_pipeline(cfg: MoEKDConfig, log=print, resume: str | None = None) -> Pipe
             if checkpoints is None:
                 results, finished_at = train_experts(cfg, enc_expert, labels, parts, run_dir)
                 for k, result in enumerate(results):
-                    with tracking.stage_run(f"expert_{k}", cfg.experts.specs()[k].model_dump(mode="json")):
-                        tracking.log_epochs(ray_runtime.epoch_rows(result))
-                        mlflow.log_metric("run_finished_at", finished_at[k])
+                    with tracker.stage(f"expert_{k}", cfg.experts.specs()[k].model_dump(mode="json")):
+                        tracker.log_epochs(ray_runtime.epoch_rows(result))
+                        tracker.log_metrics({"run_finished_at": finished_at[k]})
                 checkpoints = [r.checkpoint for r in results]
             else:
                 timer.reused("experts")
             if targets is None:
                 logits = expert_logits(cfg, checkpoints, enc_expert)
 
-        with timer("router"), tracking.stage_run("router", cfg.router.model_dump(mode="json")):
+        with timer("router"), tracker.stage("router", cfg.router.model_dump(mode="json")):
             if targets is None:
                 gates = fit_gate(cfg, features, logits, labels, log=log)
                 targets = aggregate(cfg, logits, gates, labels)
                 save_soft_targets(targets, soft_path, {"config_digest": cfg.digest()})
-                mlflow.log_artifact(str(soft_path))
+                tracker.log_artifact(soft_path)
             else:
                 timer.reused("router")
             mean_w = targets["train"]["weights"].mean(0)
-            mlflow.log_metrics({f"train_mean_weight_{k}": float(w) for k, w in enumerate(mean_w)})
+            tracker.log_metrics({f"train_mean_weight_{k}": float(w) for k, w in enumerate(mean_w)})
 
-        with timer("distill"), tracking.stage_run("distill", cfg.distill.model_dump(mode="json")):
+        with timer("distill"), tracker.stage("distill", cfg.distill.model_dump(mode="json")):
             student_dir = run_dir / "student"
             if resume and (student_dir / "model.safetensors").is_file():
                 timer.reused("distill")
@@ -138,45 +138,45 @@ def run_pipeline(cfg: MoEKDConfig, log=print, resume: str | None = None) -> Pipe
                         cfg.distill.augment_ratio, cfg.seed, adversarial)
                     log(f"{n:,} identifier-renamed copies ({len(adversarial or {}):,} attack-found) join the "
                         f"{len(labels['train']):,} transfer functions")
-                    mlflow.log_metric("renamed_copies", n)
+                    tracker.log_metrics({"renamed_copies": n})
                 result = distill_student(cfg, {**enc_student, "train": enc_train}, {**labels, "train": train_labels},
                                          teacher, run_dir)
-                tracking.log_epochs(ray_runtime.epoch_rows(result))
-                mlflow.log_artifact(str(run_dir / "deepspeed_config.json"))
+                tracker.log_epochs(ray_runtime.epoch_rows(result))
+                tracker.log_artifact(run_dir / "deepspeed_config.json")
                 copy_atomically(result.checkpoint, student_dir)
             student = load_model(student_dir)
             log(f"student: {num_params(student):,} parameters, {size_mb(student):.2f} MB (float32)")
 
-        with timer("evaluate"), tracking.stage_run("evaluate"):
+        with timer("evaluate"), tracker.stage("evaluate"):
             rows, test_probs = evaluate_all(cfg, checkpoints, targets, student, enc_expert, enc_student, labels)
-            tracking.log_table(rows, "results.json")
+            tracker.log_table(rows, "results.json")
             for row in rows:
-                mlflow.log_metrics({f"{row['model']}.{k}": v for k, v in row.items() if isinstance(v, float)})
+                tracker.log_metrics({f"{row['model']}.{k}": v for k, v in row.items() if isinstance(v, float)})
             for name in ("mixture", "student"):
                 fig = confusion_matrix_figure(labels["test"], test_probs[name], f"{name}, test")
-                tracking.log_figure(fig, f"confusion_{name}_test.png")
+                tracker.log_figure(fig, f"confusion_{name}_test.png")
 
         student_row = next(r for r in rows if r["model"] == "student")
         if cfg.attack.in_pipeline:
             from moekd_ray.recipes.attack import attack_model, log_attack
 
-            with timer("attack"), tracking.stage_run(f"attack_{cfg.attack.method}"):
+            with timer("attack"), tracker.stage(f"attack_{cfg.attack.method}"):
                 attack_rows, summary = attack_model(cfg, run_dir.resolve(), "student", "student", log)
-                log_attack(attack_rows, summary, cfg.attack)
+                log_attack(attack_rows, summary, cfg.attack, tracker, run_dir)
             student_row.update({f"{k}_{cfg.attack.method}": summary[k] for k in ("asr", "robust_accuracy")})
-            mlflow.log_metrics({f"student.{k}_{cfg.attack.method}": summary[k] for k in ("asr", "robust_accuracy")})
+            tracker.log_metrics({f"student.{k}_{cfg.attack.method}": summary[k] for k in ("asr", "robust_accuracy")})
 
         with timer("register"):
-            model_uri = tracking.log_student_model(
+            model_uri = tracker.log_student_model(
                 student_dir, run_dir / "tokenizers" / "student", cfg.model_dump(mode="json"),
                 cfg.mlflow.registered_model, {k: v for k, v in student_row.items() if isinstance(v, float)},
                 tags={"moekd.data_hash": dataset_hash(data)},
             )
-        mlflow.log_metrics({f"seconds_{k}": v for k, v in timer.seconds.items()})
-        mlflow.set_tags({f"moekd.stage.{k}": v for k, v in timer.status.items()})
+        tracker.log_metrics({f"seconds_{k}": v for k, v in timer.seconds.items()})
+        tracker.set_tags({f"moekd.stage.{k}": v for k, v in timer.status.items()})
         log(format_table(rows))
-        log(f"student model: {model_uri}")
-        return PipelineResult(run_dir, parent.info.run_id, model_uri, rows, timer.seconds)
+        log(f"student model: {model_uri or 'registered by `moekd sync` (the tracking server is unreachable)'}")
+        return PipelineResult(run_dir, run_id, model_uri, rows, timer.seconds)
 
 
 def make_tokenizers(cfg: MoEKDConfig, train_funcs: list[str], run_dir: Path):
@@ -273,8 +273,9 @@ class StageTimer:
 
 
 # ------------------------------------------------------------------------------------------------- resume
-def resume_target(cfg: MoEKDConfig, spec: str) -> tuple[Path, str | None]:
-    """The run folder and MLflow run to continue; the run must have been made with this very config."""
+def resume_target(cfg: MoEKDConfig, spec: str, log=print) -> tuple[Path, str | None]:
+    """The run folder and MLflow run to continue; the run must have been made with this very config. MLflow writes
+    spooled during a tracking outage are replayed first (as `moekd sync` would)."""
     run = tracking.pipeline_run(spec, "--resume")
     if run is None:
         raise ConfigError(f"--resume {spec}: neither a run folder (with config.yaml) nor an MLflow run id")
@@ -283,6 +284,10 @@ def resume_target(cfg: MoEKDConfig, spec: str) -> tuple[Path, str | None]:
     if saved.digest() != cfg.digest():
         raise ConfigError(f"--resume {spec}: that run used config {saved.digest()}, this config is {cfg.digest()}; "
                           f"resume with the run's own config: moekd run {folder / 'config.yaml'} --resume {spec}")
+    replayed = tracking.replay_spool(folder)
+    if replayed:
+        run_id = replayed[0]
+        log(f"replayed {replayed[1]} MLflow writes spooled during a tracking outage onto MLflow run {run_id}")
     return folder, run_id
 
 
