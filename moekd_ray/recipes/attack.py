@@ -159,6 +159,30 @@ def sample_examples(cfg: MoEKDConfig) -> tuple[list[tuple[int, str, int]], list[
     return examples, pool
 
 
+def validation_sample(cfg: MoEKDConfig, funcs: dict[str, list[str]], valid_labels, n: int) -> dict:
+    """What every trial of a search attacks its student on: one seeded sample of `n` validation functions (the
+    same for every trial, so trials' ASRs compare) and the substitute pool from training code."""
+    rng = np.random.default_rng(cfg.seed)
+    picked = sorted(rng.choice(len(funcs["valid"]), size=min(n, len(funcs["valid"])), replace=False).tolist())
+    return {"examples": [(i, funcs["valid"][i], int(valid_labels[i])) for i in picked],
+            "pool": identifier_vocabulary(funcs["train"][: cfg.attack.vocab_rows], max_size=cfg.attack.vocab_size)}
+
+
+def attack_trial_student(checkpoint, folder: Path, tokenizer, cfg: MoEKDConfig, sample: dict, method: str,
+                         budget: int) -> dict:
+    """A search trial's student: its checkpoint and tokenizer into `folder` (a loadable student), attacked with
+    `method` at `budget` queries a function on `validation_sample`'s examples in this process; the summary."""
+    from moekd_ray.recipes.pipeline import copy_atomically
+
+    copy_atomically(checkpoint, folder)
+    tokenizer.save_pretrained(str(folder / "tokenizer"))
+    attack = cfg.attack.model_copy(update={"method": method, "query_budget": budget})
+    worker = AttackWorker(str(folder), "student", attack.model_dump(mode="json"), sample["pool"], cfg.seed,
+                          cfg.eval.batch_size)
+    start = time.perf_counter()
+    return summarize(worker.attack(sample["examples"]), time.perf_counter() - start)
+
+
 def attack_model(cfg: MoEKDConfig, folder: Path, target: str, name: str, log=print) -> tuple[list[dict], dict]:
     """Attack the model in `folder` (see attacks.victim.load_victim); return every example's row and the summary."""
     load_victim(folder, target)  # a model that cannot be loaded: one line here, not a dead actor's traceback
