@@ -193,9 +193,7 @@ def attack_model(cfg: MoEKDConfig, folder: Path, target: str, name: str, log=pri
         ray_runtime.init_ray(cfg)
     start = time.perf_counter()
     rows = attack_examples(folder, target, cfg, examples, pool, log)
-    summary = summarize(rows, time.perf_counter() - start)
-    log(format_summary(cfg.attack.method, summary))
-    return rows, summary
+    return rows, summarize(rows, time.perf_counter() - start)
 
 
 def log_attack(rows: list[dict], summary: dict, attack: AttackConfig, prefix: str = "") -> None:
@@ -221,6 +219,7 @@ def run_attack(cfg: MoEKDConfig, model: str, target: str = "student", log=print)
         record_evidence(mlflow.MlflowClient(), *version, {
             f"metric.asr_{m}": f"{summary['asr']:.6g}", f"metric.robust_accuracy_{m}": f"{summary['robust_accuracy']:.6g}",
             f"moekd.attack_run_{m}": run.info.run_id})
+    log(summary_table(cfg.attack.method, summary))
     return AttackReport(summary, rows, run.info.run_id)
 
 
@@ -235,6 +234,25 @@ def log_attack_artifacts(rows: list[dict], attack: AttackConfig) -> None:
     tracking.log_figure(line_figure({attack.method: (budgets, asr)}, "query budget per function",
                                     "attack success rate", "ASR had the budget been smaller"),
                         f"asr_vs_budget_{attack.method}.png")
+
+
+def summary_table(method: str, s: dict) -> str:
+    """The summary as an aligned two-column table: what `moekd attack` prints last."""
+    rows = [
+        ("attack", method),
+        ("functions sampled", str(s["functions"])),
+        ("attacked", str(s["attacked"])),
+        ("skipped: misclassified", str(s["skipped_misclassified"])),
+        ("skipped: no identifiers", str(s["skipped_no_identifiers"])),
+        ("ASR", f"{s['asr']:.1%}"),
+        ("mean queries", f"{s['mean_queries']:.1f}"),
+        ("mean renamed", f"{s['mean_renamed']:.2f}"),
+        ("accuracy -> robust", f"{s['clean_accuracy']:.3f} -> {s['robust_accuracy']:.3f}"),
+        ("seconds", f"{s['seconds']:.1f}"),
+        ("attacks/s", f"{s['attacks_per_s']:.2f}"),
+    ]
+    key_w, value_w = max(len(k) for k, _ in rows), max(len(v) for _, v in rows)
+    return "\n".join(f"{k:<{key_w}}  {v:>{value_w}}" for k, v in rows)
 
 
 def format_summary(method: str, s: dict) -> str:
