@@ -119,7 +119,7 @@ def make_tuner(cfg: MoEKDConfig, trainable, name: str, storage: str) -> tune.Tun
         # The objective exists only in the final result: ASHA stops on per-epoch val_f1, at the rungs below the
         # last epoch (those it uses with max_t=epochs, whose rung at max_t never fires: it stops there first) and
         # never at the last epoch (stop_last_trials=False), so every trial that reaches it gets attacked.
-        scheduler = FIFOScheduler()  # grace_period >= epochs: nothing to stop before the last epoch
+        scheduler = FIFOScheduler()  # also for ASHA with grace_period >= epochs: it could stop nobody
         if t.scheduler == "asha" and t.grace_period < epochs:
             scheduler = ASHAScheduler(metric="val_f1", mode="max", max_t=epochs - 1, stop_last_trials=False, **asha)
         by_tune, by_search = {}, {"metric": metric, "mode": mode}  # Optuna learns from the final objective
