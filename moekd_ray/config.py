@@ -285,10 +285,30 @@ class TuneConfig(_Strict):
     grace_period: int = Field(1, ge=1, description="ASHA: epochs every trial runs before it may be stopped.")
     reduction_factor: int = Field(2, ge=2, description="ASHA: keep 1/reduction_factor of trials per rung.")
     search: Literal["random", "optuna"] = Field("random", description="random sampling or Optuna's TPE sampler.")
-    metric: Literal["val_f1", "val_accuracy", "val_loss"] = Field(
-        "val_f1", description="Objective (val_loss is minimised, the others maximised)."
+    metric: Literal["val_f1", "val_accuracy", "val_loss", "robust_f1"] = Field(
+        "val_f1", description="Objective (val_loss is minimised, the others maximised). robust_f1: last-epoch val_f1 "
+        "- robustness_weight x ASR of attack.method (attack.query_budget queries a function) on attack_n validation "
+        "functions, measured once after a trial's last epoch; ASHA then stops on per-epoch val_f1.",
+    )
+    robustness_weight: float | None = Field(
+        None, gt=0, description="robust_f1 only, and required there: w in val_f1 - w x ASR."
+    )
+    attack_n: int | None = Field(
+        None, ge=1, description="robust_f1 only: validation functions attacked per trial, one seeded sample shared "
+        "by every trial (unset: 30).",
     )
     register_best: bool = Field(True, description="Register the best trial's student in the model registry.")
+
+    @model_validator(mode="after")
+    def _robust_fields(self):
+        if self.metric != "robust_f1":
+            for key in ("robustness_weight", "attack_n"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"{key} applies only to metric robust_f1 (metric is {self.metric}); "
+                                     "set metric: robust_f1 or drop it")
+        elif self.robustness_weight is None:
+            raise ValueError("metric robust_f1 needs robustness_weight (w in val_f1 - w x ASR), e.g. 0.5")
+        return self
 
 
 # ------------------------------------------------------------------------------------------------ attack

@@ -95,11 +95,13 @@ def log_config(config_tree: dict) -> None:
     mlflow.log_text(dump_yaml(config_tree), "config.yaml")
 
 
-def log_epochs(rows: list[dict], prefix: str = "") -> None:
-    """Per-epoch metrics reported by a Ray Train run, with the epoch as MLflow step."""
-    for row in rows:
+def log_epochs(rows: list[dict], prefix: str = "", timestamps: list[int] | None = None) -> None:
+    """Per-epoch metrics reported by a Ray Train run, with the epoch as MLflow step (and when each was reported,
+    in ms, if given; else now)."""
+    for i, row in enumerate(rows):
         step = int(row["epoch"])
-        mlflow.log_metrics({f"{prefix}{k}": float(v) for k, v in row.items() if k != "epoch"}, step=step)
+        mlflow.log_metrics({f"{prefix}{k}": float(v) for k, v in row.items() if k != "epoch"}, step=step,
+                           timestamp=timestamps[i] if timestamps else None)
 
 
 def log_figure(fig, path: str) -> None:

@@ -73,6 +73,19 @@ def test_mhm_spends_exactly_its_budget_when_it_cannot_flip():
         assert victim.queries == budget
 
 
+def test_summary_table_is_aligned():
+    from moekd_ray.recipes.attack import summary_table
+
+    table = summary_table("mhm", {"functions": 200, "attacked": 87, "skipped_misclassified": 100,
+                                  "skipped_no_identifiers": 13, "asr": 0.3448, "mean_queries": 123.45,
+                                  "mean_renamed": 1.5, "clean_accuracy": 0.5, "robust_accuracy": 0.35,
+                                  "seconds": 321.4, "attacks_per_s": 0.27})
+    lines = table.splitlines()
+    assert len({len(line) for line in lines}) == 1  # values right-aligned to one column
+    assert "ASR" in table and "34.5%" in table and "0.500 -> 0.350" in table and "skipped: misclassified" in table
+    assert next(line for line in lines if line.startswith("attacked")).split() == ["attacked", "87"]
+
+
 def test_budgeted_victim_never_answers_past_its_budget():
     victim = BudgetedVictim(KeysOnName(), label=0, budget=5)
     assert len(victim.query([CODE] * 3)) == 3
@@ -98,14 +111,17 @@ def attack_cfg(tiny_pipeline):
 
 
 def test_parallel_attack_equals_serial_and_is_logged(attack_cfg, tmp_path):
-    from moekd_ray.recipes.attack import run_attack
+    from moekd_ray.recipes.attack import run_attack, summary_table
 
     cfg, result = attack_cfg
     serial = run_attack(cfg.with_values({"attack.workers": 1}), result.run_id, log=lambda *_: None)
-    parallel = run_attack(cfg.with_values({"attack.workers": 2}), result.run_id, log=lambda *_: None)
+    lines = []
+    parallel = run_attack(cfg.with_values({"attack.workers": 2}), result.run_id, log=lines.append)
     keys = ("index", "status", "queries", "renamed", "adversarial")
     assert [tuple(r[k] for k in keys) for r in serial.rows] == [tuple(r[k] for k in keys) for r in parallel.rows]
     s = serial.summary
+    assert s["attacked"] >= 1, s  # else the equality above compares only skipped functions
+    assert lines[-1] == summary_table("mhm", parallel.summary)  # `moekd attack` ends with the table
     assert s["functions"] == 12
     assert s["attacked"] + s["skipped_misclassified"] + s["skipped_no_identifiers"] == 12
     assert all(r["queries"] <= 20 for r in serial.rows)

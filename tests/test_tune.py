@@ -1,7 +1,10 @@
 """A tiny search through real Ray Tune (ASHA), real Ray Train + DeepSpeed per trial and a real MLflow store,
 starting from the tiny pipeline run's cached experts; 4 trials run at once against one SQLite store."""
 
+import json
+
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -47,6 +50,8 @@ def test_every_trial_has_a_nested_run_with_params_and_epochs(search):
 
 
 def test_trials_ran_concurrently(search):
+    """Epoch metrics carry the time Tune received them, so a trial ran from (last report - trial_seconds) to its
+    last report; all 4 trials fit at once (4 x 0.46 CPU <= 2) and start together, before ASHA's first rung."""
     cfg, result = search
     client, trials = trial_runs(cfg, result)
     spans = []
@@ -54,8 +59,93 @@ def test_trials_ran_concurrently(search):
         history = client.get_metric_history(run.info.run_id, "val_loss")
         end = max(m.timestamp for m in history) / 1000
         spans.append((end - run.data.metrics["trial_seconds"], end))
-    overlapping = sum(1 for a in spans for b in spans if a is not b and a[0] < b[1] and b[0] < a[1])
-    assert overlapping > 0, spans
+    # Report times are whole seconds: a trial counts as running at another's start within 1 s of its own span.
+    at_once = max(sum(1 for s, e in spans if s - 1 <= start < e + 1) for start, _ in spans)
+    assert at_once == 4, spans
+    parent = {a.path for a in client.list_artifacts(result.parent_run_id)}
+    assert "search_T_vs_metric.png" in parent
+
+
+NAMES = ["len", "count", "size", "idx", "pos", "val", "tmp", "res", "cur", "off", "num", "end"]
+
+
+def keyed_functions(n: int, seed: int) -> list[dict]:
+    """Vulnerable exactly when the buffer parameter is called `buf`: a student that learns this keys on a name,
+    so renaming it flips the student (the tiny Devign students predict one class whatever the input: ASR 0)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        a, b, c = rng.choice(NAMES, 3, replace=False)
+        key = "buf" if i % 2 == 0 else str(rng.choice(["dst", "out", "data"]))
+        rows.append({"target": int(key == "buf"), "func": f"int f{i}(char *{key}, int {a}) {{\n  int {b} = {a} + "
+                     f"{rng.integers(9)};\n  int {c};\n  for ({c} = 0; {c} < {b}; {c}++) {key}[{c}] = {a};\n"
+                     f"  return {b};\n}}"})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def robust_search(tiny_pipeline, tmp_path_factory):
+    """The robust objective on a tiny pipeline run over keyed functions: 3 epochs, ASHA on val_f1 at epoch 2,
+    each trial that finishes attacked by MHM on the same 8 validation functions (10 queries each). lr 3e-3 learns
+    the key by epoch 2 (so it can be flipped), 1e-4 does not (and ASHA stops it, or it predicts one class)."""
+    from moekd_ray.recipes.pipeline import run_pipeline
+
+    cfg, _ = tiny_pipeline
+    tmp = tmp_path_factory.mktemp("keyed")
+    for split, n, seed in (("train", 256, 0), ("valid", 48, 1), ("test", 48, 2)):
+        (tmp / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in keyed_functions(n, seed)))
+    tree = cfg.model_dump(mode="json")
+    tree.update(name="tiny-keyed", output_dir=str(tmp / "runs"))
+    tree["data"] = {"dir": str(tmp)}
+    tree["experts"]["schedule"].update(epochs=4, lr=3e-3)
+    pipeline = run_pipeline(type(cfg).model_validate(tree), log=lambda *_: None)
+    tree["distill"]["schedule"].update(epochs=3, batch_size=4)
+    tree["distill"]["resources"] = {"num_workers": 1, "cpus_per_worker": 0.45}
+    tree["attack"].update(method="mhm", query_budget=10, candidates=4, vocab_rows=200)
+    tree["tune"] = {
+        "from_run": pipeline.run_id, "num_samples": 4, "max_concurrent": 4, "metric": "robust_f1",
+        "robustness_weight": 0.5, "attack_n": 8, "grace_period": 2, "reduction_factor": 2, "register_best": False,
+        "space": {"distill.schedule.lr": {"dist": "choice", "values": [1e-4, 3e-3]},
+                  "distill.temperature": {"dist": "choice", "values": [1, 4]}},
+    }
+    tune_cfg = type(cfg).model_validate(tree)
+    return tune_cfg, run_search(tune_cfg, log=lambda *_: None)
+
+
+def test_robust_objective_is_val_f1_minus_weighted_asr_and_ranks_trials(robust_search):
+    cfg, result = robust_search
+    client, trials = trial_runs(cfg, result)
+    assert len(trials) == 4
+    objectives = []
+    for run in trials:
+        m = run.data.metrics
+        epochs = len(client.get_metric_history(run.info.run_id, "val_f1"))
+        if epochs < cfg.distill.schedule.epochs:  # stopped by ASHA: never attacked, so no objective
+            assert "objective" not in m and "asr" not in m
+            continue
+        assert 0 <= m["asr"] <= 1 and m["asr_seconds"] > 0 and m["asr_attacked"] <= 8
+        assert m["objective"] == m["val_f1"] - 0.5 * m["asr"]  # exactly: the last epoch's val_f1
+        objectives.append((m["objective"], m["asr"]))
+    assert any(asr > 0 for _, asr in objectives), f"no student was flipped: {objectives}"
+    best = max(o for o, _ in objectives)
+    assert result.best_metrics["objective"] == best
+    parent = client.get_run(result.parent_run_id).data.metrics
+    assert parent["best.objective"] == best and parent["best.asr"] == result.best_metrics["asr"]
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["tune.robustness_weight=0.5"], ["tune:", "robustness_weight", "robust_f1"]),
+    (["tune.attack_n=10"], ["tune:", "attack_n", "robust_f1"]),
+    (["tune.metric=robust_f1"], ["tune:", "robust_f1 needs robustness_weight"]),
+    (["tune.metric=robust_f1", "tune.robustness_weight=0"], ["tune.robustness_weight", "greater than 0"]),
+])
+def test_bad_robust_objective_is_one_line(tmp_path, capsys, overrides, words):
+    path = tmp_path / "tune.yaml"
+    path.write_text("name: x\n")
+    assert main(["validate", str(path), *overrides]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("moekd: error:")
+    assert all(w in err for w in words), err
 
 
 def test_best_student_is_registered_and_loads(search):

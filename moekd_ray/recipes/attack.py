@@ -159,6 +159,30 @@ def sample_examples(cfg: MoEKDConfig) -> tuple[list[tuple[int, str, int]], list[
     return examples, pool
 
 
+def validation_sample(cfg: MoEKDConfig, funcs: dict[str, list[str]], valid_labels, n: int) -> dict:
+    """What every trial of a search attacks its student on: one seeded sample of `n` validation functions (the
+    same for every trial, so trials' ASRs compare) and the substitute pool from training code."""
+    rng = np.random.default_rng(cfg.seed)
+    picked = sorted(rng.choice(len(funcs["valid"]), size=min(n, len(funcs["valid"])), replace=False).tolist())
+    return {"examples": [(i, funcs["valid"][i], int(valid_labels[i])) for i in picked],
+            "pool": identifier_vocabulary(funcs["train"][: cfg.attack.vocab_rows], max_size=cfg.attack.vocab_size)}
+
+
+def attack_trial_student(checkpoint, folder: Path, tokenizer, cfg: MoEKDConfig, sample: dict, method: str,
+                         budget: int) -> dict:
+    """A search trial's student: its checkpoint and tokenizer into `folder` (a loadable student), attacked with
+    `method` at `budget` queries a function on `validation_sample`'s examples in this process; the summary."""
+    from moekd_ray.recipes.pipeline import copy_atomically
+
+    copy_atomically(checkpoint, folder)
+    tokenizer.save_pretrained(str(folder / "tokenizer"))
+    attack = cfg.attack.model_copy(update={"method": method, "query_budget": budget})
+    worker = AttackWorker(str(folder), "student", attack.model_dump(mode="json"), sample["pool"], cfg.seed,
+                          cfg.eval.batch_size)
+    start = time.perf_counter()
+    return summarize(worker.attack(sample["examples"]), time.perf_counter() - start)
+
+
 def attack_model(cfg: MoEKDConfig, folder: Path, target: str, name: str, log=print) -> tuple[list[dict], dict]:
     """Attack the model in `folder` (see attacks.victim.load_victim); return every example's row and the summary."""
     load_victim(folder, target)  # a model that cannot be loaded: one line here, not a dead actor's traceback
@@ -169,9 +193,7 @@ def attack_model(cfg: MoEKDConfig, folder: Path, target: str, name: str, log=pri
         ray_runtime.init_ray(cfg)
     start = time.perf_counter()
     rows = attack_examples(folder, target, cfg, examples, pool, log)
-    summary = summarize(rows, time.perf_counter() - start)
-    log(format_summary(cfg.attack.method, summary))
-    return rows, summary
+    return rows, summarize(rows, time.perf_counter() - start)
 
 
 def log_attack(rows: list[dict], summary: dict, attack: AttackConfig, tracker: tracking.Tracker, folder: Path,
@@ -208,7 +230,27 @@ def run_attack(cfg: MoEKDConfig, model: str, target: str = "student", log=print)
         record_evidence(mlflow.MlflowClient(), *version, {
             f"metric.asr_{m}": f"{summary['asr']:.6g}", f"metric.robust_accuracy_{m}": f"{summary['robust_accuracy']:.6g}",
             f"moekd.attack_run_{m}": run_id})
+    log(summary_table(cfg.attack.method, summary))
     return AttackReport(summary, rows, run_id)
+
+
+def summary_table(method: str, s: dict) -> str:
+    """The summary as an aligned two-column table: what `moekd attack` prints last."""
+    rows = [
+        ("attack", method),
+        ("functions sampled", str(s["functions"])),
+        ("attacked", str(s["attacked"])),
+        ("skipped: misclassified", str(s["skipped_misclassified"])),
+        ("skipped: no identifiers", str(s["skipped_no_identifiers"])),
+        ("ASR", f"{s['asr']:.1%}"),
+        ("mean queries", f"{s['mean_queries']:.1f}"),
+        ("mean renamed", f"{s['mean_renamed']:.2f}"),
+        ("accuracy -> robust", f"{s['clean_accuracy']:.3f} -> {s['robust_accuracy']:.3f}"),
+        ("seconds", f"{s['seconds']:.1f}"),
+        ("attacks/s", f"{s['attacks_per_s']:.2f}"),
+    ]
+    key_w, value_w = max(len(k) for k, _ in rows), max(len(v) for _, v in rows)
+    return "\n".join(f"{k:<{key_w}}  {v:>{value_w}}" for k, v in rows)
 
 
 def format_summary(method: str, s: dict) -> str:

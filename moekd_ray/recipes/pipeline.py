@@ -158,10 +158,11 @@ def run_pipeline(cfg: MoEKDConfig, log=print, resume: str | None = None) -> Pipe
 
         student_row = next(r for r in rows if r["model"] == "student")
         if cfg.attack.in_pipeline:
-            from moekd_ray.recipes.attack import attack_model, log_attack
+            from moekd_ray.recipes.attack import attack_model, format_summary, log_attack
 
             with timer("attack"), tracker.stage(f"attack_{cfg.attack.method}"):
                 attack_rows, summary = attack_model(cfg, run_dir.resolve(), "student", "student", log)
+                log(format_summary(cfg.attack.method, summary))
                 log_attack(attack_rows, summary, cfg.attack, tracker, run_dir)
             student_row.update({f"{k}_{cfg.attack.method}": summary[k] for k in ("asr", "robust_accuracy")})
             tracker.log_metrics({f"student.{k}_{cfg.attack.method}": summary[k] for k in ("asr", "robust_accuracy")})

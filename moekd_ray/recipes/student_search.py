@@ -29,14 +29,12 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from moekd_ray import ray_runtime, tracking
-from moekd_ray.attacks.identifiers import identifier_vocabulary
 from moekd_ray.config import ArchConfig, MoEKDConfig, format_validation_error
 from moekd_ray.data import dataset_hash
 from moekd_ray.metrics import axes, classification_metrics, finish
 from moekd_ray.models import build_model, load_model, num_params, size_mb
-from moekd_ray.recipes.attack import AttackWorker, summarize
+from moekd_ray.recipes.attack import attack_trial_student, validation_sample
 from moekd_ray.recipes.distill import distill_trainer
-from moekd_ray.recipes.pipeline import copy_atomically
 from moekd_ray.recipes.tune import source_run
 from moekd_ray.tokenization import encode, train_bpe
 from moekd_ray.train_loop import latency_p50_ms, predict_logits, probs1
@@ -95,14 +93,8 @@ def run_student_trial(values: dict, base: dict, refs: dict) -> None:
     result = distill_trainer(tcfg, enc, labels, ray.get(refs["teacher"]), name, refs["storage"]).fit()
     last = ray_runtime.epoch_rows(result)[-1]
     folder = Path(refs["storage"]) / name / "student"
-    copy_atomically(result.checkpoint, folder)
-    tok.save_pretrained(str(folder / "tokenizer"))
+    outcome = attack_trial_student(result.checkpoint, folder, tok, cfg, refs["sample"], s.asr_attack, s.asr_budget)
     latency = latency_p50_ms(load_model(folder), enc["valid"], threads=1, n=50)
-    attack = cfg.attack.model_copy(update={"method": s.asr_attack, "query_budget": s.asr_budget})
-    worker = AttackWorker(str(folder), "student", attack.model_dump(mode="json"), refs["pool"], cfg.seed,
-                          cfg.eval.batch_size)
-    start = time.perf_counter()
-    outcome = summarize(worker.attack(refs["examples"]), time.perf_counter() - start)
     tune.report({"feasible": 1, "violation": "", "size_mb": mb, "val_f1": float(last["val_f1"]),
                  "val_accuracy": float(last["val_accuracy"]), "latency_ms": latency, "asr": outcome["asr"],
                  "asr_attacked": outcome["attacked"], "params": num_params(load_model(folder)),
@@ -117,8 +109,6 @@ def run_student_search(cfg: MoEKDConfig, log=print) -> StudentSearchResult:
     src = source_run(cfg, s.from_run, "student_search.from_run", log)
     funcs = {split: list(src.data[split]["func"]) for split in ("train", "valid", "test")}
     tokenizers = {v: train_bpe(funcs["train"], v, max(s.max_length)) for v in s.vocab_size}
-    rng = np.random.default_rng(cfg.seed)
-    picked = sorted(rng.choice(len(funcs["valid"]), size=min(s.asr_n, len(funcs["valid"])), replace=False).tolist())
     name = f"student-search-{cfg.name}-{cfg.digest()}"
     storage = cfg.ray.storage_path or str((Path(cfg.output_dir) / "student_search").resolve())
     refs = {
@@ -126,8 +116,7 @@ def run_student_search(cfg: MoEKDConfig, log=print) -> StudentSearchResult:
         "funcs": ray.put({split: funcs[split] for split in ("train", "valid")}),
         "labels": ray.put({split: src.labels[split] for split in ("train", "valid")}),
         "teacher": ray.put(src.cache["train"]["soft_targets"]),
-        "examples": [(i, funcs["valid"][i], int(src.labels["valid"][i])) for i in picked],
-        "pool": identifier_vocabulary(funcs["train"][: cfg.attack.vocab_rows], max_size=cfg.attack.vocab_size),
+        "sample": validation_sample(cfg, funcs, src.labels["valid"], s.asr_n),
         "search_name": name, "storage": storage,
     }
     space = {key: tune.choice(getattr(s, key)) for key in SPACE_KEYS}

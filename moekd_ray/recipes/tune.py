@@ -8,10 +8,16 @@ temperature (`recipes.aggregate.expert_weights`), softens the mixture at its T, 
 Train TorchTrainer with DeepSpeed (`recipes.distill.distill_trainer`), whose per-epoch metrics reach Tune through
 `TuneReportCallback` (Train V2: the function trainable builds and fits the trainer). Trials are logged to MLflow
 from the driver after the search, so concurrent trials never write to a SQLite store at once.
+
+`tune.metric: robust_f1` also counts robustness: after its last epoch a trial attacks its student (`attack.method`,
+`attack.query_budget`) on one seeded sample of `tune.attack_n` validation functions, the same for every trial, and
+reports objective = val_f1 - `tune.robustness_weight` x ASR as its final result. ASHA cannot stop on a value that
+exists only after the last epoch, so it stops on per-epoch val_f1 and the objective ranks the finished trials.
 """
 
 from __future__ import annotations
 
+import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -33,10 +39,15 @@ from moekd_ray.errors import ConfigError
 from moekd_ray.metrics import classification_metrics, scatter_figure
 from moekd_ray.models import load_model, num_params, size_mb
 from moekd_ray.recipes.aggregate import expert_weights, load_soft_targets
+from moekd_ray.recipes.attack import attack_trial_student, validation_sample
 from moekd_ray.recipes.distill import distill_trainer
 from moekd_ray.router import mixture_probs
 from moekd_ray.tokenization import encode, train_bpe
 from moekd_ray.train_loop import predict_logits, probs1
+
+
+ROBUST = "robust_f1"
+ATTACK_N = 30  # tune.attack_n when unset
 
 
 @dataclass
@@ -47,16 +58,34 @@ class SearchResult:
     parent_run_id: str
 
 
+class ObjectiveLater(TuneReportCallback):
+    """Per-epoch results with objective=NaN: Tune wants a search algorithm's metric (Optuna's) in every result,
+    and the robust objective exists only in a trial's final result, after its student was attacked."""
+
+    def after_report(self, run_context, metrics, checkpoint):
+        super().after_report(run_context, [{**metrics[0], "objective": float("nan")}], checkpoint)
+
+
 def run_trial(values: dict, base: dict, refs: dict) -> None:
-    """Tune function trainable: one student distilled from the cached experts at this trial's values."""
+    """Tune function trainable: one student distilled from the cached experts at this trial's values (with
+    robust_f1, then attacked, and the objective reported as the trial's final result)."""
     cfg = MoEKDConfig.model_validate(base).with_values(values)
+    robust = cfg.tune.metric == ROBUST
     cache = ray.get(refs["cache"])
     weights = torch.from_numpy(expert_weights(cfg, cache["gate_logits"]))
     teacher = mixture_probs(torch.from_numpy(np.array(cache["expert_logits"])), weights, cfg.distill.temperature).numpy()
     name = f"{refs['search_name']}-{tune.get_context().get_trial_id()}"
     trainer = distill_trainer(cfg, ray.get(refs["enc"]), ray.get(refs["labels"]), teacher, name, refs["storage"],
-                              callbacks=[TuneReportCallback()])
-    trainer.fit()
+                              callbacks=[ObjectiveLater() if robust else TuneReportCallback()])
+    result = trainer.fit()
+    if robust:
+        last = ray_runtime.epoch_rows(result)[-1]
+        s = attack_trial_student(result.checkpoint, Path(refs["storage"]) / name / "student",
+                                 ray.get(refs["tokenizer"]), cfg, refs["sample"], cfg.attack.method,
+                                 cfg.attack.query_budget)
+        tune.report({"val_f1": last["val_f1"], "val_accuracy": last["val_accuracy"], "asr": s["asr"],
+                     "asr_attacked": s["attacked"], "asr_seconds": s["seconds"],
+                     "objective": last["val_f1"] - cfg.tune.robustness_weight * s["asr"]})
 
 
 def search_space(cfg: MoEKDConfig) -> dict:
@@ -71,26 +100,40 @@ def search_space(cfg: MoEKDConfig) -> dict:
     return space
 
 
+def objective(cfg: MoEKDConfig) -> tuple[str, str]:
+    """The key of a trial's result that ranks trials, and its direction."""
+    if cfg.tune.metric == ROBUST:
+        return "objective", "max"
+    return cfg.tune.metric, "min" if cfg.tune.metric == "val_loss" else "max"
+
+
 def make_tuner(cfg: MoEKDConfig, trainable, name: str, storage: str) -> tune.Tuner:
     t = cfg.tune
-    mode = "min" if t.metric == "val_loss" else "max"
-    if t.scheduler == "asha":
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=cfg.distill.schedule.epochs,
-                                  grace_period=t.grace_period, reduction_factor=t.reduction_factor)
+    epochs = cfg.distill.schedule.epochs
+    metric, mode = objective(cfg)
+    asha = {"time_attr": "training_iteration", "grace_period": t.grace_period, "reduction_factor": t.reduction_factor}
+    if t.metric != ROBUST:
+        scheduler = ASHAScheduler(max_t=epochs, **asha) if t.scheduler == "asha" else FIFOScheduler()
+        by_tune, by_search = {"metric": metric, "mode": mode}, {}
     else:
-        scheduler = FIFOScheduler()
+        # The objective exists only in the final result: ASHA stops on per-epoch val_f1, at the rungs below the
+        # last epoch (those it uses with max_t=epochs, whose rung at max_t never fires: it stops there first) and
+        # never at the last epoch (stop_last_trials=False), so every trial that reaches it gets attacked.
+        scheduler = FIFOScheduler()  # also for ASHA with grace_period >= epochs: it could stop nobody
+        if t.scheduler == "asha" and t.grace_period < epochs:
+            scheduler = ASHAScheduler(metric="val_f1", mode="max", max_t=epochs - 1, stop_last_trials=False, **asha)
+        by_tune, by_search = {}, {"metric": metric, "mode": mode}  # Optuna learns from the final objective
     if t.search == "optuna":
         from ray.tune.search import ConcurrencyLimiter
         from ray.tune.search.optuna import OptunaSearch
 
-        search = ConcurrencyLimiter(OptunaSearch(seed=cfg.seed), max_concurrent=t.max_concurrent)
+        search = ConcurrencyLimiter(OptunaSearch(seed=cfg.seed, **by_search), max_concurrent=t.max_concurrent)
     else:
         search = BasicVariantGenerator(random_state=cfg.seed, max_concurrent=t.max_concurrent)
     return tune.Tuner(
         trainable,
         param_space=search_space(cfg),
-        tune_config=tune.TuneConfig(metric=t.metric, mode=mode, scheduler=scheduler, search_alg=search,
-                                    num_samples=t.num_samples),
+        tune_config=tune.TuneConfig(scheduler=scheduler, search_alg=search, num_samples=t.num_samples, **by_tune),
         run_config=tune.RunConfig(name=name, storage_path=storage),
     )
 
@@ -155,6 +198,10 @@ def run_search(cfg: MoEKDConfig, resume: bool = False, log=print) -> SearchResul
         "labels": ray.put({s: labels[s] for s in ("train", "valid")}),
         "search_name": name, "storage": storage,
     }
+    robust = cfg.tune.metric == ROBUST
+    if robust:
+        refs["tokenizer"] = ray.put(tokenizer)
+        refs["sample"] = validation_sample(cfg, funcs, labels["valid"], cfg.tune.attack_n or ATTACK_N)
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=cfg.model_dump(mode="json"), refs=refs),
                                     {"cpu": ray_runtime.TRIAL_CPU})
     start = time.perf_counter()
@@ -167,8 +214,8 @@ def run_search(cfg: MoEKDConfig, resume: bool = False, log=print) -> SearchResul
     grid = tuner.fit()
     search_seconds = time.perf_counter() - start
 
-    mode = "min" if cfg.tune.metric == "val_loss" else "max"
-    best = grid.get_best_result(cfg.tune.metric, mode, scope="last")
+    metric, mode = objective(cfg)
+    best = grid.get_best_result(metric, mode, scope="last")  # NaN (a robust trial ASHA stopped) never wins
     trials = [r for r in grid if r.metrics]
     source_runs = mlflow.tracking.MlflowClient().search_runs(
         [mlflow.get_experiment_by_name(cfg.mlflow.experiment).experiment_id],
@@ -179,13 +226,23 @@ def run_search(cfg: MoEKDConfig, resume: bool = False, log=print) -> SearchResul
         for result in trials:
             with tracking.stage_run(f"trial_{result.metrics['trial_id']}", result.config):
                 rows = result.metrics_dataframe.to_dict("records")
+                epochs = [r for r in rows if not math.isnan(r.get("epoch", math.nan))]  # not the robust final row
+                # Stamped with the time Tune got each report (not now), so the history shows when trials ran.
                 tracking.log_epochs([{k: v for k, v in r.items() if k.startswith(("val_", "train_loss"))} |
-                                     {"epoch": r["epoch"]} for r in rows])
+                                     {"epoch": r["epoch"]} for r in epochs],
+                                    timestamps=[int(r["timestamp"]) * 1000 for r in epochs])
                 mlflow.log_metric("trial_seconds", float(rows[-1]["time_total_s"]))
+                final = rows[-1]
+                if robust and not math.isnan(final.get("objective", math.nan)):  # attacked (not stopped by ASHA)
+                    mlflow.log_metrics({k: float(final[k]) for k in ("asr", "asr_attacked", "asr_seconds",
+                                                                     "objective")},
+                                       timestamp=int(final["timestamp"]) * 1000)
+        ranked = [r for r in trials if math.isfinite(r.metrics.get(metric, math.nan))]
         tracking.log_figure(scatter_figure(
-            [r.config.get("distill.temperature", cfg.distill.temperature) for r in trials],
-            [r.metrics[cfg.tune.metric] for r in trials], "distillation temperature T", cfg.tune.metric,
-            "each point a trial (last reported epoch)"), "search_T_vs_metric.png")
+            [r.config.get("distill.temperature", cfg.distill.temperature) for r in ranked],
+            [r.metrics[metric] for r in ranked], "distillation temperature T", metric,
+            "each point a trial " + ("that ran every epoch" if robust else "(last reported epoch)")),
+            "search_T_vs_metric.png")
         trial_cost = float(np.mean([r.metrics["time_total_s"] for r in trials]))
         metrics = {"search_seconds": search_seconds, "mean_trial_seconds": trial_cost, "trials": len(trials)}
         if source_runs:
@@ -205,7 +262,8 @@ def run_search(cfg: MoEKDConfig, resume: bool = False, log=print) -> SearchResul
         shutil.copytree(checkpoints[-1], student_dir)
         student = load_model(student_dir)
         test = classification_metrics(labels["test"], probs1(predict_logits(student, enc["test"], cfg.eval.batch_size)))
-        best_metrics = {**{k: float(best.metrics[k]) for k in ("val_accuracy", "val_f1")},
+        ranking = ("val_accuracy", "val_f1") + (("asr", "objective") if robust else ())
+        best_metrics = {**{k: float(best.metrics[k]) for k in ranking},
                         **{f"test_{k}": v for k, v in test.items()}, "size_mb": size_mb(student),
                         "params": float(num_params(student))}
         mlflow.log_metrics({f"best.{k}": v for k, v in best_metrics.items()})
