@@ -112,15 +112,17 @@ def test_yaml_syntax_and_missing_file(tmp_path, capsys):
 
 def test_model_that_cannot_be_loaded_offline(tmp_path, earlier_run, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    code = main(["run", "jobs/quickstart.yaml", f"output_dir={tmp_path / 'runs'}", "data.train_rows=50",
+    before = snapshot(earlier_run)
+    code = main(["run", "jobs/quickstart.yaml", f"output_dir={earlier_run}", "data.train_rows=50",
                  "data.eval_rows=20", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlruns.db'}",
                  'experts.models=[{"source": "pretrained", "name_or_path": "microsoft/codebert-base"}, '
                  '{"source": "pretrained", "name_or_path": "microsoft/codebert-base"}]'])
     check(capsys, code, ["microsoft/codebert-base", "cannot be loaded"])
+    assert snapshot(earlier_run) == before and not any(earlier_run.glob("quickstart-*"))
 
 
 @pytest.mark.skipif(not default_data_dir().is_dir(), reason="needs the Devign data")
-def test_checkpoint_of_another_architecture(tmp_path, capsys):
+def test_checkpoint_of_another_architecture(tmp_path, earlier_run, capsys):
     import transformers
 
     from moekd_ray.config import ArchConfig
@@ -135,6 +137,9 @@ def test_checkpoint_of_another_architecture(tmp_path, capsys):
     # transformers' own report of the mismatch goes to the stderr its handler captured in an earlier test.
     transformers.logging.set_verbosity_error()
     capsys.readouterr()
+    before = snapshot(earlier_run), snapshot(folder)
     code = main(["attack", "--model", str(folder), "--n", "2", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}",
-                 "attack.workers=1"])
+                 "attack.workers=1", f"output_dir={earlier_run}"])
     check(capsys, code, [str(folder), "cannot be loaded"])
+    assert (snapshot(earlier_run), snapshot(folder)) == before
+
