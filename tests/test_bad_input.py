@@ -143,3 +143,24 @@ def test_checkpoint_of_another_architecture(tmp_path, earlier_run, capsys):
     check(capsys, code, [str(folder), "cannot be loaded"])
     assert (snapshot(earlier_run), snapshot(folder)) == before
 
+
+def test_pretrained_weights_that_are_not_safetensors(tmp_path, earlier_run, capsys):
+    """A pickled pytorch_model.bin could run code when unpickled: only safetensors weights are loaded."""
+    import torch
+
+    from moekd_ray.config import ArchConfig
+    from moekd_ray.models import build_model
+    from moekd_ray.tokenization import train_bpe
+
+    folder = tmp_path / "model"
+    model = build_model(ArchConfig(**json.loads(TINY)), 0)
+    model.config.save_pretrained(str(folder))
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")  # what older checkpoints on the hub hold
+    train_bpe(["int f(int a) { return a; }"] * 20, 300, 32).save_pretrained(str(folder))
+    before = snapshot(earlier_run), snapshot(folder)
+    code = main(["run", "jobs/quickstart.yaml", f"output_dir={earlier_run}", "data.train_rows=50", "data.eval_rows=20",
+                 f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlruns.db'}",
+                 f'experts.models=[{{"source": "pretrained", "name_or_path": "{folder}"}}]', "experts.k=1"])
+    check(capsys, code, [str(folder), "safetensors"])
+    assert (snapshot(earlier_run), snapshot(folder)) == before and not any(earlier_run.glob("quickstart-*"))
+

@@ -25,7 +25,7 @@ from moekd_ray.attacks.identifiers import identifier_vocabulary
 from moekd_ray.augment import with_renamed_copies
 from moekd_ray.data import dataset_hash, describe, load_devign
 from moekd_ray.metrics import classification_metrics, confusion_matrix_figure
-from moekd_ray.models import load_model, num_params, size_mb
+from moekd_ray.models import build_model, load_model, num_params, size_mb
 from moekd_ray.partition import code_features, partition, partition_table
 from moekd_ray.recipes.aggregate import aggregate, fit_gate, load_soft_targets, save_soft_targets
 from moekd_ray.recipes.distill import distill_student
@@ -51,8 +51,11 @@ def run_pipeline(cfg: MoEKDConfig, log=print, resume: str | None = None) -> Pipe
     experiment_id = tracking.connect(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)  # fail before any work
     run_dir, parent_id = resume_target(cfg, resume) if resume else (
         Path(cfg.output_dir) / f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}-{cfg.digest()}", None)
-    for spec in {s.name_or_path for s in cfg.experts.specs() if isinstance(s, PretrainedConfig)}:
-        load_tokenizer(spec)  # a model that cannot be had (offline, misspelt) fails here, before any work
+    # A model that cannot be had (offline, misspelt, weights not safetensors) fails here, before any work; loading
+    # it once in the driver costs seconds.
+    for spec in {s.name_or_path: s for s in cfg.experts.specs() if isinstance(s, PretrainedConfig)}.values():
+        load_tokenizer(spec.name_or_path)
+        build_model(spec, cfg.seed)
     data = load_devign(cfg.data, cfg.seed)
     log(f"data: {describe(data)}")
     if not resume:
