@@ -164,3 +164,22 @@ def test_pretrained_weights_that_are_not_safetensors(tmp_path, earlier_run, caps
     check(capsys, code, [str(folder), "safetensors"])
     assert (snapshot(earlier_run), snapshot(folder)) == before and not any(earlier_run.glob("quickstart-*"))
 
+
+CLI_CASES = {
+    "unknown subcommand": (["frobnicate"], "invalid choice: 'frobnicate'"),
+    "unknown flag": (["run", "jobs/quickstart.yaml", "--bogus"], "unrecognized arguments: --bogus"),
+    "bad value for a typed flag": (["attack", "--model", "x", "--n", "abc"], "argument --n: invalid int value: 'abc'"),
+}
+
+
+@pytest.mark.parametrize("kind", list(CLI_CASES))
+def test_bad_command_line(kind):
+    """The installed entry point's own process: argparse's usage block is not printed, only the one line."""
+    import subprocess
+    import sys
+
+    args, expect = CLI_CASES[kind]
+    done = subprocess.run([sys.executable, "-m", "moekd_ray.cli", *args], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stdout == "", done
+    assert done.stderr.splitlines() == [done.stderr.strip()] and done.stderr.startswith("moekd: error: "), done.stderr
+    assert expect in done.stderr and "--help" in done.stderr
