@@ -89,19 +89,41 @@ def restored_state() -> tuple[Path | None, list[dict]]:
     return folder, json.loads((folder / HISTORY_FILE).read_text())
 
 
-def maybe_inject_fault(config: dict, epoch: int) -> None:
-    """Testing (ray.fault_injection = "<run>:<epoch>"): rank 0 of that run exits hard, once, after reporting the
-    epoch, as a killed worker process would. The marker file makes "once" survive the restart."""
-    if config.get("fault_injection") != f"{config['name']}:{epoch}" or ray.train.get_context().get_world_rank() != 0:
-        return
+def inject_fault(config: dict, step: Callable, steps_done: int) -> Callable:
+    """Testing (ray.fault_injection = "<run>:<step>"): `step` (backward + optimizer step) wrapped so that rank 0 of
+    that run exits hard, once, on reaching that optimizer step (counted over the whole run, from 1): mid-epoch, as a
+    killed worker process would, before that epoch's checkpoint exists. `steps_done`: the steps of the epochs a
+    restart resumes after. The marker file makes "once" survive the restart."""
+    run, _, at = (config.get("fault_injection") or "").rpartition(":")
     marker = Path(config["fault_marker"])
-    if not marker.exists():
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(f"killed after epoch {epoch}")
-        # The controller collects reports by polling the workers: give it time to register this epoch's checkpoint,
-        # as it would have before a worker is killed while training the next epoch.
-        time.sleep(5)
-        os._exit(1)
+    if run != config["name"] or ray.train.get_context().get_world_rank() != 0 or marker.exists():
+        return step
+    done = steps_done
+
+    def step_or_exit(loss) -> None:
+        nonlocal done
+        done += 1
+        if done == int(at):
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(f"killed at step {done}")
+            _wait_until_last_checkpoint_registered()
+            os._exit(1)
+        step(loss)
+
+    return step_or_exit
+
+
+def _wait_until_last_checkpoint_registered(timeout_s: float = 60) -> None:
+    """The controller takes a report when it next polls the worker, then saves its state next to the checkpoints; a
+    worker that dies before that loses the report. A real mid-epoch failure comes long after: wait until the saved
+    state names this worker's last checkpoint (local storage, as in the tests)."""
+    last = ray.train.get_checkpoint()
+    if last is None:
+        return
+    state = Path(last.path).parent / "checkpoint_manager_snapshot.json"
+    deadline = time.monotonic() + timeout_s
+    while not (state.is_file() and Path(last.path).name in state.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def report_epoch(metrics: dict, history: list[dict], save_model: Callable[[str], None] | None) -> None:

@@ -81,6 +81,7 @@ def distill_worker(config: dict) -> None:
         engine.step()
 
     resumed_from = len(history)
+    step = ray_runtime.inject_fault(config, step, resumed_from * len(loader))
     for epoch in range(resumed_from + 1, epochs + 1):
         start_epoch(loader, epoch, config["seed"])
         stats = train_epoch(engine, loader, loss_fn, step)
@@ -97,7 +98,6 @@ def distill_worker(config: dict) -> None:
         with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
             save = engine.module.save_pretrained if ctx.get_world_rank() == 0 else None
             ray_runtime.report_epoch(metrics, history, save)
-        ray_runtime.maybe_inject_fault(config, epoch)
 
 
 def distill_trainer(cfg: MoEKDConfig, enc: dict, labels: dict, teacher_probs: np.ndarray, name: str, storage: str,
