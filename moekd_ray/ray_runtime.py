@@ -76,6 +76,8 @@ def fit_all(trainers: list[TorchTrainer]) -> tuple[list, list[float]]:
 
 HISTORY_FILE = "metrics_history.json"
 OPTIMIZER_FILE = "optimizer.pt"
+# A student checkpoint's DeepSpeed state (each rank's ZeRO shard of the optimizer): training state, not the model.
+DEEPSPEED_DIR = "deepspeed"
 
 
 def restored_state() -> tuple[Path | None, list[dict]]:
@@ -126,16 +128,18 @@ def _wait_until_last_checkpoint_registered(timeout_s: float = 60) -> None:
         time.sleep(0.1)
 
 
-def report_epoch(metrics: dict, history: list[dict], save_model: Callable[[str], None] | None) -> None:
-    """Worker side: `ray.train.report` this epoch's metrics with a checkpoint from the rank that passes
-    `save_model` (it writes the model into a folder). The checkpoint also holds every epoch's metrics so far, so
-    the history survives Ray keeping only the latest checkpoint (like HF Trainer's trainer_state.json)."""
+def report_epoch(metrics: dict, history: list[dict], save: Callable[[str], None] | None) -> None:
+    """Worker side: `ray.train.report` this epoch's metrics with a checkpoint from each rank that passes `save` (it
+    writes that rank's files into a folder; Ray merges the ranks' folders). Rank 0's part also holds every epoch's
+    metrics so far, so the history survives Ray keeping only the latest checkpoint (like HF Trainer's
+    trainer_state.json)."""
     history.append(metrics)
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
-        if save_model is not None:
-            save_model(tmp)
-            (Path(tmp) / HISTORY_FILE).write_text(json.dumps(history))
+        if save is not None:
+            save(tmp)
+            if ray.train.get_context().get_world_rank() == 0:
+                (Path(tmp) / HISTORY_FILE).write_text(json.dumps(history))
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=checkpoint)
 

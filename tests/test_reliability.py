@@ -68,16 +68,23 @@ def test_killed_expert_worker_resumes_from_its_checkpoint(ray_cluster, data, tmp
 
 
 def test_killed_distillation_worker_resumes_from_its_checkpoint(ray_cluster, data, tmp_path):
+    """DeepSpeed ZeRO-2 on 2 workers: each rank's optimizer shard is in the checkpoint and restored."""
     enc, labels = data
+    teacher = np.random.default_rng(0).dirichlet([1, 1], size=len(labels["train"])).astype(np.float32)
+
+    def distill(name, *extra):
+        run_dir = tmp_path / name
+        run_dir.mkdir()
+        cfg = config(tmp_path, "distill.zero_stage=2", "distill.resources.num_workers=2", *extra)
+        return distill_student(cfg, enc, labels, teacher, run_dir)
+
+    clean = distill("clean")
     # 96 rows over 2 workers, 16 a batch: 3 steps an epoch; step 5 is in the middle of epoch 2.
-    cfg = config(tmp_path, "ray.fault_injection=student:5", "distill.zero_stage=2", "distill.resources.num_workers=2")
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    teacher = np.full((len(labels["train"]), 2), 0.5, dtype=np.float32)
-    result = distill_student(cfg, enc, labels, teacher, run_dir)
-    assert (run_dir / "ray" / "run-student.fault_injected").read_text() == "killed at step 5"
-    rows = ray_runtime.epoch_rows(result)
+    faulty = distill("faulty", "ray.fault_injection=student:5")
+    assert (tmp_path / "faulty" / "ray" / "faulty-student.fault_injected").read_text() == "killed at step 5"
+    rows = ray_runtime.epoch_rows(faulty)
     assert [r["epoch"] for r in rows] == [1, 2, 3] and [r["resumed_from"] for r in rows] == [0, 1, 1]
+    assert_same_run(clean, faulty)
 
 
 def test_killed_driver_resumes_without_retraining_experts(ray_cluster, tmp_path):

@@ -324,9 +324,11 @@ def cached_soft_targets(path: Path, cfg: MoEKDConfig, log) -> dict | None:
 
 
 def copy_atomically(checkpoint, folder: Path) -> None:
-    """The checkpoint's files into `folder`, which appears complete or not at all."""
+    """The checkpoint's files into `folder`, which appears complete or not at all; without a student's DeepSpeed
+    state (pickles for resuming training; the folder is what gets logged and registered)."""
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     checkpoint.to_directory(str(tmp))
+    shutil.rmtree(tmp / ray_runtime.DEEPSPEED_DIR, ignore_errors=True)
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
