@@ -43,8 +43,16 @@ def describe_options(section: BaseModel | None = None, prefix: str = "") -> list
     return lines
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage mistake reported as one `moekd: error:` line (like every other bad input) instead of
+    the usage block and the error; subcommands' parsers are of this class too."""
+
+    def error(self, message: str):
+        self.exit(2, f"moekd: error: {message} (see `{self.prog} --help`)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="moekd", description="Mixture-of-Experts knowledge distillation on Ray.")
+    parser = Parser(prog="moekd", description="Mixture-of-Experts knowledge distillation on Ray.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in (("run", "run the whole pipeline"), ("validate", "validate a config without running")):

@@ -215,8 +215,8 @@ class RayConfig(_Strict):
         2, ge=0, description="Restarts of a Ray Train run after a worker dies; it resumes from its latest checkpoint."
     )
     fault_injection: str | None = Field(
-        None, description="Testing: '<run>:<epoch>' (run = expert_<k> or student) makes that run's rank-0 worker "
-        "exit hard once after that epoch."
+        None, pattern=r"^\w+:[1-9][0-9]*$", description="Testing: '<run>:<step>' (run = expert_<k> or student) makes "
+        "that run's rank-0 worker exit hard once at that optimizer step (counted over all epochs, from 1)."
     )
 
 

@@ -13,15 +13,18 @@ PAD_ID = 1  # RoBERTa layout (see tokenization.SPECIALS)
 
 
 def build_model(spec: ArchConfig | PretrainedConfig, seed: int):
-    """A fresh two-class classifier: random init from `spec`, or the pretrained weights it names."""
+    """A fresh two-class classifier: random init from `spec`, or the pretrained weights it names (safetensors only:
+    a pickled pytorch_model.bin can run code when loaded)."""
     torch.manual_seed(seed)
     if isinstance(spec, PretrainedConfig):
         try:
-            return AutoModelForSequenceClassification.from_pretrained(spec.name_or_path, num_labels=2)
+            return AutoModelForSequenceClassification.from_pretrained(spec.name_or_path, num_labels=2,
+                                                                      use_safetensors=True)
         except OSError as exc:
             raise ValueError(
-                f"model {spec.name_or_path!r} cannot be loaded ({str(exc).splitlines()[0][:160]}); download it on a "
-                "machine with hub access (or set HF_HOME to a cache holding it) or give a local folder"
+                f"model {spec.name_or_path!r} cannot be loaded ({str(exc).splitlines()[0][:160]}); its weights must "
+                "be safetensors: download it on a machine with hub access (or set HF_HOME to a cache holding it) or "
+                "give a local folder with model.safetensors"
             ) from None
     config = RobertaConfig(
         vocab_size=spec.vocab_size,

@@ -96,6 +96,8 @@ def fit_all(trainers: list[TorchTrainer]) -> tuple[list, list[float]]:
 
 HISTORY_FILE = "metrics_history.json"
 OPTIMIZER_FILE = "optimizer.pt"
+# A student checkpoint's DeepSpeed state (each rank's ZeRO shard of the optimizer): training state, not the model.
+DEEPSPEED_DIR = "deepspeed"
 
 
 def restored_state() -> tuple[Path | None, list[dict]]:
@@ -109,31 +111,55 @@ def restored_state() -> tuple[Path | None, list[dict]]:
     return folder, json.loads((folder / HISTORY_FILE).read_text())
 
 
-def maybe_inject_fault(config: dict, epoch: int) -> None:
-    """Testing (ray.fault_injection = "<run>:<epoch>"): rank 0 of that run exits hard, once, after reporting the
-    epoch, as a killed worker process would. The marker file makes "once" survive the restart."""
-    if config.get("fault_injection") != f"{config['name']}:{epoch}" or ray.train.get_context().get_world_rank() != 0:
-        return
+def inject_fault(config: dict, step: Callable, steps_done: int) -> Callable:
+    """Testing (ray.fault_injection = "<run>:<step>"): `step` (backward + optimizer step) wrapped so that rank 0 of
+    that run exits hard, once, on reaching that optimizer step (counted over the whole run, from 1): mid-epoch, as a
+    killed worker process would, before that epoch's checkpoint exists. `steps_done`: the steps of the epochs a
+    restart resumes after. The marker file makes "once" survive the restart."""
+    run, _, at = (config.get("fault_injection") or "").rpartition(":")
     marker = Path(config["fault_marker"])
-    if not marker.exists():
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(f"killed after epoch {epoch}")
-        # The controller collects reports by polling the workers: give it time to register this epoch's checkpoint,
-        # as it would have before a worker is killed while training the next epoch.
-        time.sleep(5)
-        os._exit(1)
+    if run != config["name"] or ray.train.get_context().get_world_rank() != 0 or marker.exists():
+        return step
+    done = steps_done
+
+    def step_or_exit(loss) -> None:
+        nonlocal done
+        done += 1
+        if done == int(at):
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(f"killed at step {done}")
+            _wait_until_last_checkpoint_registered()
+            os._exit(1)
+        step(loss)
+
+    return step_or_exit
 
 
-def report_epoch(metrics: dict, history: list[dict], save_model: Callable[[str], None] | None) -> None:
-    """Worker side: `ray.train.report` this epoch's metrics with a checkpoint from the rank that passes
-    `save_model` (it writes the model into a folder). The checkpoint also holds every epoch's metrics so far, so
-    the history survives Ray keeping only the latest checkpoint (like HF Trainer's trainer_state.json)."""
+def _wait_until_last_checkpoint_registered(timeout_s: float = 60) -> None:
+    """The controller takes a report when it next polls the worker, then saves its state next to the checkpoints; a
+    worker that dies before that loses the report. A real mid-epoch failure comes long after: wait until the saved
+    state names this worker's last checkpoint (local storage, as in the tests)."""
+    last = ray.train.get_checkpoint()
+    if last is None:
+        return
+    state = Path(last.path).parent / "checkpoint_manager_snapshot.json"
+    deadline = time.monotonic() + timeout_s
+    while not (state.is_file() and Path(last.path).name in state.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def report_epoch(metrics: dict, history: list[dict], save: Callable[[str], None] | None) -> None:
+    """Worker side: `ray.train.report` this epoch's metrics with a checkpoint from each rank that passes `save` (it
+    writes that rank's files into a folder; Ray merges the ranks' folders). Rank 0's part also holds every epoch's
+    metrics so far, so the history survives Ray keeping only the latest checkpoint (like HF Trainer's
+    trainer_state.json)."""
     history.append(metrics)
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
-        if save_model is not None:
-            save_model(tmp)
-            (Path(tmp) / HISTORY_FILE).write_text(json.dumps(history))
+        if save is not None:
+            save(tmp)
+            if ray.train.get_context().get_world_rank() == 0:
+                (Path(tmp) / HISTORY_FILE).write_text(json.dumps(history))
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=checkpoint)
 

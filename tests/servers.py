@@ -73,6 +73,36 @@ def start_group(cmd: list[str], log: Path, **env: str) -> subprocess.Popen:
                             start_new_session=True)
 
 
+def listening_addresses(port: int) -> set[str]:
+    """Local addresses of the TCP sockets listening on `port`, from /proc/net/tcp and tcp6."""
+    found = set()
+    for name, size in (("tcp", 4), ("tcp6", 16)):
+        table = Path("/proc/net") / name
+        if not table.exists():
+            continue
+        for line in table.read_text().splitlines()[1:]:
+            local, _, state = line.split()[1:4]
+            address, hex_port = local.split(":")
+            if state != "0A" or int(hex_port, 16) != port:  # 0A: LISTEN
+                continue
+            raw = bytes.fromhex(address)
+            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, size, 4))  # each 32-bit word is little-endian
+            family = socket.AF_INET if size == 4 else socket.AF_INET6
+            found.add(socket.inet_ntop(family, raw))
+    return found
+
+
+def other_address() -> str | None:
+    """An address of this machine that is not loopback, if it has one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))  # TEST-NET-1: nothing is sent
+            address = s.getsockname()[0]
+        except OSError:
+            return None
+    return None if address.startswith("127.") else address
+
+
 def save_tiny_student(folder: Path, seed: int = 0) -> tuple[Path, Path]:
     """A tiny random RoBERTa classifier and BPE tokenizer saved as the pipeline saves a student."""
     from moekd_ray.config import ArchConfig

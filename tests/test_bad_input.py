@@ -112,15 +112,17 @@ def test_yaml_syntax_and_missing_file(tmp_path, capsys):
 
 def test_model_that_cannot_be_loaded_offline(tmp_path, earlier_run, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    code = main(["run", "jobs/quickstart.yaml", f"output_dir={tmp_path / 'runs'}", "data.train_rows=50",
+    before = snapshot(earlier_run)
+    code = main(["run", "jobs/quickstart.yaml", f"output_dir={earlier_run}", "data.train_rows=50",
                  "data.eval_rows=20", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlruns.db'}",
                  'experts.models=[{"source": "pretrained", "name_or_path": "microsoft/codebert-base"}, '
                  '{"source": "pretrained", "name_or_path": "microsoft/codebert-base"}]'])
     check(capsys, code, ["microsoft/codebert-base", "cannot be loaded"])
+    assert snapshot(earlier_run) == before and not any(earlier_run.glob("quickstart-*"))
 
 
 @pytest.mark.skipif(not default_data_dir().is_dir(), reason="needs the Devign data")
-def test_checkpoint_of_another_architecture(tmp_path, capsys):
+def test_checkpoint_of_another_architecture(tmp_path, earlier_run, capsys):
     import transformers
 
     from moekd_ray.config import ArchConfig
@@ -135,6 +137,49 @@ def test_checkpoint_of_another_architecture(tmp_path, capsys):
     # transformers' own report of the mismatch goes to the stderr its handler captured in an earlier test.
     transformers.logging.set_verbosity_error()
     capsys.readouterr()
+    before = snapshot(earlier_run), snapshot(folder)
     code = main(["attack", "--model", str(folder), "--n", "2", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}",
-                 "attack.workers=1"])
+                 "attack.workers=1", f"output_dir={earlier_run}"])
     check(capsys, code, [str(folder), "cannot be loaded"])
+    assert (snapshot(earlier_run), snapshot(folder)) == before
+
+
+def test_pretrained_weights_that_are_not_safetensors(tmp_path, earlier_run, capsys):
+    """A pickled pytorch_model.bin could run code when unpickled: only safetensors weights are loaded."""
+    import torch
+
+    from moekd_ray.config import ArchConfig
+    from moekd_ray.models import build_model
+    from moekd_ray.tokenization import train_bpe
+
+    folder = tmp_path / "model"
+    model = build_model(ArchConfig(**json.loads(TINY)), 0)
+    model.config.save_pretrained(str(folder))
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")  # what older checkpoints on the hub hold
+    train_bpe(["int f(int a) { return a; }"] * 20, 300, 32).save_pretrained(str(folder))
+    before = snapshot(earlier_run), snapshot(folder)
+    code = main(["run", "jobs/quickstart.yaml", f"output_dir={earlier_run}", "data.train_rows=50", "data.eval_rows=20",
+                 f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlruns.db'}",
+                 f'experts.models=[{{"source": "pretrained", "name_or_path": "{folder}"}}]', "experts.k=1"])
+    check(capsys, code, [str(folder), "safetensors"])
+    assert (snapshot(earlier_run), snapshot(folder)) == before and not any(earlier_run.glob("quickstart-*"))
+
+
+CLI_CASES = {
+    "unknown subcommand": (["frobnicate"], "invalid choice: 'frobnicate'"),
+    "unknown flag": (["run", "jobs/quickstart.yaml", "--bogus"], "unrecognized arguments: --bogus"),
+    "bad value for a typed flag": (["attack", "--model", "x", "--n", "abc"], "argument --n: invalid int value: 'abc'"),
+}
+
+
+@pytest.mark.parametrize("kind", list(CLI_CASES))
+def test_bad_command_line(kind):
+    """The installed entry point's own process: argparse's usage block is not printed, only the one line."""
+    import subprocess
+    import sys
+
+    args, expect = CLI_CASES[kind]
+    done = subprocess.run([sys.executable, "-m", "moekd_ray.cli", *args], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stdout == "", done
+    assert done.stderr.splitlines() == [done.stderr.strip()] and done.stderr.startswith("moekd: error: "), done.stderr
+    assert expect in done.stderr and "--help" in done.stderr

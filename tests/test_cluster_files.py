@@ -15,7 +15,8 @@ import pytest
 import yaml
 
 from moekd_ray.config import load_config
-from servers import LOOPBACK, START_SERVER, end_group, free_port, group_alive, server_env, start_group, wait_http
+from servers import (LOOPBACK, START_SERVER, end_group, free_port, group_alive, listening_addresses, other_address,
+                     server_env, start_group, wait_http)
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
@@ -268,36 +269,6 @@ def test_start_server_warns_off_loopback_and_hides_db_password(tmp_path):
     bad = subprocess.run(["bash", str(START_SERVER), "--dry-run"], env=server_env(MLFLOW_PORT="http"),
                          capture_output=True, text=True, timeout=30)
     assert bad.returncode == 2 and "MLFLOW_PORT" in bad.stderr
-
-
-def listening_addresses(port: int) -> set[str]:
-    """Local addresses of the TCP sockets listening on `port`, from /proc/net/tcp and tcp6."""
-    found = set()
-    for name, size in (("tcp", 4), ("tcp6", 16)):
-        table = Path("/proc/net") / name
-        if not table.exists():
-            continue
-        for line in table.read_text().splitlines()[1:]:
-            local, _, state = line.split()[1:4]
-            address, hex_port = local.split(":")
-            if state != "0A" or int(hex_port, 16) != port:  # 0A: LISTEN
-                continue
-            raw = bytes.fromhex(address)
-            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, size, 4))  # each 32-bit word is little-endian
-            family = socket.AF_INET if size == 4 else socket.AF_INET6
-            found.add(socket.inet_ntop(family, raw))
-    return found
-
-
-def other_address() -> str | None:
-    """An address of this machine that is not loopback, if it has one."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            s.connect(("192.0.2.1", 9))  # TEST-NET-1: nothing is sent
-            address = s.getsockname()[0]
-        except OSError:
-            return None
-    return None if address.startswith("127.") else address
 
 
 @pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads listening sockets from /proc/net")

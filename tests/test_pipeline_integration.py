@@ -59,6 +59,11 @@ def test_distillation_ran_deepspeed_zero2_on_two_workers(tiny_run):
     assert len(client.get_metric_history(distill.info.run_id, "train_loss")) == 2  # one per epoch
     ds_config = json.loads((result.run_dir / "deepspeed_config.json").read_text())
     assert ds_config["zero_optimization"]["stage"] == 2 and ds_config["train_batch_size"] == 16
+    # Each rank's DeepSpeed state is in the Ray Train checkpoint (for resuming), not in the student folder that is
+    # logged and registered.
+    checkpoint = max(p for p in (result.run_dir / "ray").glob("*-student/checkpoint_*") if p.is_dir())
+    assert len(list(checkpoint.glob("deepspeed/*/*optim_states.pt"))) == 2
+    assert not list((result.run_dir / "student").rglob("*.pt"))
 
 
 def test_soft_targets_file_is_consistent(tiny_run):

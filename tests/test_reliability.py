@@ -1,7 +1,8 @@
-"""Failures for real. A Ray Train worker exits hard (os._exit, as a killed process would) after an epoch: Ray
-restarts the run (FailureConfig) and the workers resume from the latest checkpoint, not from epoch 0. A pipeline
-driver is SIGKILLed: `--resume` reuses what it finished. A tracking server dies mid-run: the run trains on, spooling its
-MLflow writes, and `moekd sync` completes its MLflow run."""
+"""Failures for real. A Ray Train worker exits hard (os._exit, as a killed process would) in the middle of an
+epoch: Ray restarts the run (FailureConfig) and the workers resume from the previous epoch's checkpoint, not from
+step 0, and end where an uninterrupted run ends. A pipeline driver is SIGKILLed: `--resume` reuses what it
+finished. A tracking server dies mid-run: the run trains on, spooling its MLflow writes, and `moekd sync` completes
+its MLflow run."""
 
 from pathlib import Path
 
@@ -40,36 +41,52 @@ def config(tmp_path, *extra):
                               "distill.schedule.epochs=3", "distill.schedule.batch_size=16", "ray.max_failures=1", *extra])
 
 
+TOLERANCE = 1e-5  # weights, optimizer state and shuffle order are restored: equal up to float rounding
+
+
+def assert_same_run(clean, faulty) -> None:
+    """Same per-epoch training loss and the same final weights."""
+    for a, b in zip(ray_runtime.epoch_rows(clean), ray_runtime.epoch_rows(faulty), strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=TOLERANCE)
+    with clean.checkpoint.as_directory() as a, faulty.checkpoint.as_directory() as b:
+        for pa, pb in zip(load_model(a).parameters(), load_model(b).parameters(), strict=True):
+            assert torch.allclose(pa, pb, atol=TOLERANCE)
+
+
 def test_killed_expert_worker_resumes_from_its_checkpoint(ray_cluster, data, tmp_path):
     enc, labels = data
     parts = np.zeros(len(labels["train"]), dtype=np.int64)
     clean = train_experts(config(tmp_path), [enc], labels, parts, tmp_path / "clean")[0][0]
-    faulty_cfg = config(tmp_path, "ray.fault_injection=expert_0:1")
+    # 96 rows / 16 = 6 steps an epoch: step 9 is in the middle of epoch 2, before its checkpoint.
+    faulty_cfg = config(tmp_path, "ray.fault_injection=expert_0:9")
     faulty = train_experts(faulty_cfg, [enc], labels, parts, tmp_path / "faulty")[0][0]
 
-    assert (tmp_path / "faulty" / "ray" / "faulty-expert_0.fault_injected").is_file()  # the worker did die
+    marker = tmp_path / "faulty" / "ray" / "faulty-expert_0.fault_injected"
+    assert marker.read_text() == "killed at step 9"  # the worker did die
     rows = ray_runtime.epoch_rows(faulty)
     assert [r["epoch"] for r in rows] == [1, 2, 3]
     assert [r["resumed_from"] for r in rows] == [0, 1, 1]  # epochs 2-3 ran after a restart from epoch 1
-    # Weights, optimizer state and shuffle order are restored: the result is the uninterrupted run's.
-    tolerance = 1e-5
-    for a, b in zip(ray_runtime.epoch_rows(clean), rows):
-        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=tolerance)
-    with clean.checkpoint.as_directory() as a, faulty.checkpoint.as_directory() as b:
-        for pa, pb in zip(load_model(a).parameters(), load_model(b).parameters()):
-            assert torch.allclose(pa, pb, atol=tolerance)
+    assert_same_run(clean, faulty)
 
 
 def test_killed_distillation_worker_resumes_from_its_checkpoint(ray_cluster, data, tmp_path):
+    """DeepSpeed ZeRO-2 on 2 workers: each rank's optimizer shard is in the checkpoint and restored."""
     enc, labels = data
-    cfg = config(tmp_path, "ray.fault_injection=student:2", "distill.zero_stage=2")
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    teacher = np.full((len(labels["train"]), 2), 0.5, dtype=np.float32)
-    result = distill_student(cfg, enc, labels, teacher, run_dir)
-    assert (run_dir / "ray" / "run-student.fault_injected").is_file()
-    rows = ray_runtime.epoch_rows(result)
-    assert [r["epoch"] for r in rows] == [1, 2, 3] and [r["resumed_from"] for r in rows] == [0, 0, 2]
+    teacher = np.random.default_rng(0).dirichlet([1, 1], size=len(labels["train"])).astype(np.float32)
+
+    def distill(name, *extra):
+        run_dir = tmp_path / name
+        run_dir.mkdir()
+        cfg = config(tmp_path, "distill.zero_stage=2", "distill.resources.num_workers=2", *extra)
+        return distill_student(cfg, enc, labels, teacher, run_dir)
+
+    clean = distill("clean")
+    # 96 rows over 2 workers, 16 a batch: 3 steps an epoch; step 5 is in the middle of epoch 2.
+    faulty = distill("faulty", "ray.fault_injection=student:5")
+    assert (tmp_path / "faulty" / "ray" / "faulty-student.fault_injected").read_text() == "killed at step 5"
+    rows = ray_runtime.epoch_rows(faulty)
+    assert [r["epoch"] for r in rows] == [1, 2, 3] and [r["resumed_from"] for r in rows] == [0, 1, 1]
+    assert_same_run(clean, faulty)
 
 
 def test_killed_driver_resumes_without_retraining_experts(ray_cluster, tmp_path):

@@ -2,12 +2,13 @@
 
 The ZeRO config is generated from `DistillConfig` (`deepspeed_config()`), written into the run folder, and used by
 every worker. At the end of each epoch rank 0 saves the consolidated weights (gathered under ZeRO-3) as an HF
-model in safetensors: that folder is the student.
+model in safetensors: that folder, less its deepspeed/ training state (for resuming), is the student.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -22,8 +23,11 @@ from moekd_ray import ray_runtime
 from moekd_ray.config import ArchConfig, DistillConfig, MoEKDConfig
 from moekd_ray.losses import kd_loss
 from moekd_ray.metrics import classification_metrics
-from moekd_ray.models import build_model, load_model
+from moekd_ray.models import build_model
 from moekd_ray.train_loop import make_loader, predict_logits, probs1, start_epoch, train_epoch
+
+
+DEEPSPEED_TAG = "state"  # DeepSpeed's subfolder name in each checkpoint's deepspeed/ folder
 
 
 def deepspeed_config(cfg: DistillConfig) -> dict:
@@ -52,23 +56,37 @@ def _skip_cpu_shm_build() -> None:
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
 
 
+def _weights_only_loads() -> None:
+    """DeepSpeed's checkpoint loader calls torch.load(weights_only=False), which would unpickle anything: force
+    weights-only loads in this worker, allowing the three DeepSpeed types its optimizer state holds."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    torch.serialization.add_safe_globals([LossScaler, ZeroStageEnum, fragment_address])
+
+
 def distill_worker(config: dict) -> None:
-    """Ray Train worker: DeepSpeed engine over the student, KD loss against the aggregated targets."""
+    """Ray Train worker: DeepSpeed engine over the student, KD loss against the aggregated targets. Each epoch's
+    checkpoint holds the student (rank 0, safetensors) and DeepSpeed's state (every rank its ZeRO shard of the
+    optimizer); after a restart the workers resume from its epoch, weights and optimizer state."""
     if not config["cpu_shm_comm"] and not torch.cuda.is_available():
         _skip_cpu_shm_build()
     import deepspeed
 
+    _weights_only_loads()
     torch.set_num_threads(max(int(config["threads"]), 1))
     arch = ArchConfig.model_validate(config["arch"])
     temperature, alpha, epochs = config["temperature"], config["alpha"], config["epochs"]
     ctx = ray.train.get_context()
     train, valid = ray.get(config["train"]), ray.get(config["valid"])
 
-    # After a restart: the latest checkpoint's weights and epoch (the optimizer state is not kept: its ZeRO
-    # shards would need DeepSpeed's own checkpoint format).
     restored, history = ray_runtime.restored_state()
-    model = load_model(restored) if restored else build_model(arch, config["seed"])
+    model = build_model(arch, config["seed"])
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config["ds_config"])
+    if restored:  # weights (fp32 master copies under ZeRO) and optimizer state
+        engine.load_checkpoint(str(restored / ray_runtime.DEEPSPEED_DIR), tag=DEEPSPEED_TAG)
     loader = ray.train.torch.prepare_data_loader(
         make_loader(train, config["ds_config"]["train_micro_batch_size_per_gpu"], shuffle=True, seed=config["seed"])
     )
@@ -80,7 +98,15 @@ def distill_worker(config: dict) -> None:
         engine.backward(loss)
         engine.step()
 
+    def save(folder: str) -> None:
+        engine.save_checkpoint(str(Path(folder) / ray_runtime.DEEPSPEED_DIR), tag=DEEPSPEED_TAG, save_latest=False)
+        # The gather is a collective under ZeRO-3 (every rank takes part) and a no-op for stages 0-2.
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
+            if ctx.get_world_rank() == 0:
+                engine.module.save_pretrained(folder)
+
     resumed_from = len(history)
+    step = ray_runtime.inject_fault(config, step, resumed_from * len(loader))
     for epoch in range(resumed_from + 1, epochs + 1):
         start_epoch(loader, epoch, config["seed"])
         stats = train_epoch(engine, loader, loss_fn, step)
@@ -93,11 +119,7 @@ def distill_worker(config: dict) -> None:
                    "resumed_from": resumed_from}
         print(f"[student] epoch {epoch}/{epochs}: kd loss {stats['train_loss']:.4f}, "
               f"{stats['samples_per_s']:.1f} samples/s/worker, val acc {val['accuracy']:.3f} f1 {val['f1']:.3f}")
-        # The gather is a collective under ZeRO-3 (every rank takes part) and a no-op for stages 0-2.
-        with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
-            save = engine.module.save_pretrained if ctx.get_world_rank() == 0 else None
-            ray_runtime.report_epoch(metrics, history, save)
-        ray_runtime.maybe_inject_fault(config, epoch)
+        ray_runtime.report_epoch(metrics, history, save)
 
 
 def distill_trainer(cfg: MoEKDConfig, enc: dict, labels: dict, teacher_probs: np.ndarray, name: str, storage: str,

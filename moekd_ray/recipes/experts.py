@@ -54,9 +54,10 @@ def expert_worker(config: dict) -> None:
         torch.save(optimizer.state_dict(), Path(folder) / ray_runtime.OPTIMIZER_FILE)
 
     resumed_from = len(history)  # epochs already done (0 on a fresh start)
+    step = ray_runtime.inject_fault(config, torch_step(optimizer), resumed_from * len(loader))
     for epoch in range(resumed_from + 1, sched.epochs + 1):
         start_epoch(loader, epoch, config["seed"])
-        stats = train_epoch(model, loader, weighted_ce, torch_step(optimizer))
+        stats = train_epoch(model, loader, weighted_ce, step)
         val = classification_metrics(valid["labels"], probs1(predict_logits(unwrap(model), valid, 64)))
         metrics = {"epoch": epoch, **stats, **{f"val_{k}": v for k, v in val.items()},
                    "started_at": started_at, "finished_at": time.time(), "resumed_from": resumed_from}
@@ -64,7 +65,6 @@ def expert_worker(config: dict) -> None:
               f"{stats['samples_per_s']:.1f} samples/s, val acc {val['accuracy']:.3f} f1 {val['f1']:.3f}"
               + (f" (resumed after epoch {resumed_from})" if restored else ""))
         ray_runtime.report_epoch(metrics, history, save if ctx.get_world_rank() == 0 else None)
-        ray_runtime.maybe_inject_fault(config, epoch)
 
 
 def part_arrays(enc: dict[str, np.ndarray], labels: np.ndarray, parts: np.ndarray, k: int, cfg: MoEKDConfig) -> dict:

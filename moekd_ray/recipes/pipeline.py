@@ -24,7 +24,7 @@ from moekd_ray.attacks.identifiers import identifier_vocabulary
 from moekd_ray.augment import adversarial_renamings, with_renamed_copies
 from moekd_ray.data import dataset_hash, describe, load_devign
 from moekd_ray.metrics import classification_metrics, confusion_matrix_figure
-from moekd_ray.models import load_model, num_params, size_mb
+from moekd_ray.models import build_model, load_model, num_params, size_mb
 from moekd_ray.partition import code_features, partition, partition_table
 from moekd_ray.recipes.aggregate import aggregate, fit_gate, load_soft_targets, save_soft_targets
 from moekd_ray.recipes.distill import distill_student
@@ -50,8 +50,11 @@ def run_pipeline(cfg: MoEKDConfig, log=print, resume: str | None = None) -> Pipe
     experiment_id = tracking.connect(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)  # fail before any work
     run_dir, parent_id = resume_target(cfg, resume, log) if resume else (
         Path(cfg.output_dir) / f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}-{cfg.digest()}", None)
-    for spec in {s.name_or_path for s in cfg.experts.specs() if isinstance(s, PretrainedConfig)}:
-        load_tokenizer(spec)  # a model that cannot be had (offline, misspelt) fails here, before any work
+    # A model that cannot be had (offline, misspelt, weights not safetensors) fails here, before any work; loading
+    # it once in the driver costs seconds.
+    for spec in {s.name_or_path: s for s in cfg.experts.specs() if isinstance(s, PretrainedConfig)}.values():
+        load_tokenizer(spec.name_or_path)
+        build_model(spec, cfg.seed)
     data = load_devign(cfg.data, cfg.seed)
     log(f"data: {describe(data)}")
     if not resume:
@@ -331,9 +334,11 @@ def cached_soft_targets(path: Path, cfg: MoEKDConfig, log) -> dict | None:
 
 
 def copy_atomically(checkpoint, folder: Path) -> None:
-    """The checkpoint's files into `folder`, which appears complete or not at all."""
+    """The checkpoint's files into `folder`, which appears complete or not at all; without a student's DeepSpeed
+    state (pickles for resuming training; the folder is what gets logged and registered)."""
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     checkpoint.to_directory(str(tmp))
+    shutil.rmtree(tmp / ray_runtime.DEEPSPEED_DIR, ignore_errors=True)
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)

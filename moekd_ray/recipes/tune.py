@@ -259,7 +259,7 @@ def run_search(cfg: MoEKDConfig, resume: bool = False, log=print) -> SearchResul
         trial_storage = Path(storage) / f"{name}-{best.metrics['trial_id']}"
         checkpoints = sorted(p for p in trial_storage.glob("checkpoint_*") if p.is_dir())
         shutil.rmtree(student_dir, ignore_errors=True)
-        shutil.copytree(checkpoints[-1], student_dir)
+        shutil.copytree(checkpoints[-1], student_dir, ignore=shutil.ignore_patterns(ray_runtime.DEEPSPEED_DIR))
         student = load_model(student_dir)
         test = classification_metrics(labels["test"], probs1(predict_logits(student, enc["test"], cfg.eval.batch_size)))
         ranking = ("val_accuracy", "val_f1") + (("asr", "objective") if robust else ())
