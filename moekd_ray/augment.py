@@ -23,11 +23,14 @@ from moekd_ray.attacks.identifiers import Identifiers
 from moekd_ray.tokenization import encode
 
 
-def copies_per_function(n: int, ratio: float, seed: int, rng: np.random.Generator | None = None) -> np.ndarray:
-    """How many copies each of `n` functions gets (seeded; `rng`, when given, is the seed's generator)."""
-    rng = rng or np.random.default_rng([seed, 7])
+def _copies(rng: np.random.Generator, n: int, ratio: float) -> np.ndarray:
     whole, part = int(ratio), ratio - int(ratio)
     return np.full(n, whole) + (rng.random(n) < part)
+
+
+def copies_per_function(n: int, ratio: float, seed: int) -> np.ndarray:
+    """How many copies each of `n` functions gets (seeded): the counts `renamed_variants` uses."""
+    return _copies(np.random.default_rng([seed, 7]), n, ratio)
 
 
 def renamed_variants(funcs: list[str], pool: list[str], ratio: float, seed: int,
@@ -36,7 +39,7 @@ def renamed_variants(funcs: list[str], pool: list[str], ratio: float, seed: int,
     to an attack-found renaming, used as its first copy. Functions without a renamable identifier get no copy
     (it would equal the original)."""
     rng = np.random.default_rng([seed, 7])
-    copies = copies_per_function(len(funcs), ratio, seed, rng)  # the same generator then draws the names
+    copies = _copies(rng, len(funcs), ratio)  # as copies_per_function; the same generator then draws the names
     adversarial = adversarial or {}
     variants, source = [], []
     for i in np.flatnonzero(copies):
