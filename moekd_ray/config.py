@@ -72,6 +72,7 @@ class ArchConfig(_Strict):
     num_heads: int = Field(4, ge=1, description="Attention heads; must divide hidden_size.")
     ffn_size: int = Field(512, ge=8, description="Feed-forward width.")
     max_length: int = Field(256, ge=16, le=4096, description="Tokens per function (longer ones are truncated).")
+    dropout: float = Field(0.1, ge=0, lt=1, description="Dropout of hidden states and attention weights.")
 
     @model_validator(mode="after")
     def _heads_divide_hidden(self):
@@ -88,13 +89,26 @@ class PretrainedConfig(_Strict):
     max_length: int = Field(400, ge=16, le=4096, description="Tokens per function (longer ones are truncated).")
 
 
+class NgramConfig(_Strict):
+    """A fastText-style bag of hashed C-token n-grams (EmbeddingBag -> dropout -> linear): a different inductive
+    bias from the encoder's (no order beyond n tokens, the whole function read), cheap to train on CPU."""
+
+    source: Literal["ngram"] = "ngram"
+    buckets: int = Field(2**18, ge=16, le=2**24, description="Hash buckets shared by all n-grams (embedding rows).")
+    ngram: int = Field(2, ge=1, le=4, description="Longest n-gram of C tokens (1: tokens only; 2: tokens + pairs).")
+    dim: int = Field(64, ge=2, description="Embedding width.")
+    dropout: float = Field(0.2, ge=0, lt=1, description="Dropout on the pooled embedding.")
+    max_length: int = Field(2048, ge=16, le=65536, description="N-grams read per function (from its start).")
+
+
 def _source_tag(value) -> str:
     # `source` may be left out of a YAML model block: it then means "config" (build from an architecture).
     return value.get("source", "config") if isinstance(value, dict) else getattr(value, "source", None)
 
 
 ModelSource = Annotated[
-    Union[Annotated[ArchConfig, Tag("config")], Annotated[PretrainedConfig, Tag("pretrained")]],
+    Union[Annotated[ArchConfig, Tag("config")], Annotated[PretrainedConfig, Tag("pretrained")],
+          Annotated[NgramConfig, Tag("ngram")]],
     Discriminator(_source_tag),
 ]
 
@@ -110,10 +124,26 @@ STUDENT_PRESETS: dict[str, ArchConfig] = {
 
 
 class Schedule(_Strict):
-    epochs: int = Field(1, ge=1, description="Passes over the training data.")
+    epochs: int = Field(1, ge=1, description="Passes over the training data (at most: see patience).")
     batch_size: int = Field(16, ge=1, description="Micro-batch size per worker.")
-    lr: float = Field(5e-4, gt=0, description="AdamW learning rate.")
+    lr: float = Field(5e-4, gt=0, description="AdamW peak learning rate.")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    warmup_ratio: float = Field(0.06, ge=0, le=0.5, description="Share of all steps over which the learning rate "
+                                "rises linearly from 0 to lr.")
+    decay: Literal["linear", "cosine", "none"] = Field(
+        "linear", description="After warm-up, the learning rate falls to 0 at the last step (linear, cosine) or stays.")
+    grad_clip: float | None = Field(1.0, gt=0, description="Clip the gradient's global norm to this (None: no clip).")
+    keep_best_by: Literal["auc", "accuracy", "f1", "loss", "last"] = Field(
+        "auc", description="Validation metric that picks the epoch whose weights are kept (loss: lowest cross-entropy; "
+        "last: the final epoch). auc is threshold-free, so the decision threshold can be chosen afterwards.")
+    patience: int | None = Field(
+        None, ge=1, description="Early stopping: stop after this many epochs without a better keep_best_by (None: off).")
+
+    @model_validator(mode="after")
+    def _patience_needs_metric(self):
+        if self.patience is not None and self.keep_best_by == "last":
+            raise ValueError("patience needs a validation metric to watch; set keep_best_by (e.g. auc) or drop patience")
+        return self
 
 
 class ResourcesConfig(_Strict):
@@ -138,6 +168,12 @@ class ExpertsConfig(_Strict):
         "multiplied by part_weight.",
     )
     part_weight: float = Field(4.0, ge=1, description="Loss weight of an expert's own part under all_weighted.")
+    folds: int = Field(
+        1, ge=1, le=10, description="Cross-fitting: each expert is `folds` models, each trained without one fold of "
+        "the training split and predicting that fold, so the router and the student learn from targets the experts "
+        "never trained on; on valid/test an expert is the mean of its fold models. 1: one model per expert, and the "
+        "router and student see its in-sample (memorised) outputs.",
+    )
     schedule: Schedule = Field(default_factory=Schedule, description="Expert training schedule.")
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Per expert.")
 
@@ -231,6 +267,21 @@ class MLflowConfig(_Strict):
 class EvalConfig(_Strict):
     batch_size: int = Field(64, ge=1, description="Inference batch size.")
     threads: int = Field(2, ge=1, description="Torch threads for evaluation and the throughput figure.")
+    threshold: Literal["accuracy", "f1", "mcc"] | Annotated[float, Field(gt=0, lt=1)] = Field(
+        "mcc", description="Decision threshold on P(vulnerable) of every evaluated model: the cut that maximises "
+        "validation accuracy, F1 or MCC (Matthews correlation: 0 for a one-class model, so it never picks a cut that "
+        "labels everything one class, as accuracy and F1 can on an unbalanced split), or a fixed value. The student's is moved into its weights (the registered model "
+        "then says vulnerable at P >= 0.5 exactly where the chosen cut applies) and recorded as moekd.threshold.",
+    )
+    degenerate_share: float = Field(
+        0.95, gt=0.5, le=1, description="A model that labels at least this share of the validation functions with one "
+        "class is degenerate: a warning, the tag moekd.degenerate=true, and `registry promote` refuses it.",
+    )
+    min_val_f1: float = Field(0.2, ge=0, le=1, description="A model whose validation F1 is below this is degenerate too.")
+    reference: bool = Field(
+        True, description="Fit the tfidf-lr reference (TF-IDF of C-token uni+bigrams + logistic regression, C chosen "
+        "on valid) on the same training rows and show it in the final table.",
+    )
 
 
 # -------------------------------------------------------------------------------------------------- tune
@@ -491,23 +542,32 @@ def _set_dotted(tree: dict, dotted: str, value) -> None:
 
 
 # Tags pydantic puts in an error's path for union members (experts.model.config.hidden_size): not the user's keys.
-_UNION_TAGS = {"config", "pretrained", "uniform", "loguniform", "choice"}
+_UNION_TAGS = {"config", "pretrained", "ngram", "uniform", "loguniform", "choice"}
 
 
 def format_validation_error(err: ValidationError, source: str) -> str:
     """Every problem on one line: `source: key: problem (got value); key: ...`."""
-    problems = []
+    problems: dict[str, list[str]] = {}  # per key, the union members' complaints are joined with "or"
+    seen_by_key: dict[str, str] = {}
     for e in err.errors():
-        # Drop the union tag pydantic puts in the path (experts.model.config.hidden_size -> experts.model.hidden_size).
-        where = ".".join(str(p) for p in e["loc"] if p not in _UNION_TAGS) or "(top level)"
+        # Drop the union tags pydantic puts in the path (experts.model.config.hidden_size -> experts.model.hidden_size,
+        # eval.threshold.constrained-float -> eval.threshold).
+        where = ".".join(str(p) for p in e["loc"] if p not in _UNION_TAGS and not _is_member_tag(p)) or "(top level)"
         if e["type"] == "extra_forbidden":
             hint = "unknown key; check its spelling against `moekd config`"
+        elif e["type"] == "union_tag_invalid":
+            hint = f"unknown source {e['ctx']['tag']!r}; use one of {e['ctx']['expected_tags']}"
         else:
             hint = e["msg"].removeprefix("Value error, ")
         seen = e.get("input")
-        seen_txt = "" if isinstance(seen, dict) or e["type"] == "extra_forbidden" else f" (got {seen!r})"
-        problems.append(f"{where}: {hint}{seen_txt}")
-    return f"{source}: " + "; ".join(problems)
+        seen_by_key[where] = "" if isinstance(seen, dict) or e["type"] == "extra_forbidden" else f" (got {seen!r})"
+        problems.setdefault(where, []).append(hint)
+    return f"{source}: " + "; ".join(f"{k}: {', or '.join(v)}{seen_by_key[k]}" for k, v in problems.items())
+
+
+def _is_member_tag(part) -> bool:
+    # pydantic's names for the members of a Literal-or-number union: "literal['accuracy','f1']", "constrained-float"
+    return isinstance(part, str) and (part.startswith("literal[") or part.startswith("constrained-"))
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> MoEKDConfig:

@@ -5,8 +5,59 @@ from __future__ import annotations
 import numpy as np
 
 
+def validation_metrics(labels: np.ndarray, logits: np.ndarray) -> dict[str, float]:
+    """What a training loop watches each epoch: classification_metrics at 0.5, ROC AUC and cross-entropy, from
+    logits [N, 2]."""
+    labels = np.asarray(labels)
+    z = np.asarray(logits, dtype=np.float64)
+    log_p = z - np.logaddexp(z[:, :1], z[:, 1:])  # log-softmax over the two classes
+    probs = np.exp(log_p[:, 1])
+    loss = float(-log_p[np.arange(len(labels)), labels.astype(int)].mean()) if len(labels) else 0.0
+    return {**classification_metrics(labels, probs), "auc": roc_auc(labels, probs), "loss": loss}
+
+
+def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve (ties count half); 0.5 when only one class is present."""
+    labels = np.asarray(labels).astype(bool)
+    pos, neg = int(labels.sum()), int((~labels).sum())
+    if not pos or not neg:
+        return 0.5
+    from scipy.stats import rankdata
+
+    ranks = rankdata(scores)
+    return float((ranks[labels].sum() - pos * (pos + 1) / 2) / (pos * neg))
+
+
+def choose_threshold(labels: np.ndarray, probs1: np.ndarray, metric: str) -> float:
+    """The cut on P(vulnerable) that maximises `metric` (accuracy, f1 or mcc) on these (validation) rows; among equally
+    good cuts, the one closest to 0.5. Candidates: midpoints between neighbouring distinct probabilities."""
+    labels, probs1 = np.asarray(labels), np.asarray(probs1, dtype=np.float64)
+    values = np.unique(probs1)
+    cuts = np.concatenate([[0.5], (values[:-1] + values[1:]) / 2]) if len(values) > 1 else np.array([0.5])
+    if len(cuts) > 2000:  # plenty of resolution; keeps the search linear in the split size
+        cuts = np.unique(np.concatenate([[0.5], np.quantile(probs1, np.linspace(0.001, 0.999, 1999))]))
+    scores = np.array([classification_metrics(labels, probs1, t)[metric] for t in cuts])
+    best = np.flatnonzero(scores >= scores.max() - 1e-12)
+    return float(cuts[best[np.argmin(np.abs(cuts[best] - 0.5))]])
+
+
+def degenerate(labels: np.ndarray, probs1: np.ndarray, max_share: float, min_f1: float,
+               threshold: float = 0.5) -> str | None:
+    """Why a model is useless on these (validation) rows, or None: it labels >= max_share of them with one class,
+    or its F1 is below min_f1."""
+    pred = np.asarray(probs1) >= threshold
+    share = max(pred.mean(), 1 - pred.mean()) if len(pred) else 1.0
+    if share >= max_share:
+        return f"labels {share:.1%} of the validation functions {'vulnerable' if pred.mean() > 0.5 else 'safe'}"
+    f1 = classification_metrics(np.asarray(labels), np.asarray(probs1), threshold)["f1"]
+    if f1 < min_f1:
+        return f"validation F1 {f1:.3f} is below the floor {min_f1:g}"
+    return None
+
+
 def classification_metrics(labels: np.ndarray, probs1: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
-    """accuracy/precision/recall/f1 of class 1 (vulnerable) from P(vulnerable)."""
+    """accuracy/precision/recall/f1 of class 1 (vulnerable) from P(vulnerable), predicted vulnerable at or above
+    `threshold`."""
     pred = (probs1 >= threshold).astype(int)
     tp = int(((pred == 1) & (labels == 1)).sum())
     fp = int(((pred == 1) & (labels == 0)).sum())
@@ -14,11 +65,15 @@ def classification_metrics(labels: np.ndarray, probs1: np.ndarray, threshold: fl
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {"accuracy": float((pred == labels).mean()), "precision": precision, "recall": recall, "f1": f1}
+    tn = len(labels) - tp - fp - fn
+    denom = ((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)) ** 0.5
+    mcc = (tp * tn - fp * fn) / denom if denom else 0.0  # 0 for a one-class model, whatever the class balance
+    return {"accuracy": float((pred == labels).mean()), "precision": precision, "recall": recall, "f1": f1,
+            "mcc": float(mcc)}
 
 
-def confusion_matrix_figure(labels: np.ndarray, probs1: np.ndarray, title: str):
-    pred = (probs1 >= 0.5).astype(int)
+def confusion_matrix_figure(labels: np.ndarray, probs1: np.ndarray, threshold: float, title: str):
+    pred = (probs1 >= threshold).astype(int)
     cm = np.array([[((labels == t) & (pred == p)).sum() for p in (0, 1)] for t in (0, 1)])
     fig, ax = axes((3.4, 3))
     ax.imshow(cm, cmap="Blues")

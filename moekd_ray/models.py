@@ -1,18 +1,78 @@
-"""Experts and students: `transformers` sequence classifiers, from a config or a pretrained checkpoint."""
+"""Experts and students: `transformers` sequence classifiers (from a config or a pretrained checkpoint) and the
+n-gram bag family (`NgramBag`). Every model takes input_ids/attention_mask, returns an object with `.logits` [N, 2],
+and is saved as config.json + model.safetensors."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
 from transformers import AutoModelForSequenceClassification, RobertaConfig, RobertaForSequenceClassification
 
-from moekd_ray.config import ArchConfig, PretrainedConfig
+from moekd_ray.config import ArchConfig, NgramConfig, PretrainedConfig
 
 PAD_ID = 1  # RoBERTa layout (see tokenization.SPECIALS)
 
 
-def build_model(spec: ArchConfig | PretrainedConfig, seed: int):
+NGRAM_TYPE = "moekd-ngram-bag"  # config.json's model_type for the n-gram bag
+
+
+class NgramBag(nn.Module):
+    """fastText-style classifier: mean of the hashed n-grams' embeddings -> dropout -> linear.
+    input_ids [N, L] (bucket ids; 0 = padding), attention_mask [N, L] -> logits [N, 2]."""
+
+    def __init__(self, spec: NgramConfig):
+        super().__init__()
+        self.spec = spec
+        self.embed = nn.EmbeddingBag(spec.buckets + 1, spec.dim, mode="mean", padding_idx=0)
+        nn.init.normal_(self.embed.weight, std=0.1)
+        self.dropout = nn.Dropout(spec.dropout)
+        self.classifier = nn.Linear(spec.dim, 2)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        ids = input_ids if attention_mask is None else input_ids * attention_mask  # masked ids -> padding
+        return SimpleNamespace(logits=self.classifier(self.dropout(self.embed(ids))))
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embed
+
+    def save_pretrained(self, folder: str | Path, state_dict: dict | None = None) -> None:
+        """config.json + model.safetensors, as transformers saves its models (`state_dict`: other weights to save)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.json").write_text(json.dumps({"model_type": NGRAM_TYPE, **self.spec.model_dump()}, indent=1))
+        weights = state_dict if state_dict is not None else self.state_dict()
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / "model.safetensors"))
+
+
+def max_input_length(model) -> int:
+    """Tokens (n-grams for the bag) a model reads per function."""
+    if isinstance(model, NgramBag):
+        return model.spec.max_length
+    return int(model.config.max_position_embeddings) - 2  # RoBERTa positions start after the padding index
+
+
+def decision_head(model) -> nn.Linear:
+    """The final linear layer whose two outputs are the class logits."""
+    return model.classifier if isinstance(model, NgramBag) else model.classifier.out_proj
+
+
+@torch.no_grad()
+def shift_decision(model, threshold: float) -> None:
+    """Move the decision threshold into the weights: afterwards P(vulnerable) >= 0.5 exactly where it was
+    >= `threshold` before (logit(p) drops by logit(threshold)), so every scorer that cuts at 0.5 (pyfunc, predict,
+    attacks, evaluation) applies the threshold chosen on validation."""
+    shift = float(torch.logit(torch.tensor(threshold, dtype=torch.float64)))
+    bias = decision_head(model).bias
+    bias[1] -= shift / 2
+    bias[0] += shift / 2
+
+
+def build_model(spec: ArchConfig | PretrainedConfig | NgramConfig, seed: int):
     """A fresh two-class classifier: random init from `spec`, or the pretrained weights it names (safetensors only:
     a pickled pytorch_model.bin can run code when loaded)."""
     torch.manual_seed(seed)
@@ -26,6 +86,8 @@ def build_model(spec: ArchConfig | PretrainedConfig, seed: int):
                 "be safetensors: download it on a machine with hub access (or set HF_HOME to a cache holding it) or "
                 "give a local folder with model.safetensors"
             ) from None
+    if isinstance(spec, NgramConfig):
+        return NgramBag(spec)
     config = RobertaConfig(
         vocab_size=spec.vocab_size,
         hidden_size=spec.hidden_size,
@@ -34,6 +96,8 @@ def build_model(spec: ArchConfig | PretrainedConfig, seed: int):
         intermediate_size=spec.ffn_size,
         max_position_embeddings=spec.max_length + 2,  # RoBERTa positions start after the padding index
         type_vocab_size=1,
+        hidden_dropout_prob=spec.dropout,
+        attention_probs_dropout_prob=spec.dropout,
         pad_token_id=PAD_ID,
         bos_token_id=0,
         eos_token_id=2,
@@ -45,6 +109,18 @@ def build_model(spec: ArchConfig | PretrainedConfig, seed: int):
 def load_model(folder: str | Path):
     """A saved HF classifier (safetensors weights only)."""
     problem = None
+    config_file = Path(folder) / "config.json"
+    if config_file.is_file() and json.loads(config_file.read_text()).get("model_type") == NGRAM_TYPE:
+        try:
+            spec = NgramConfig.model_validate({k: v for k, v in json.loads(config_file.read_text()).items()
+                                               if k != "model_type"})
+            model = NgramBag(spec)
+            model.load_state_dict(load_file(str(Path(folder) / "model.safetensors")))  # strict: every key must fit
+            return model
+        except (OSError, RuntimeError, ValueError) as exc:
+            problem = str(exc).strip().splitlines()[0][:160]
+            raise ValueError(f"{folder}: the n-gram model cannot be loaded ({problem}); give a folder a moekd run "
+                             "wrote") from None
     try:
         model, info = AutoModelForSequenceClassification.from_pretrained(
             str(folder), use_safetensors=True, output_loading_info=True)

@@ -6,7 +6,6 @@ fit, so the same `code_features` serves the kmeans partition and the router's in
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 
 import numpy as np
@@ -14,8 +13,7 @@ from sklearn.cluster import KMeans
 from sklearn.feature_extraction.text import HashingVectorizer
 from sklearn.preprocessing import normalize
 
-# Identifiers, numbers and the multi-character operators of C; everything else one character at a time.
-C_TOKEN = re.compile(r"[A-Za-z_]\w*|\d[\w.]*|->|\+\+|--|<<|>>|[<>=!]=|&&|\|\||[^\s\w]")
+from moekd_ray.tokenization import C_TOKEN
 
 
 def code_features(funcs: list[str], n_features: int) -> "np.ndarray":

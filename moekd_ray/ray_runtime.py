@@ -96,6 +96,9 @@ def fit_all(trainers: list[TorchTrainer]) -> tuple[list, list[float]]:
 
 HISTORY_FILE = "metrics_history.json"
 OPTIMIZER_FILE = "optimizer.pt"
+# An expert checkpoint's top level is the best epoch's model (what every consumer loads); its latest/ folder is the
+# latest epoch's weights and optimizer state, from which a restarted run continues.
+LATEST_DIR = "latest"
 # A student checkpoint's DeepSpeed state (each rank's ZeRO shard of the optimizer): training state, not the model.
 DEEPSPEED_DIR = "deepspeed"
 

@@ -30,7 +30,8 @@ class PromotionRefused(ConfigError):
 def evidence_tags(cfg: MoEKDConfig, metrics: dict[str, float], source_run: str | None) -> dict:
     """The version tags that say what a registered student is."""
     specs = cfg.experts.specs()
-    teachers = [getattr(s, "name_or_path", None) or f"{s.hidden_size}h{s.num_layers}L" for s in specs]
+    teachers = [getattr(s, "name_or_path", None) or (f"{s.ngram}-gram bag x{s.dim}" if s.source == "ngram"
+                                                      else f"{s.hidden_size}h{s.num_layers}L") for s in specs]
     tags = {f"{METRIC}{k}": f"{float(v):.6g}" for k, v in metrics.items()}
     tags.update({
         "moekd.student": cfg.distill.student if cfg.distill.student_arch is None else "custom",
@@ -126,6 +127,8 @@ def promotion_records(tags: dict) -> list[tuple[int, dict]]:
 def failed_gates(tags: dict, gates: GatesConfig, champion_tags: dict | None) -> list[str]:
     """Each gate the version fails, as a phrase naming the gate, the value and the bound."""
     failed = []
+    if tags.get("moekd.degenerate") == "true":  # not a gate one can configure away: a useless model
+        failed.append(f"degenerate model ({tags.get('moekd.degenerate_reason', 'one class or F1 below the floor')})")
 
     def value(key):
         v = tags.get(METRIC + key)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Callable
 
@@ -78,13 +79,70 @@ def train_epoch(model, loader: DataLoader, loss_fn: LossFn, step: Callable[[torc
     return {"train_loss": total / max(seen, 1), "samples_per_s": seen / max(elapsed, 1e-9), "train_seconds": elapsed}
 
 
-def torch_step(optimizer: torch.optim.Optimizer) -> Callable[[torch.Tensor], None]:
+def torch_step(optimizer: torch.optim.Optimizer, grad_clip: float | None = None) -> Callable[[torch.Tensor], None]:
     def step(loss):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], grad_clip)
         optimizer.step()
 
     return step
+
+
+def lr_at(step: int, total: int, peak: float, warmup_ratio: float, decay: str) -> float:
+    """Learning rate for optimizer step `step` (0-based) of `total`: linear warm-up to `peak` over the first
+    warmup_ratio of the steps, then linear or cosine decay to 0 at the last step, or constant (decay "none")."""
+    warm = int(warmup_ratio * total)
+    if step < warm:
+        return peak * (step + 1) / warm
+    if decay == "none":
+        return peak
+    progress = min((step - warm) / max(total - warm, 1), 1.0)
+    return peak * ((1.0 - progress) if decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def scheduled(step: Callable[[torch.Tensor], None], param_groups, sched, total: int,
+              done: int) -> Callable[[torch.Tensor], None]:
+    """`step` with the learning rate of `sched` (a config.Schedule) set before each optimizer step. The rate is a
+    function of the global step only (`done` steps already taken, e.g. before a restart), so a resumed run follows
+    the same curve as an uninterrupted one. `param_groups`: the optimizer's (a DeepSpeed engine's optimizer too)."""
+    count = done
+
+    def run(loss: torch.Tensor) -> None:
+        nonlocal count
+        lr = lr_at(count, total, sched.lr, sched.warmup_ratio, sched.decay)
+        for group in param_groups:
+            group["lr"] = lr
+        step(loss)
+        count += 1
+
+    return run
+
+
+class BestEpoch:
+    """Which epoch's weights to keep: the best so far by a validation metric (`keep_best_by`; loss is minimised),
+    or the last one; and whether early stopping's patience has run out."""
+
+    def __init__(self, metric: str, patience: int | None, history: list[dict] = ()):
+        self.metric, self.patience = metric, patience
+        self.epoch, self.value = 0, None
+        for row in history:  # a restarted worker replays what the epochs before the restart saw
+            self.update(row["epoch"], row)
+
+    def update(self, epoch: int, metrics: dict) -> bool:
+        """Record an epoch's metrics (with val_<metric>); True if this epoch is now the best."""
+        if self.metric == "last":
+            self.epoch = epoch
+            return True
+        value = metrics[f"val_{self.metric}"]
+        better = self.value is None or (value < self.value if self.metric == "loss" else value > self.value)
+        if better:
+            self.epoch, self.value = epoch, value
+        return better
+
+    def stop(self, epoch: int) -> bool:
+        return self.patience is not None and epoch - self.epoch >= self.patience
 
 
 def weighted_ce(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -52,6 +52,13 @@ CONFIG_CASES = {
     "override without =": (["experts.k"], "key=value"),
     "missing data folder": (["data.dir=/nonexistent/devign"], "data.dir=/nonexistent/devign"),
     "unreachable tracking server": (["mlflow.tracking_uri=http://127.0.0.1:9"], "unreachable"),
+    "warm-up out of range": (["experts.schedule.warmup_ratio=0.9"], "experts.schedule.warmup_ratio"),
+    "unknown decay": (["distill.schedule.decay=step"], "distill.schedule.decay"),
+    "patience without a metric": (["distill.schedule.patience=2", "distill.schedule.keep_best_by=last"],
+                                  "patience needs a validation metric"),
+    "threshold out of range": (["eval.threshold=1.5"], "eval.threshold"),
+    "guard out of range": (["eval.degenerate_share=0.3"], "eval.degenerate_share"),
+    "unknown expert family": (["experts.models=[{source: lstm}, {source: ngram}]"], "experts.models.0"),
 }
 
 

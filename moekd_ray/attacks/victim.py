@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from moekd_ray.errors import ConfigError
-from moekd_ray.models import load_model
+from moekd_ray.models import load_model, max_input_length
 from moekd_ray.tokenization import encode, load_tokenizer
 from moekd_ray.tracking import pipeline_run
 
@@ -28,8 +28,7 @@ class Classifier:
 
     def __init__(self, model, tokenizer, max_length: int | None = None, batch_size: int = 64):
         self.model, self.tokenizer, self.batch_size = model.eval(), tokenizer, batch_size
-        # RoBERTa positions start after the padding index: usable length is 2 less than the table.
-        self.max_length = max_length or int(model.config.max_position_embeddings) - 2
+        self.max_length = max_length or max_input_length(model)
 
     @torch.no_grad()
     def __call__(self, funcs: list[str]) -> np.ndarray:
@@ -82,14 +81,19 @@ class BudgetedVictim:
         return p if self.label == 1 else 1.0 - p
 
 
-def _expert_dirs(run_dir: Path) -> list[Path]:
-    """Each expert's latest checkpoint folder in a pipeline run folder."""
+def _expert_dirs(run_dir: Path) -> list[list[Path]]:
+    """Each expert's latest checkpoint folders in a pipeline run folder: one, or one per fold model."""
     dirs = []
     for k in range(1000):
-        found = sorted(p for p in run_dir.glob(f"ray/*-expert_{k}/checkpoint_*") if p.is_dir())
-        if not found:
+        members = []
+        for pattern in (f"ray/*-expert_{k}/", f"ray/*-expert_{k}_fold_*/"):
+            for run in sorted(p for p in run_dir.glob(pattern) if p.is_dir()):
+                found = sorted(p for p in run.glob("checkpoint_*") if p.is_dir())
+                if found:
+                    members.append(found[-1])
+        if not members:
             return dirs
-        dirs.append(found[-1])
+        dirs.append(members)
     return dirs
 
 
@@ -128,8 +132,9 @@ def load_victim(folder: str | Path, target: str = "student", batch_size: int = 6
         m = re.fullmatch(r"expert_(\d+)", target)
         if m and int(m.group(1)) < len(experts):
             k = int(m.group(1))
-            return Classifier(load_model(experts[k]), load_tokenizer(folder / "tokenizers" / f"expert_{k}"),
-                              batch_size=batch_size)
+            tok = load_tokenizer(folder / "tokenizers" / f"expert_{k}")
+            members = [Classifier(load_model(d), tok, batch_size=batch_size) for d in experts[k]]
+            return members[0] if len(members) == 1 else Ensemble(members)  # fold models: their mean
         raise ConfigError(f"--target {target}: {folder} has student, uniform and expert_0..expert_{len(experts) - 1}")
     if (folder / "expert_0" / "model.safetensors").is_file():  # a folder of experts (the benchmark's teachers)
         k = 0

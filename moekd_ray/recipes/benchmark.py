@@ -42,7 +42,7 @@ from moekd_ray.config import METHODS, MoEKDConfig, dump_yaml
 from moekd_ray.errors import ConfigError
 from moekd_ray.data import dataset_hash, describe, load_devign
 from moekd_ray.metrics import classification_metrics, confusion_matrix_figure, points_figure
-from moekd_ray.models import load_model, num_params, size_mb
+from moekd_ray.models import load_model, max_input_length, num_params, size_mb
 from moekd_ray.partition import code_features, partition
 from moekd_ray.recipes.aggregate import expert_weights, fit_gate, load_soft_targets, save_soft_targets
 from moekd_ray.recipes.attack import attack_examples, format_summary, sample_examples, summarize
@@ -69,6 +69,9 @@ class BenchmarkResult:
 
 def run_benchmark(cfg: MoEKDConfig, log=print) -> BenchmarkResult:
     b = cfg.benchmark
+    if cfg.experts.folds != 1:
+        raise ConfigError(f"experts.folds={cfg.experts.folds}: the benchmark's students learn from a held-out transfer "
+                          "set instead of cross-fitted targets; set experts.folds=1")
     experiment_id = tracking.connect(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)  # fail before any work
     bench_dir = Path(cfg.output_dir) / f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}-{cfg.digest()}"
     bench_dir.mkdir(parents=True)
@@ -148,7 +151,7 @@ def run_benchmark(cfg: MoEKDConfig, log=print) -> BenchmarkResult:
                     row, probs = evaluate_model(cfg, load_model(folder), enc["test"], labels["test"],
                                                 sum(r["train_seconds"] for r in epochs))
                     mlflow.log_metrics(row)
-                    fig = confusion_matrix_figure(labels["test"], probs, f"{m}, seed {seed}, test")
+                    fig = confusion_matrix_figure(labels["test"], probs, 0.5, f"{m}, seed {seed}, test")
                     if seed == b.seeds[0]:
                         (bench_dir / "report").mkdir(exist_ok=True)
                         fig.savefig(bench_dir / "report" / f"confusion_{m}.png", dpi=120)
@@ -235,8 +238,8 @@ def train_teachers(cfg: MoEKDConfig, funcs: dict, labels: dict, projects: dict, 
             tok.save_pretrained(str(folder / name / "tokenizer"))
             tracking.log_epochs(ray_runtime.epoch_rows(result), prefix=f"{name}.")
         checkpoints = [ray.train.Checkpoint.from_directory(str(folder / n)) for n in names]
-        logits = {"experts": expert_logits(cfg, checkpoints[:-1], enc),
-                  "teacher": expert_logits(tcfg, checkpoints[-1:], enc[:1])}
+        logits = {"experts": expert_logits(cfg, [[c] for c in checkpoints[:-1]], enc),
+                  "teacher": expert_logits(tcfg, [checkpoints[-1:]], enc[:1])}
         info = {"seconds_train": time.perf_counter() - start, "reused": 0}
         mlflow.log_metrics(info)
     save_soft_targets({s: {n: logits[n][s] for n in logits} for s in SPLITS}, logits_file, {"config_digest": digest})
@@ -253,7 +256,7 @@ def evaluate_teachers(cfg: MoEKDConfig, teachers: Teachers, gates: dict, funcs: 
     for k, name in enumerate(names):
         z = teachers.logits["teacher"]["test"][:, 0] if name == "teacher" else teachers.logits["experts"]["test"][:, k]
         model = load_model(teachers.folder / name)
-        enc = encode(load_tokenizer(teachers.folder / name / "tokenizer"), funcs["test"], max_length(model))
+        enc = encode(load_tokenizer(teachers.folder / name / "tokenizer"), funcs["test"], max_input_length(model))
         rows[name], _ = evaluate_model(cfg, model, enc, labels["test"], teachers.info["seconds_train"], probs1(z))
     experts = [rows[n] for n in names[:-1]]
     w = torch.from_numpy(expert_weights(cfg, gates["test"]))
@@ -267,10 +270,6 @@ def evaluate_teachers(cfg: MoEKDConfig, teachers: Teachers, gates: dict, funcs: 
         "seconds_train": teachers.info["seconds_train"] + router_seconds,
     }
     return rows
-
-
-def max_length(model) -> int:
-    return int(model.config.max_position_embeddings) - 2  # RoBERTa positions start after the padding index
 
 
 # ---------------------------------------------------------------------------------------------- students

@@ -17,14 +17,13 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
-import torch.nn.functional as F
 
 from moekd_ray import ray_runtime
-from moekd_ray.config import ArchConfig, DistillConfig, MoEKDConfig
+from moekd_ray.config import ArchConfig, DistillConfig, MoEKDConfig, Schedule
 from moekd_ray.losses import kd_loss
-from moekd_ray.metrics import classification_metrics
-from moekd_ray.models import build_model
-from moekd_ray.train_loop import make_loader, predict_logits, probs1, start_epoch, train_epoch
+from moekd_ray.metrics import validation_metrics
+from moekd_ray.models import build_model, load_model
+from moekd_ray.train_loop import BestEpoch, make_loader, predict_logits, scheduled, start_epoch, train_epoch
 
 
 DEEPSPEED_TAG = "state"  # DeepSpeed's subfolder name in each checkpoint's deepspeed/ folder
@@ -43,7 +42,7 @@ def deepspeed_config(cfg: DistillConfig) -> dict:
             "params": {"lr": sched.lr, "weight_decay": sched.weight_decay, "torch_adam": not res.use_gpu},
         },
         "zero_optimization": {"stage": cfg.zero_stage, "stage3_gather_16bit_weights_on_model_save": True},
-        "gradient_clipping": 1.0,
+        "gradient_clipping": sched.grad_clip or 0.0,  # 0: off
         "bf16": {"enabled": cfg.bf16},
         "steps_per_print": 10**9,
     }
@@ -68,9 +67,10 @@ def _weights_only_loads() -> None:
 
 
 def distill_worker(config: dict) -> None:
-    """Ray Train worker: DeepSpeed engine over the student, KD loss against the aggregated targets. Each epoch's
-    checkpoint holds the student (rank 0, safetensors) and DeepSpeed's state (every rank its ZeRO shard of the
-    optimizer); after a restart the workers resume from its epoch, weights and optimizer state."""
+    """Ray Train worker: DeepSpeed engine over the student, KD loss against the aggregated targets, the schedule's
+    warm-up and decay. Each epoch's checkpoint holds the best epoch's student so far (rank 0, safetensors; by
+    `keep_best_by` on validation) and DeepSpeed's latest state (every rank its ZeRO shard of the optimizer); after a
+    restart the workers resume from that state. Early stopping after `patience` epochs without a better one."""
     if not config["cpu_shm_comm"] and not torch.cuda.is_available():
         _skip_cpu_shm_build()
     import deepspeed
@@ -78,7 +78,8 @@ def distill_worker(config: dict) -> None:
     _weights_only_loads()
     torch.set_num_threads(max(int(config["threads"]), 1))
     arch = ArchConfig.model_validate(config["arch"])
-    temperature, alpha, epochs = config["temperature"], config["alpha"], config["epochs"]
+    sched = Schedule.model_validate(config["schedule"])
+    temperature, alpha, epochs = config["temperature"], config["alpha"], sched.epochs
     ctx = ray.train.get_context()
     train, valid = ray.get(config["train"]), ray.get(config["valid"])
 
@@ -87,6 +88,8 @@ def distill_worker(config: dict) -> None:
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config["ds_config"])
     if restored:  # weights (fp32 master copies under ZeRO) and optimizer state
         engine.load_checkpoint(str(restored / ray_runtime.DEEPSPEED_DIR), tag=DEEPSPEED_TAG)
+    best_state = load_model(restored).state_dict() if restored and ctx.get_world_rank() == 0 else None
+    best = BestEpoch(sched.keep_best_by, sched.patience, history)
     loader = ray.train.torch.prepare_data_loader(
         make_loader(train, config["ds_config"]["train_micro_batch_size_per_gpu"], shuffle=True, seed=config["seed"])
     )
@@ -98,28 +101,42 @@ def distill_worker(config: dict) -> None:
         engine.backward(loss)
         engine.step()
 
-    def save(folder: str) -> None:
-        engine.save_checkpoint(str(Path(folder) / ray_runtime.DEEPSPEED_DIR), tag=DEEPSPEED_TAG, save_latest=False)
-        # The gather is a collective under ZeRO-3 (every rank takes part) and a no-op for stages 0-2.
+    def gathered_state() -> dict | None:
+        """The full student weights on rank 0 (a collective under ZeRO-3: every rank takes part)."""
         with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
             if ctx.get_world_rank() == 0:
-                engine.module.save_pretrained(folder)
+                return {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+        return None
+
+    def save(folder: str) -> None:
+        engine.save_checkpoint(str(Path(folder) / ray_runtime.DEEPSPEED_DIR), tag=DEEPSPEED_TAG, save_latest=False)
+        if ctx.get_world_rank() == 0:
+            engine.module.save_pretrained(folder, state_dict=dict(best_state))  # a copy: HF empties it
 
     resumed_from = len(history)
-    step = ray_runtime.inject_fault(config, step, resumed_from * len(loader))
+    steps_done, total_steps = resumed_from * len(loader), epochs * len(loader)
+    step = scheduled(step, engine.optimizer.param_groups, sched, total_steps, steps_done)
+    step = ray_runtime.inject_fault(config, step, steps_done)
     for epoch in range(resumed_from + 1, epochs + 1):
+        if history and history[-1]["final"]:
+            break  # stopped early before the restart
         start_epoch(loader, epoch, config["seed"])
         stats = train_epoch(engine, loader, loss_fn, step)
-        val_logits = predict_logits(engine, valid, 64)
-        val = classification_metrics(valid["labels"], probs1(val_logits))
-        labels = torch.from_numpy(np.array(valid["labels"])).long()  # a copy: object-store arrays are read-only
-        val["loss"] = float(F.cross_entropy(torch.from_numpy(val_logits), labels))
-        metrics = {"epoch": epoch, **stats, **{f"val_{k}": v for k, v in val.items()},
-                   "world_size": ctx.get_world_size(), "zero_stage": engine.zero_optimization_stage(),
-                   "resumed_from": resumed_from}
-        print(f"[student] epoch {epoch}/{epochs}: kd loss {stats['train_loss']:.4f}, "
-              f"{stats['samples_per_s']:.1f} samples/s/worker, val acc {val['accuracy']:.3f} f1 {val['f1']:.3f}")
+        val = validation_metrics(valid["labels"], predict_logits(engine, valid, config["eval_batch_size"]))
+        if best.update(epoch, {f"val_{k}": v for k, v in val.items()}):
+            best_state = gathered_state()
+        stop = best.stop(epoch)
+        metrics = {"epoch": epoch, **stats, **{f"val_{k}": v for k, v in val.items()}, "best_epoch": best.epoch,
+                   "final": int(stop or epoch == epochs), "world_size": ctx.get_world_size(),
+                   "zero_stage": engine.zero_optimization_stage(), "resumed_from": resumed_from}
+        if ctx.get_world_rank() == 0:
+            print(f"[student] epoch {epoch}/{epochs}: kd loss {stats['train_loss']:.4f}, "
+                  f"{stats['samples_per_s']:.1f} samples/s/worker, val acc {val['accuracy']:.3f} f1 {val['f1']:.3f} "
+                  f"auc {val['auc']:.3f}, best epoch {best.epoch}"
+                  + (f"; no better {sched.keep_best_by} for {sched.patience} epochs: stopping" if stop else ""))
         ray_runtime.report_epoch(metrics, history, save)
+        if stop:
+            break
 
 
 def distill_trainer(cfg: MoEKDConfig, enc: dict, labels: dict, teacher_probs: np.ndarray, name: str, storage: str,
@@ -132,7 +149,8 @@ def distill_trainer(cfg: MoEKDConfig, enc: dict, labels: dict, teacher_probs: np
         "ds_config": deepspeed_config(cfg.distill),
         "temperature": cfg.distill.temperature,
         "alpha": cfg.distill.alpha,
-        "epochs": cfg.distill.schedule.epochs,
+        "schedule": cfg.distill.schedule.model_dump(),
+        "eval_batch_size": cfg.eval.batch_size,
         "threads": cfg.distill.resources.cpus_per_worker,
         "cpu_shm_comm": cfg.distill.cpu_shm_comm,
         "seed": cfg.seed,

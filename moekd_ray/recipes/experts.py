@@ -19,10 +19,10 @@ from pydantic import TypeAdapter
 
 from moekd_ray import ray_runtime
 from moekd_ray.config import ModelSource, MoEKDConfig, Schedule
-from moekd_ray.metrics import classification_metrics
+from moekd_ray.metrics import validation_metrics
 from moekd_ray.models import build_model, load_model
-from moekd_ray.train_loop import (make_loader, predict_logits, probs1, start_epoch, torch_step, train_epoch,
-                                  weighted_ce)
+from moekd_ray.train_loop import (BestEpoch, make_loader, predict_logits, scheduled, start_epoch, torch_step,
+                                  train_epoch, weighted_ce)
 
 
 def unwrap(model):
@@ -30,8 +30,10 @@ def unwrap(model):
 
 
 def expert_worker(config: dict) -> None:
-    """Ray Train worker: train one expert, report val metrics and an HF checkpoint (safetensors, plus the optimizer
-    state) every epoch. After a restart it resumes from the latest checkpoint's epoch, weights and optimizer."""
+    """Ray Train worker: train one expert (or one fold model of it) with the schedule's warm-up, decay and gradient
+    clipping; each epoch, validation metrics and a checkpoint whose top level is the best epoch's model (by
+    `keep_best_by`) and whose latest/ folder is the training state (weights, optimizer). Early stopping after
+    `patience` epochs without a better one. After a restart it resumes from the latest state."""
     # Wall clock when this worker came up, so that overlapping (concurrent) expert runs can be seen afterwards.
     started_at = time.time()
     spec = TypeAdapter(ModelSource).validate_python(config["model"])
@@ -41,68 +43,108 @@ def expert_worker(config: dict) -> None:
     train, valid = ray.get(config["train"]), ray.get(config["valid"])
 
     restored, history = ray_runtime.restored_state()
-    model = ray.train.torch.prepare_model(load_model(restored) if restored else build_model(spec, config["seed"]))
+    latest = restored / ray_runtime.LATEST_DIR if restored else None
+    model = ray.train.torch.prepare_model(load_model(latest) if restored else build_model(spec, config["seed"]))
+    best_state = load_model(restored).state_dict() if restored else None
     loader = ray.train.torch.prepare_data_loader(make_loader(train, sched.batch_size, shuffle=True, seed=config["seed"]))
     optimizer = torch.optim.AdamW(model.parameters(), lr=sched.lr, weight_decay=sched.weight_decay)
     if restored:
-        optimizer.load_state_dict(torch.load(restored / ray_runtime.OPTIMIZER_FILE, weights_only=True))
+        optimizer.load_state_dict(torch.load(latest / ray_runtime.OPTIMIZER_FILE, weights_only=True))
     name = config["name"]
     started_at = history[0]["started_at"] if history else started_at
+    best = BestEpoch(sched.keep_best_by, sched.patience, history)
 
     def save(folder: str) -> None:
-        unwrap(model).save_pretrained(folder)
-        torch.save(optimizer.state_dict(), Path(folder) / ray_runtime.OPTIMIZER_FILE)
+        unwrap(model).save_pretrained(folder, state_dict=dict(best_state))  # a copy: HF empties it
+        unwrap(model).save_pretrained(Path(folder) / ray_runtime.LATEST_DIR)
+        torch.save(optimizer.state_dict(), Path(folder) / ray_runtime.LATEST_DIR / ray_runtime.OPTIMIZER_FILE)
 
     resumed_from = len(history)  # epochs already done (0 on a fresh start)
-    step = ray_runtime.inject_fault(config, torch_step(optimizer), resumed_from * len(loader))
+    steps_done, total_steps = resumed_from * len(loader), sched.epochs * len(loader)
+    step = scheduled(torch_step(optimizer, sched.grad_clip), optimizer.param_groups, sched, total_steps, steps_done)
+    step = ray_runtime.inject_fault(config, step, steps_done)
     for epoch in range(resumed_from + 1, sched.epochs + 1):
+        if history and history[-1]["final"]:
+            break  # stopped early before the restart
         start_epoch(loader, epoch, config["seed"])
         stats = train_epoch(model, loader, weighted_ce, step)
-        val = classification_metrics(valid["labels"], probs1(predict_logits(unwrap(model), valid, 64)))
-        metrics = {"epoch": epoch, **stats, **{f"val_{k}": v for k, v in val.items()},
-                   "started_at": started_at, "finished_at": time.time(), "resumed_from": resumed_from}
+        val = validation_metrics(valid["labels"], predict_logits(unwrap(model), valid, config["eval_batch_size"]))
+        if best.update(epoch, {f"val_{k}": v for k, v in val.items()}):
+            best_state = {k: v.detach().clone() for k, v in unwrap(model).state_dict().items()}
+        stop = best.stop(epoch)
+        metrics = {"epoch": epoch, **stats, **{f"val_{k}": v for k, v in val.items()}, "best_epoch": best.epoch,
+                   "final": int(stop or epoch == sched.epochs), "started_at": started_at,
+                   "finished_at": time.time(), "resumed_from": resumed_from}
         print(f"[{name}] epoch {epoch}/{sched.epochs}: loss {stats['train_loss']:.4f}, "
-              f"{stats['samples_per_s']:.1f} samples/s, val acc {val['accuracy']:.3f} f1 {val['f1']:.3f}"
-              + (f" (resumed after epoch {resumed_from})" if restored else ""))
+              f"{stats['samples_per_s']:.1f} samples/s, val acc {val['accuracy']:.3f} f1 {val['f1']:.3f} "
+              f"auc {val['auc']:.3f}, best epoch {best.epoch}" + (" (resumed)" if restored else "")
+              + (f"; no better {sched.keep_best_by} for {sched.patience} epochs: stopping" if stop else ""))
         ray_runtime.report_epoch(metrics, history, save if ctx.get_world_rank() == 0 else None)
+        if stop:
+            break
 
 
-def part_arrays(enc: dict[str, np.ndarray], labels: np.ndarray, parts: np.ndarray, k: int, cfg: MoEKDConfig) -> dict:
-    """The rows (and per-row loss weights) expert k trains on."""
+def fold_of(n: int, folds: int, seed: int) -> np.ndarray:
+    """Each training row's cross-fitting fold in [0, folds), seeded and balanced (all 0 when folds is 1)."""
+    return np.random.default_rng(seed + 7).permutation(np.arange(n) % folds)
+
+
+def part_arrays(enc: dict[str, np.ndarray], labels: np.ndarray, parts: np.ndarray, k: int, cfg: MoEKDConfig,
+                keep: np.ndarray | None = None) -> dict:
+    """The rows (and per-row loss weights) expert k trains on; `keep`: a mask of the rows its fold model may see."""
+    keep = np.ones(len(labels), dtype=bool) if keep is None else keep
     if cfg.experts.train_on == "part":
-        rows = parts == k
+        rows = (parts == k) & keep
         return {**{n: a[rows] for n, a in enc.items()}, "labels": labels[rows]}
     weight = np.where(parts == k, cfg.experts.part_weight, 1.0).astype(np.float32)
-    return {**enc, "labels": labels, "weight": weight}
+    return {**{n: a[keep] for n, a in enc.items()}, "labels": labels[keep], "weight": weight[keep]}
+
+
+def member_names(cfg: MoEKDConfig) -> list[list[str]]:
+    """Per expert, the names of its models: expert_<k>, or expert_<k>_fold_<f> when cross-fitting."""
+    folds = cfg.experts.folds
+    return [[f"expert_{k}"] if folds == 1 else [f"expert_{k}_fold_{f}" for f in range(folds)]
+            for k in range(cfg.experts.k)]
 
 
 def expert_trainers(cfg: MoEKDConfig, enc: list[dict], labels: dict, parts: np.ndarray, name: str,
                     storage: str) -> list:
-    """One TorchTrainer per expert (not yet fitted). enc[k] holds expert k's encoded splits (its own tokenizer)."""
-    trainers = []
+    """One TorchTrainer per expert and fold (not yet fitted), expert-major. enc[k] holds expert k's encoded splits
+    (its own tokenizer)."""
+    trainers, folds = [], fold_of(len(labels["train"]), cfg.experts.folds, cfg.seed)
     for k, spec in enumerate(cfg.experts.specs()):
-        loop_config = {
-            "name": f"expert_{k}",
-            "model": spec.model_dump(),
-            "schedule": cfg.experts.schedule.model_dump(),
-            "threads": cfg.experts.resources.cpus_per_worker,
-            "seed": cfg.seed + k,
-            "train": ray.put(part_arrays(enc[k]["train"], labels["train"], parts, k, cfg)),
-            "valid": ray.put({**enc[k]["valid"], "labels": labels["valid"]}),
-            "fault_injection": cfg.ray.fault_injection,
-            "fault_marker": str(Path(storage) / f"{name}-expert_{k}.fault_injected"),
-        }
-        trainers.append(ray_runtime.make_trainer(expert_worker, loop_config, cfg.experts.resources,
-                                                 f"{name}-expert_{k}", storage, max_failures=cfg.ray.max_failures))
+        valid = ray.put({**enc[k]["valid"], "labels": labels["valid"]})
+        for f, member in enumerate(member_names(cfg)[k]):
+            keep = folds != f if cfg.experts.folds > 1 else None
+            loop_config = {
+                "name": member,
+                "model": spec.model_dump(),
+                "schedule": cfg.experts.schedule.model_dump(),
+                "threads": cfg.experts.resources.cpus_per_worker,
+                "eval_batch_size": cfg.eval.batch_size,
+                "seed": cfg.seed + k + 1000 * f,
+                "train": ray.put(part_arrays(enc[k]["train"], labels["train"], parts, k, cfg, keep)),
+                "valid": valid,
+                "fault_injection": cfg.ray.fault_injection,
+                "fault_marker": str(Path(storage) / f"{name}-{member}.fault_injected"),
+            }
+            trainers.append(ray_runtime.make_trainer(expert_worker, loop_config, cfg.experts.resources,
+                                                     f"{name}-{member}", storage, max_failures=cfg.ray.max_failures))
     return trainers
 
 
 def train_experts(cfg: MoEKDConfig, enc: list[dict], labels: dict, parts: np.ndarray,
                   run_dir: Path) -> tuple[list, list[float]]:
-    """Fit the K experts concurrently; returns their Ray Train results (checkpoint + per-epoch metrics) and the
-    wall-clock time each run finished."""
+    """Fit every expert (every fold model) concurrently; returns their Ray Train results (checkpoint + per-epoch
+    metrics) and the wall-clock time each run finished, flat and expert-major (see `member_names`)."""
     storage = ray_runtime.storage_path(cfg, run_dir)
     return ray_runtime.fit_all(expert_trainers(cfg, enc, labels, parts, run_dir.name, storage))
+
+
+def by_expert(cfg: MoEKDConfig, flat: list) -> list[list]:
+    """A flat expert-major list (one item per fold model) as one list per expert."""
+    f = cfg.experts.folds
+    return [flat[k * f:(k + 1) * f] for k in range(cfg.experts.k)]
 
 
 @ray.remote
@@ -115,12 +157,35 @@ def _expert_logits_task(checkpoint: ray.train.Checkpoint, splits: dict, batch_si
     return {name: predict_logits(model, ray.get(ref), batch_size) for name, ref in splits.items()}
 
 
-def expert_logits(cfg: MoEKDConfig, checkpoints: list, enc: list[dict]) -> dict[str, np.ndarray]:
-    """Per split, the logits of every expert: [N, K, 2]. One Ray task per expert, all at once."""
+def expert_logits(cfg: MoEKDConfig, checkpoints: list[list], enc: list[dict]) -> dict[str, np.ndarray]:
+    """Per split, the logits of every expert: [N, K, 2]. checkpoints[k]: expert k's models (one, or one per fold).
+    When cross-fitting, a "train" row gets the logits of the fold model that did not train on it, and every other
+    split the log of the fold models' mean probabilities. One Ray task per model, all at once."""
     res = cfg.experts.resources
     task = _expert_logits_task.options(num_cpus=res.cpus_per_worker, num_gpus=1 if res.use_gpu else 0,
                                        resources=res.custom)
-    refs = [task.remote(c, {name: ray.put(a) for name, a in enc_k.items()}, cfg.eval.batch_size,
-                        int(res.cpus_per_worker)) for c, enc_k in zip(checkpoints, enc)]
-    outs = ray.get(refs)
-    return {name: np.stack([o[name] for o in outs], axis=1) for name in enc[0]}
+    folds = fold_of(len(enc[0]["train"]["input_ids"]), cfg.experts.folds, cfg.seed) if "train" in enc[0] else None
+
+    def rows(split: str, enc_split: dict, f: int, n_models: int) -> dict:
+        return {n: a[folds == f] for n, a in enc_split.items()} if split == "train" and n_models > 1 else enc_split
+
+    refs = [[task.remote(c, {s: ray.put(rows(s, a, f, len(members))) for s, a in enc_k.items()},
+                         cfg.eval.batch_size, int(res.cpus_per_worker)) for f, c in enumerate(members)]
+            for members, enc_k in zip(checkpoints, enc)]
+    out = {}
+    for split in enc[0]:
+        per_expert = []
+        for members in refs:
+            logits = [o[split] for o in ray.get(members)]
+            if len(logits) == 1:
+                per_expert.append(logits[0])
+            elif split == "train":  # out of fold
+                z = np.zeros((len(folds), 2), dtype=np.float32)
+                for f, zf in enumerate(logits):
+                    z[folds == f] = zf
+                per_expert.append(z)
+            else:
+                probs = np.mean([torch.softmax(torch.from_numpy(z).float(), -1).numpy() for z in logits], axis=0)
+                per_expert.append(np.log(np.clip(probs, 1e-7, 1.0)).astype(np.float32))
+        out[split] = np.stack(per_expert, axis=1)
+    return out

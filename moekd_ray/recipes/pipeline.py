@@ -18,21 +18,23 @@ import numpy as np
 import ray.train
 
 from moekd_ray import ray_runtime, tracking
-from moekd_ray.config import MoEKDConfig, PretrainedConfig, dump_yaml, load_config
+from moekd_ray.config import MoEKDConfig, NgramConfig, PretrainedConfig, dump_yaml, load_config
 from moekd_ray.errors import ConfigError
 from moekd_ray.attacks.identifiers import identifier_vocabulary
 from moekd_ray.augment import adversarial_renamings, with_renamed_copies
 from moekd_ray.data import dataset_hash, describe, load_devign
-from moekd_ray.metrics import classification_metrics, confusion_matrix_figure
-from moekd_ray.models import build_model, load_model, num_params, size_mb
+from moekd_ray.baseline import TfidfLR
+from moekd_ray.metrics import choose_threshold, classification_metrics, confusion_matrix_figure, degenerate
+from moekd_ray.models import build_model, load_model, num_params, shift_decision, size_mb
 from moekd_ray.partition import code_features, partition, partition_table
 from moekd_ray.recipes.aggregate import aggregate, fit_gate, load_soft_targets, save_soft_targets
 from moekd_ray.recipes.distill import distill_student
-from moekd_ray.recipes.experts import expert_logits, train_experts
-from moekd_ray.tokenization import encode, load_tokenizer, train_bpe
+from moekd_ray.recipes.experts import by_expert, expert_logits, member_names, train_experts
+from moekd_ray.tokenization import NgramHasher, encode, load_tokenizer, train_bpe
 from moekd_ray.train_loop import predict_logits, probs1, throughput
 
 SPLITS = ("train", "valid", "test")
+THRESHOLD_FILE = "moekd_threshold.json"  # in the student folder: the decision threshold moved into its weights
 
 
 @dataclass
@@ -104,11 +106,13 @@ def run_pipeline(cfg: MoEKDConfig, log=print, resume: str | None = None) -> Pipe
             checkpoints = finished_experts(cfg, run_dir) if resume else None
             if checkpoints is None:
                 results, finished_at = train_experts(cfg, enc_expert, labels, parts, run_dir)
-                for k, result in enumerate(results):
-                    with tracker.stage(f"expert_{k}", cfg.experts.specs()[k].model_dump(mode="json")):
+                members = [m for names in member_names(cfg) for m in names]
+                specs = [spec for spec in cfg.experts.specs() for _ in range(cfg.experts.folds)]
+                for member, spec, result, finished in zip(members, specs, results, finished_at):
+                    with tracker.stage(member, spec.model_dump(mode="json")):
                         tracker.log_epochs(ray_runtime.epoch_rows(result))
-                        tracker.log_metrics({"run_finished_at": finished_at[k]})
-                checkpoints = [r.checkpoint for r in results]
+                        tracker.log_metrics({"run_finished_at": finished})
+                checkpoints = by_expert(cfg, [r.checkpoint for r in results])
             else:
                 timer.reused("experts")
             if targets is None:
@@ -146,18 +150,32 @@ def run_pipeline(cfg: MoEKDConfig, log=print, resume: str | None = None) -> Pipe
                                          teacher, run_dir)
                 tracker.log_epochs(ray_runtime.epoch_rows(result))
                 tracker.log_artifact(run_dir / "deepspeed_config.json")
-                copy_atomically(result.checkpoint, student_dir)
+                # The decision threshold, chosen on validation, goes into the student's weights (models.shift_decision)
+                # as the folder is written: a student folder is always one with its threshold applied.
+                threshold = copy_atomically(result.checkpoint, student_dir, lambda m: student_threshold(
+                    cfg, m, enc_student["valid"], labels["valid"]))
+                log(f"student: decision threshold {threshold:.3f} (by validation {cfg.eval.threshold}), moved into "
+                    "its weights")
             student = load_model(student_dir)
+            threshold = student_folder_threshold(student_dir)
+            tracker.set_tags({"moekd.threshold": f"{threshold:.6f}"})
             log(f"student: {num_params(student):,} parameters, {size_mb(student):.2f} MB (float32)")
 
         with timer("evaluate"), tracker.stage("evaluate"):
             rows, test_probs = evaluate_all(cfg, checkpoints, targets, student, enc_expert, enc_student, labels)
+            if cfg.eval.reference:
+                rows.append(reference_row(cfg, funcs, labels, test_probs))
             tracker.log_table(rows, "results.json")
             for row in rows:
                 tracker.log_metrics({f"{row['model']}.{k}": v for k, v in row.items() if isinstance(v, float)})
             for name in ("mixture", "student"):
-                fig = confusion_matrix_figure(labels["test"], test_probs[name], f"{name}, test")
+                fig = confusion_matrix_figure(labels["test"], *test_probs[name], f"{name}, test")
                 tracker.log_figure(fig, f"confusion_{name}_test.png")
+            useless = {r["model"]: r["degenerate"] for r in rows if r["degenerate"]}
+            for name, why in useless.items():
+                log(f"warning: {name} is degenerate: it {why}")
+            if useless:
+                tracker.set_tags({"moekd.degenerate_models": ",".join(useless)})
 
         student_row = next(r for r in rows if r["model"] == "student")
         if cfg.attack.in_pipeline:
@@ -171,20 +189,27 @@ def run_pipeline(cfg: MoEKDConfig, log=print, resume: str | None = None) -> Pipe
             tracker.log_metrics({f"student.{k}_{cfg.attack.method}": summary[k] for k in ("asr", "robust_accuracy")})
 
         with timer("register"):
+            degenerate = {"moekd.degenerate": "true", "moekd.degenerate_reason": student_row["degenerate"]} \
+                if student_row["degenerate"] else {}
             model_uri = tracker.log_student_model(
                 student_dir, run_dir / "tokenizers" / "student", cfg.model_dump(mode="json"),
                 cfg.mlflow.registered_model, {k: v for k, v in student_row.items() if isinstance(v, float)},
-                tags={"moekd.data_hash": dataset_hash(data)},
+                tags={"moekd.data_hash": dataset_hash(data), "moekd.threshold": f"{threshold:.6f}", **degenerate},
             )
+            if degenerate:
+                tracker.set_tags(degenerate)
         tracker.log_metrics({f"seconds_{k}": v for k, v in timer.seconds.items()})
         tracker.set_tags({f"moekd.stage.{k}": v for k, v in timer.status.items()})
         log(format_table(rows))
+        for name, why in useless.items():
+            log(f"warning: {name} is degenerate: it {why}")
         log(f"student model: {model_uri or 'registered by `moekd sync` (the tracking server is unreachable)'}")
         return PipelineResult(run_dir, run_id, model_uri, rows, timer.seconds)
 
 
 def make_tokenizers(cfg: MoEKDConfig, train_funcs: list[str], run_dir: Path):
-    """Experts: their checkpoint's tokenizer, else a BPE on the training code; student: a small BPE. All saved.
+    """Experts: their checkpoint's tokenizer, the n-gram hasher, else a BPE on the training code; student: a small
+    BPE. All saved.
     Returns (one tokenizer per expert, student tokenizer); experts with the same spec share one object."""
     by_spec = {}
     for spec in cfg.experts.specs():
@@ -192,6 +217,8 @@ def make_tokenizers(cfg: MoEKDConfig, train_funcs: list[str], run_dir: Path):
         if key not in by_spec:
             if isinstance(spec, PretrainedConfig):
                 by_spec[key] = load_tokenizer(spec.name_or_path)
+            elif isinstance(spec, NgramConfig):
+                by_spec[key] = NgramHasher(spec.buckets, spec.ngram, spec.max_length)
             else:
                 by_spec[key] = train_bpe(train_funcs, spec.vocab_size, spec.max_length)
     expert_toks = [by_spec[spec.model_dump_json()] for spec in cfg.experts.specs()]
@@ -215,45 +242,91 @@ def encode_for_experts(cfg: MoEKDConfig, expert_toks: list, funcs: dict[str, lis
 
 
 def evaluate_all(cfg, checkpoints, targets, student, enc_expert, enc_student, labels) -> tuple[list[dict], dict]:
-    """Accuracy/precision/recall/F1 on valid and test, parameters, MB and inference throughput per model, and
-    each model's test P(vulnerable). Throughput: functions/s at eval.batch_size and eval.threads torch threads."""
+    """Accuracy/precision/recall/F1 on valid and test at each model's decision threshold (chosen on validation by
+    eval.threshold; the student's is already in its weights), parameters, MB and inference throughput per model, and
+    each model's (test P(vulnerable), threshold). checkpoints[k]: expert k's models (its fold models when cross-fitting: the
+    expert is their mean, and it costs all of them). Throughput: functions/s at eval.batch_size and eval.threads."""
     bs, threads = cfg.eval.batch_size, cfg.eval.threads
-    rows, test_probs, expert_rates, expert_params, expert_mb = [], {}, [], 0, 0.0
+    rows, test_probs, expert_seconds, expert_params, expert_mb = [], {}, [], 0, 0.0
 
-    def row(name, probs_by_split, params, mb, rate):
-        test_probs[name] = probs_by_split["test"]
-        r = {"model": name}
-        for split in ("valid", "test"):
-            r.update({f"{split}_{k}": v for k, v in classification_metrics(labels[split], probs_by_split[split]).items()})
-        return {**r, "params": params, "size_mb": mb, "functions_per_s": rate}
-
-    for k, ckpt in enumerate(checkpoints):
-        with ckpt.as_directory() as folder:
-            model = load_model(folder)
-        rate = throughput(model, enc_expert[k]["test"], bs, threads)
-        expert_rates.append(rate)
-        expert_params += num_params(model)
-        expert_mb += size_mb(model)
+    for k, members in enumerate(checkpoints):
+        params, mb, seconds = 0, 0.0, 0.0
+        for ckpt in members:
+            with ckpt.as_directory() as folder:
+                model = load_model(folder)
+            seconds += 1.0 / throughput(model, enc_expert[k]["test"], bs, threads)
+            params, mb = params + num_params(model), mb + size_mb(model)
+        expert_seconds.append(seconds)
+        expert_params, expert_mb = expert_params + params, expert_mb + mb
         probs = {s: probs1(targets[s]["expert_logits"][:, k]) for s in ("valid", "test")}
-        rows.append(row(f"expert_{k}", probs, num_params(model), size_mb(model), rate))
+        rows.append(result_row(cfg, f"expert_{k}", probs, labels, params, mb, 1.0 / seconds, test_probs))
     # The mixture runs every expert (the router's cost is negligible next to them).
-    mix_rate = 1.0 / sum(1.0 / r for r in expert_rates)
     mix = {s: targets[s]["mixture_probs"][:, 1] for s in ("valid", "test")}
-    rows.append(row("mixture", mix, expert_params, expert_mb, mix_rate))
+    rows.append(result_row(cfg, "mixture", mix, labels, expert_params, expert_mb, 1.0 / sum(expert_seconds),
+                           test_probs))
     probs = {s: probs1(predict_logits(student, enc_student[s], bs)) for s in ("valid", "test")}
-    rows.append(row("student", probs, num_params(student), size_mb(student),
-                    throughput(student, enc_student["test"], bs, threads)))
+    rows.append(result_row(cfg, "student", probs, labels, num_params(student), size_mb(student),
+                           throughput(student, enc_student["test"], bs, threads), test_probs, threshold=0.5))
     return rows, test_probs
 
 
+def result_row(cfg, name: str, probs: dict[str, np.ndarray], labels: dict, params: int, mb: float, rate: float,
+               test_probs: dict, threshold: float | None = None) -> dict:
+    """One model's row of the final table; `threshold` None: chosen on validation by eval.threshold. Its test
+    P(vulnerable) and threshold go into `test_probs` (for the confusion matrices)."""
+    if threshold is None:
+        threshold = pick_threshold(cfg, labels["valid"], probs["valid"])
+    row = {"model": name, "threshold": threshold}
+    for split in ("valid", "test"):
+        row.update({f"{split}_{k}": v for k, v in classification_metrics(labels[split], probs[split], threshold).items()})
+    row["degenerate"] = degenerate(labels["valid"], probs["valid"], cfg.eval.degenerate_share, cfg.eval.min_val_f1,
+                                   threshold)
+    test_probs[name] = (np.asarray(probs["test"]), threshold)
+    return {**row, "params": params, "size_mb": mb, "functions_per_s": rate}
+
+
+def pick_threshold(cfg, valid_labels: np.ndarray, valid_probs: np.ndarray) -> float:
+    t = cfg.eval.threshold
+    return float(t) if isinstance(t, float) else choose_threshold(valid_labels, valid_probs, t)
+
+
+def student_threshold(cfg, model, enc_valid: dict, valid_labels: np.ndarray) -> float:
+    """Choose the student's threshold on validation and move it into its weights; returns it."""
+    threshold = pick_threshold(cfg, valid_labels, probs1(predict_logits(model, enc_valid, cfg.eval.batch_size)))
+    shift_decision(model, threshold)
+    return threshold
+
+
+def reference_row(cfg, funcs: dict, labels: dict, test_probs: dict) -> dict:
+    """The tfidf-lr baseline fitted on the same training rows, as a row of the final table."""
+    ref = TfidfLR(cfg.seed).fit(funcs["train"], labels["train"], funcs["valid"], labels["valid"])
+    probs = {s: ref.predict_proba(funcs[s]) for s in ("valid", "test")}
+    start = time.perf_counter()
+    ref.predict_proba(funcs["test"][:256])
+    rate = len(funcs["test"][:256]) / (time.perf_counter() - start)
+    return result_row(cfg, "tfidf-lr", probs, labels, ref.num_params, ref.num_params * 4 / 1e6, rate, test_probs)
+
+
 def format_table(rows: list[dict]) -> str:
-    head = f"{'model':<10} {'valid acc':>9} {'valid f1':>8} {'test acc':>8} {'test f1':>7} {'params':>11} {'MB':>7} {'fn/s':>7}"
+    head = (f"{'model':<10} {'valid acc':>9} {'valid f1':>8} {'test acc':>8} {'test f1':>7} {'thr':>5} "
+            f"{'params':>11} {'MB':>7} {'fn/s':>7}")
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
             f"{r['model']:<10} {r['valid_accuracy']:>9.3f} {r['valid_f1']:>8.3f} {r['test_accuracy']:>8.3f} "
-            f"{r['test_f1']:>7.3f} {r['params']:>11,} {r['size_mb']:>7.2f} {r['functions_per_s']:>7.1f}"
+            f"{r['test_f1']:>7.3f} {r['threshold']:>5.2f} {r['params']:>11,} {r['size_mb']:>7.2f} "
+            f"{r['functions_per_s']:>7.1f}" + ("  DEGENERATE" if r.get("degenerate") else "")
         )
+    by_name = {r["model"]: r for r in rows}
+    if "mixture" in by_name and "student" in by_name:
+        mix, st = by_name["mixture"], by_name["student"]
+        lines.append(f"student vs mixture: {st['functions_per_s'] / mix['functions_per_s']:.1f}x the functions/s, "
+                     f"{st['size_mb'] / mix['size_mb']:.3g}x the size, test accuracy "
+                     f"{st['test_accuracy'] - mix['test_accuracy']:+.3f}")
+    if "tfidf-lr" in by_name and "student" in by_name:
+        lines.append(f"student vs tfidf-lr reference: test accuracy "
+                     f"{by_name['student']['test_accuracy'] - by_name['tfidf-lr']['test_accuracy']:+.3f}, test F1 "
+                     f"{by_name['student']['test_f1'] - by_name['tfidf-lr']['test_f1']:+.3f}")
     return "\n".join(lines)
 
 
@@ -304,21 +377,25 @@ def saved_tokenizers(cfg: MoEKDConfig, run_dir: Path):
     return [toks[n] for n in names[:-1]], toks["student"]
 
 
-def finished_experts(cfg: MoEKDConfig, run_dir: Path) -> list | None:
-    """Each expert's checkpoint if every expert finished all its epochs; None if any must (re)train."""
+def finished_experts(cfg: MoEKDConfig, run_dir: Path) -> list[list] | None:
+    """Each expert's checkpoints (one per fold model) if every one finished training (all its epochs, or stopped
+    early); None if any must (re)train."""
     checkpoints = []
-    for k in range(cfg.experts.k):
-        done = None
-        for folder in sorted(p for p in run_dir.glob(f"ray/{run_dir.name}-expert_{k}/checkpoint_*") if p.is_dir()):
-            try:
-                epochs = len(json.loads((folder / ray_runtime.HISTORY_FILE).read_text()))
-            except (OSError, ValueError):
-                continue
-            if epochs == cfg.experts.schedule.epochs and (folder / "model.safetensors").is_file():
-                done = folder
-        if done is None:
-            return None
-        checkpoints.append(ray.train.Checkpoint.from_directory(str(done)))
+    for names in member_names(cfg):
+        members = []
+        for member in names:
+            done = None
+            for folder in sorted(p for p in run_dir.glob(f"ray/{run_dir.name}-{member}/checkpoint_*") if p.is_dir()):
+                try:
+                    history = json.loads((folder / ray_runtime.HISTORY_FILE).read_text())
+                except (OSError, ValueError):
+                    continue
+                if history and history[-1].get("final") and (folder / "model.safetensors").is_file():
+                    done = folder
+            if done is None:
+                return None
+            members.append(ray.train.Checkpoint.from_directory(str(done)))
+        checkpoints.append(members)
     return checkpoints
 
 
@@ -333,12 +410,28 @@ def cached_soft_targets(path: Path, cfg: MoEKDConfig, log) -> dict | None:
         return None
 
 
-def copy_atomically(checkpoint, folder: Path) -> None:
-    """The checkpoint's files into `folder`, which appears complete or not at all; without a student's DeepSpeed
-    state (pickles for resuming training; the folder is what gets logged and registered)."""
+def copy_atomically(checkpoint, folder: Path, finish=None):
+    """The checkpoint's model into `folder`, which appears complete or not at all; without its training state (a
+    student's DeepSpeed state, an expert's latest/ weights and optimizer: for resuming training only).
+    `finish(model)`, if given, may change the loaded model (e.g. its decision threshold) before it is saved in
+    place; what it returns is recorded as the folder's threshold and returned."""
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     checkpoint.to_directory(str(tmp))
-    shutil.rmtree(tmp / ray_runtime.DEEPSPEED_DIR, ignore_errors=True)
+    for state in (ray_runtime.DEEPSPEED_DIR, ray_runtime.LATEST_DIR):
+        shutil.rmtree(tmp / state, ignore_errors=True)
+    result = None
+    if finish is not None:
+        model = load_model(tmp)
+        result = finish(model)
+        model.save_pretrained(str(tmp))
+        (tmp / THRESHOLD_FILE).write_text(json.dumps({"threshold": result}))
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
+    return result
+
+
+def student_folder_threshold(folder: Path) -> float:
+    """The decision threshold moved into a student folder's weights (0.5: none was, as in older runs)."""
+    path = folder / THRESHOLD_FILE
+    return float(json.loads(path.read_text())["threshold"]) if path.is_file() else 0.5
