@@ -121,7 +121,7 @@ def tiny_overrides(tmp_path) -> list[str]:
     return [
         "name=cluster-tiny", f"output_dir={tmp_path / 'runs'}", f"data.dir={default_data_dir()}",
         "data.train_rows=256", "data.eval_rows=48",
-        f"experts.model={json.dumps(TINY_ARCH)}", "experts.schedule.epochs=1",
+        "experts.models=null", "experts.folds=1", f"experts.model={json.dumps(TINY_ARCH)}", "experts.schedule.epochs=1",
         'experts.resources={"num_workers": 1, "cpus_per_worker": 1, "custom": {"expert_node": 1}}',
         "router.epochs=10",
         f"distill.student_arch={json.dumps(TINY_ARCH)}", "distill.schedule.epochs=1",

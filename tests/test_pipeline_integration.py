@@ -28,9 +28,10 @@ def child_runs(cfg, result):
 
 def test_table_has_experts_mixture_and_student(tiny_run):
     cfg, result = tiny_run
-    assert [r["model"] for r in result.table] == ["expert_0", "expert_1", "mixture", "student"]
+    assert [r["model"] for r in result.table] == ["expert_0", "expert_1", "mixture", "student", "tfidf-lr"]
     for row in result.table:
         assert 0 <= row["test_accuracy"] <= 1 and row["params"] > 0 and row["functions_per_s"] > 0
+        assert 0 < row["threshold"] < 1
 
 
 def test_experts_trained_concurrently(tiny_run):

@@ -179,3 +179,28 @@ def test_champion_loads_and_is_served_over_http(versions, tmp_path):
         end_group(proc)
     served = [row["probability"] for row in answer["predictions"]]
     assert served == pytest.approx(list(expected["probability"]), abs=1e-6)
+
+
+def test_degenerate_version_is_refused_unless_forced(versions, tmp_path, capsys):
+    """A version the pipeline tagged moekd.degenerate=true (one class, or validation F1 under the floor) is refused
+    by promote even with no gates configured; --force promotes it and the override is recorded."""
+    cfg, _ = versions
+    client = mlflow.MlflowClient()
+    model_dir, tok_dir = save_tiny_student(tmp_path / "useless", 5)
+    with mlflow.start_run():
+        uri = tracking.log_student_model(model_dir, tok_dir, cfg.model_dump(mode="json"), NAME,
+                                         {"test_f1": 0.0, "test_accuracy": 0.54, "size_mb": 0.09},
+                                         tags={"moekd.degenerate": "true",
+                                               "moekd.degenerate_reason": "labels 100.0% of the validation functions safe"})
+    version = uri.rsplit("/", 1)[1]
+    args = ["registry", "promote", "--name", NAME, "--version", version, "--alias", "useless",
+            f"mlflow.tracking_uri={cfg.mlflow.tracking_uri}", "registry.gates.max_f1_drop=null"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "degenerate" in err and "100.0%" in err
+    with pytest.raises(mlflow.exceptions.MlflowException):
+        client.get_model_version_by_alias(NAME, "useless")
+    assert main([*args, "--force"]) == 0
+    assert client.get_model_version_by_alias(NAME, "useless").version == version
+    n, record = promotion_records(client.get_model_version(NAME, version).tags)[-1]
+    assert (record["result"], record["forced"]) == ("promoted", True) and "degenerate" in record["failed_gates"][0]

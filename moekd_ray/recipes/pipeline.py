@@ -24,8 +24,9 @@ from moekd_ray.attacks.identifiers import identifier_vocabulary
 from moekd_ray.augment import adversarial_renamings, with_renamed_copies
 from moekd_ray.data import dataset_hash, describe, load_devign
 from moekd_ray.baseline import TfidfLR
-from moekd_ray.metrics import choose_threshold, classification_metrics, confusion_matrix_figure, degenerate
-from moekd_ray.models import build_model, load_model, num_params, shift_decision, size_mb
+from moekd_ray.decision import decide, decision_tags, load_decision, pick_threshold, save_decision
+from moekd_ray.metrics import classification_metrics, confusion_matrix_figure, degenerate
+from moekd_ray.models import build_model, load_model, num_params, size_mb
 from moekd_ray.partition import code_features, partition, partition_table
 from moekd_ray.recipes.aggregate import aggregate, fit_gate, load_soft_targets, save_soft_targets
 from moekd_ray.recipes.distill import distill_student
@@ -34,7 +35,6 @@ from moekd_ray.tokenization import NgramHasher, encode, load_tokenizer, train_bp
 from moekd_ray.train_loop import predict_logits, probs1, throughput
 
 SPLITS = ("train", "valid", "test")
-THRESHOLD_FILE = "moekd_threshold.json"  # in the student folder: the decision threshold moved into its weights
 
 
 @dataclass
@@ -152,13 +152,13 @@ def run_pipeline(cfg: MoEKDConfig, log=print, resume: str | None = None) -> Pipe
                 tracker.log_artifact(run_dir / "deepspeed_config.json")
                 # The decision threshold, chosen on validation, goes into the student's weights (models.shift_decision)
                 # as the folder is written: a student folder is always one with its threshold applied.
-                threshold = copy_atomically(result.checkpoint, student_dir, lambda m: student_threshold(
-                    cfg, m, enc_student["valid"], labels["valid"]))
-                log(f"student: decision threshold {threshold:.3f} (by validation {cfg.eval.threshold}), moved into "
-                    "its weights")
+                decision = copy_atomically(result.checkpoint, student_dir,
+                                           lambda m: decide(cfg.eval, m, enc_student["valid"], labels["valid"]))
+                log(f"student: decision threshold {decision['threshold']:.3f} (by validation {cfg.eval.threshold}), "
+                    "moved into its weights")
             student = load_model(student_dir)
-            threshold = student_folder_threshold(student_dir)
-            tracker.set_tags({"moekd.threshold": f"{threshold:.6f}"})
+            decision = load_decision(student_dir)
+            tracker.set_tags(decision_tags(decision))
             log(f"student: {num_params(student):,} parameters, {size_mb(student):.2f} MB (float32)")
 
         with timer("evaluate"), tracker.stage("evaluate"):
@@ -189,15 +189,14 @@ def run_pipeline(cfg: MoEKDConfig, log=print, resume: str | None = None) -> Pipe
             tracker.log_metrics({f"student.{k}_{cfg.attack.method}": summary[k] for k in ("asr", "robust_accuracy")})
 
         with timer("register"):
-            degenerate = {"moekd.degenerate": "true", "moekd.degenerate_reason": student_row["degenerate"]} \
-                if student_row["degenerate"] else {}
+            # The student's degenerate verdict is its row's (after the threshold in its weights).
+            student_tags = decision_tags({**decision, "degenerate": student_row["degenerate"]})
             model_uri = tracker.log_student_model(
                 student_dir, run_dir / "tokenizers" / "student", cfg.model_dump(mode="json"),
                 cfg.mlflow.registered_model, {k: v for k, v in student_row.items() if isinstance(v, float)},
-                tags={"moekd.data_hash": dataset_hash(data), "moekd.threshold": f"{threshold:.6f}", **degenerate},
+                tags={"moekd.data_hash": dataset_hash(data), **student_tags},
             )
-            if degenerate:
-                tracker.set_tags(degenerate)
+            tracker.set_tags(student_tags)
         tracker.log_metrics({f"seconds_{k}": v for k, v in timer.seconds.items()})
         tracker.set_tags({f"moekd.stage.{k}": v for k, v in timer.status.items()})
         log(format_table(rows))
@@ -275,7 +274,7 @@ def result_row(cfg, name: str, probs: dict[str, np.ndarray], labels: dict, param
     """One model's row of the final table; `threshold` None: chosen on validation by eval.threshold. Its test
     P(vulnerable) and threshold go into `test_probs` (for the confusion matrices)."""
     if threshold is None:
-        threshold = pick_threshold(cfg, labels["valid"], probs["valid"])
+        threshold = pick_threshold(cfg.eval, labels["valid"], probs["valid"])
     row = {"model": name, "threshold": threshold}
     for split in ("valid", "test"):
         row.update({f"{split}_{k}": v for k, v in classification_metrics(labels[split], probs[split], threshold).items()})
@@ -283,18 +282,6 @@ def result_row(cfg, name: str, probs: dict[str, np.ndarray], labels: dict, param
                                    threshold)
     test_probs[name] = (np.asarray(probs["test"]), threshold)
     return {**row, "params": params, "size_mb": mb, "functions_per_s": rate}
-
-
-def pick_threshold(cfg, valid_labels: np.ndarray, valid_probs: np.ndarray) -> float:
-    t = cfg.eval.threshold
-    return float(t) if isinstance(t, float) else choose_threshold(valid_labels, valid_probs, t)
-
-
-def student_threshold(cfg, model, enc_valid: dict, valid_labels: np.ndarray) -> float:
-    """Choose the student's threshold on validation and move it into its weights; returns it."""
-    threshold = pick_threshold(cfg, valid_labels, probs1(predict_logits(model, enc_valid, cfg.eval.batch_size)))
-    shift_decision(model, threshold)
-    return threshold
 
 
 def reference_row(cfg, funcs: dict, labels: dict, test_probs: dict) -> dict:
@@ -413,8 +400,8 @@ def cached_soft_targets(path: Path, cfg: MoEKDConfig, log) -> dict | None:
 def copy_atomically(checkpoint, folder: Path, finish=None):
     """The checkpoint's model into `folder`, which appears complete or not at all; without its training state (a
     student's DeepSpeed state, an expert's latest/ weights and optimizer: for resuming training only).
-    `finish(model)`, if given, may change the loaded model (e.g. its decision threshold) before it is saved in
-    place; what it returns is recorded as the folder's threshold and returned."""
+    `finish(model)`, if given, may change the loaded model before it is saved in place (decision.decide: its
+    threshold); what it returns is recorded beside it (decision.save_decision) and returned."""
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     checkpoint.to_directory(str(tmp))
@@ -425,13 +412,8 @@ def copy_atomically(checkpoint, folder: Path, finish=None):
         model = load_model(tmp)
         result = finish(model)
         model.save_pretrained(str(tmp))
-        (tmp / THRESHOLD_FILE).write_text(json.dumps({"threshold": result}))
+        save_decision(tmp, result)
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
     return result
 
-
-def student_folder_threshold(folder: Path) -> float:
-    """The decision threshold moved into a student folder's weights (0.5: none was, as in older runs)."""
-    path = folder / THRESHOLD_FILE
-    return float(json.loads(path.read_text())["threshold"]) if path.is_file() else 0.5

@@ -31,6 +31,7 @@ from ray.tune.search.optuna import OptunaSearch
 from moekd_ray import ray_runtime, tracking
 from moekd_ray.config import ArchConfig, MoEKDConfig, format_validation_error
 from moekd_ray.data import dataset_hash
+from moekd_ray.decision import decide, decision_tags, save_decision
 from moekd_ray.metrics import axes, classification_metrics, finish
 from moekd_ray.models import build_model, load_model, num_params, size_mb
 from moekd_ray.recipes.attack import attack_trial_student, validation_sample
@@ -176,7 +177,12 @@ def register(cfg: MoEKDConfig, row: dict, test_funcs: list[str], src) -> str:
 
     folder = Path(row["student_dir"])
     model = load_model(folder)
-    enc = encode(load_tokenizer(folder / "tokenizer"), test_funcs, row["max_length"])
+    tokenizer = load_tokenizer(folder / "tokenizer")
+    valid = encode(tokenizer, list(src.data["valid"]["func"]), row["max_length"])
+    decision = decide(cfg.eval, model, valid, src.labels["valid"])  # threshold into its weights
+    model.save_pretrained(str(folder))
+    save_decision(folder, decision)
+    enc = encode(tokenizer, test_funcs, row["max_length"])
     test = classification_metrics(src.labels["test"], probs1(predict_logits(model, enc, cfg.eval.batch_size)))
     arch = {k: row[k] for k in ("vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_size", "max_length")}
     tcfg = cfg.with_values({"distill.student_arch": arch, "distill.max_length": None})
@@ -184,7 +190,7 @@ def register(cfg: MoEKDConfig, row: dict, test_funcs: list[str], src) -> str:
     return tracking.log_student_model(
         folder, folder / "tokenizer", tcfg.model_dump(mode="json"), cfg.mlflow.registered_model,
         {**{f"test_{k}": v for k, v in test.items()}, "size_mb": row["size_mb"]},
-        tags={**objectives, "moekd.pareto": "1", "moekd.data_hash": dataset_hash(src.data)},
+        tags={**objectives, "moekd.pareto": "1", "moekd.data_hash": dataset_hash(src.data), **decision_tags(decision)},
     )
 
 
