@@ -175,17 +175,27 @@ class ExpertsConfig(_Strict):
         "router and student see its in-sample (memorised) outputs.",
     )
     schedule: Schedule = Field(default_factory=Schedule, description="Expert training schedule.")
+    schedules: list[Schedule] | None = Field(
+        None, description="One schedule per expert (length k), e.g. a higher learning rate and larger batches for an "
+        "n-gram bag than for an encoder; overrides `schedule` (fields left out take Schedule's defaults).",
+    )
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Per expert.")
 
     @model_validator(mode="after")
     def _one_model_per_expert(self):
-        if self.models is not None and len(self.models) != self.k:
-            raise ValueError(f"experts.models lists {len(self.models)} models for k={self.k}; give exactly k or use `model`")
+        for key in ("models", "schedules"):
+            given = getattr(self, key)
+            if given is not None and len(given) != self.k:
+                raise ValueError(f"experts.{key} lists {len(given)} entries for k={self.k}; give exactly k or use "
+                                 f"`{key[:-1]}`")
         return self
 
-    def specs(self) -> list[ArchConfig | PretrainedConfig]:
+    def specs(self) -> list[ArchConfig | PretrainedConfig | NgramConfig]:
         """The model of each expert, in expert order."""
         return list(self.models) if self.models is not None else [self.model] * self.k
+
+    def schedule_of(self, k: int) -> Schedule:
+        return self.schedules[k] if self.schedules is not None else self.schedule
 
 
 # ------------------------------------------------------------------------------------------------- router
@@ -229,7 +239,7 @@ class DistillConfig(_Strict):
 
     @model_validator(mode="after")
     def _known_preset(self):
-        if self.student_arch is None and self.student not in STUDENT_PRESETS:
+        if self.student not in STUDENT_PRESETS:  # checked even when student_arch overrides it: a typo is an error
             raise ValueError(f"unknown student preset {self.student!r}; use one of {sorted(STUDENT_PRESETS)}")
         return self
 
@@ -554,7 +564,7 @@ def format_validation_error(err: ValidationError, source: str) -> str:
         # eval.threshold.constrained-float -> eval.threshold).
         where = ".".join(str(p) for p in e["loc"] if p not in _UNION_TAGS and not _is_member_tag(p)) or "(top level)"
         if e["type"] == "extra_forbidden":
-            hint = "unknown key; check its spelling against `moekd config`"
+            hint = "unknown key" + _closest_key(where) + "; check its spelling against `moekd config`"
         elif e["type"] == "union_tag_invalid":
             hint = f"unknown source {e['ctx']['tag']!r}; use one of {e['ctx']['expected_tags']}"
         else:
@@ -563,6 +573,21 @@ def format_validation_error(err: ValidationError, source: str) -> str:
         seen_by_key[where] = "" if isinstance(seen, dict) or e["type"] == "extra_forbidden" else f" (got {seen!r})"
         problems.setdefault(where, []).append(hint)
     return f"{source}: " + "; ".join(f"{k}: {', or '.join(v)}{seen_by_key[k]}" for k, v in problems.items())
+
+
+def _closest_key(dotted: str) -> str:
+    """", did you mean data.train_rows?" for data.train_row: the nearest field name in the same section."""
+    import difflib
+
+    *section, key = dotted.split(".")
+    model = MoEKDConfig
+    for part in section:
+        annotation = model.model_fields.get(part).annotation if part in model.model_fields else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return ""
+        model = annotation
+    match = difflib.get_close_matches(key, list(model.model_fields), n=1, cutoff=0.6)
+    return f", did you mean {'.'.join([*section, match[0]])}?" if match else ""
 
 
 def _is_member_tag(part) -> bool:

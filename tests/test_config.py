@@ -136,3 +136,22 @@ def test_job_files_name_their_command(path):
         header.append(line.lstrip("# ").rstrip("\\ "))
     command = rf"\bmoekd (run|tune|attack|benchmark|search-student) {re.escape(str(path.relative_to(REPO)))}(\s|$)"
     assert re.search(command, " ".join(header)), f"{path.name}: its header does not say `moekd <command> {path.name}`"
+
+
+def test_per_expert_models_and_schedules(tmp_path):
+    cfg = load_config(write(tmp_path, "experts:\n  k: 2\n  models: [{source: ngram, buckets: 1024}, {hidden_size: 32, "
+                                      "num_heads: 2}]\n  schedules: [{lr: 0.005, batch_size: 64}, {lr: 0.001}]\n"))
+    assert [s.source for s in cfg.experts.specs()] == ["ngram", "config"]
+    assert (cfg.experts.schedule_of(0).lr, cfg.experts.schedule_of(0).batch_size) == (0.005, 64)
+    assert cfg.experts.schedule_of(1).batch_size == 16  # Schedule's default, not experts.schedule's
+    with pytest.raises(ConfigError, match="experts.schedules lists 1 entries for k=2"):
+        load_config(write(tmp_path, "experts:\n  k: 2\n  schedules: [{lr: 0.005}]\n"))
+    with pytest.raises(ConfigError, match="experts.models.0: unknown source 'lstm'"):
+        load_config(write(tmp_path, "experts:\n  k: 1\n  models: [{source: lstm}]\n"))
+
+
+def test_unknown_key_suggests_the_closest_one():
+    with pytest.raises(ConfigError, match=r"data\.train_row: unknown key, did you mean data\.train_rows\?"):
+        load_config(None, ["data.train_row=5"])
+    with pytest.raises(ConfigError, match=r"did you mean experts\.schedule\.warmup_ratio\?"):
+        load_config(None, ["experts.schedule.warmup=0.1"])

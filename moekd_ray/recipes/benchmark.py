@@ -195,8 +195,9 @@ class Teachers:
 
 def teacher_config(cfg: MoEKDConfig) -> MoEKDConfig:
     """The single teacher: one expert of the first expert's model, on the whole labelled part."""
-    return cfg.with_values({"experts.k": 1, "experts.models": None, "router.top_k": None,
-                            "experts.model": cfg.experts.specs()[0].model_dump(mode="json")})
+    return cfg.with_values({"experts.k": 1, "experts.models": None, "experts.schedules": None, "router.top_k": None,
+                            "experts.model": cfg.experts.specs()[0].model_dump(mode="json"),
+                            "experts.schedule": cfg.experts.schedule_of(0).model_dump(mode="json")})
 
 
 def teachers_digest(cfg: MoEKDConfig) -> str:

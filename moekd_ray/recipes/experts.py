@@ -119,7 +119,7 @@ def expert_trainers(cfg: MoEKDConfig, enc: list[dict], labels: dict, parts: np.n
             loop_config = {
                 "name": member,
                 "model": spec.model_dump(),
-                "schedule": cfg.experts.schedule.model_dump(),
+                "schedule": cfg.experts.schedule_of(k).model_dump(),
                 "threads": cfg.experts.resources.cpus_per_worker,
                 "eval_batch_size": cfg.eval.batch_size,
                 "seed": cfg.seed + k + 1000 * f,
