@@ -193,6 +193,7 @@ def test_degenerate_version_is_refused_unless_forced(versions, tmp_path, capsys)
                                          tags={"moekd.degenerate": "true",
                                                "moekd.degenerate_reason": "labels 100.0% of the validation functions safe"})
     version = uri.rsplit("/", 1)[1]
+    capsys.readouterr()  # the logging's progress bars
     args = ["registry", "promote", "--name", NAME, "--version", version, "--alias", "useless",
             f"mlflow.tracking_uri={cfg.mlflow.tracking_uri}", "registry.gates.max_f1_drop=null"]
     assert main(args) == 2

@@ -321,7 +321,8 @@ def test_tracking_server_lost_mid_run(ray_cluster, tmp_path):
         assert sync.returncode == 0 and "replayed" in sync.stdout, sync.stdout + sync.stderr
         after = snapshot()
         for rid, (name, params, metrics) in before.items():  # nothing logged before the outage changed
-            assert after[rid][0] == name and after[rid][1] == params
+            # (a stage run created just before the server died may gain the params spooled after its creation)
+            assert after[rid][0] == name and after[rid][1].items() >= params.items()
             assert all(after[rid][2][k] == history for k, history in metrics.items()), name
         parent = client.get_run(run_id)
         assert parent.info.status == "FINISHED" and parent.data.tags["moekd.stage.distill"] == "ran"

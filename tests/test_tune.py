@@ -97,9 +97,11 @@ def robust_search(tiny_pipeline, tmp_path_factory):
     tree = cfg.model_dump(mode="json")
     tree.update(name="tiny-keyed", output_dir=str(tmp / "runs"))
     tree["data"] = {"dir": str(tmp)}
-    tree["experts"]["schedule"].update(epochs=4, lr=3e-3)
+    # Constant rates and last-epoch weights: students that key on the identifier fast, so the attack can flip them.
+    constant = {"warmup_ratio": 0.0, "decay": "none", "keep_best_by": "last"}
+    tree["experts"]["schedule"].update(epochs=4, lr=3e-3, **constant)
     pipeline = run_pipeline(type(cfg).model_validate(tree), log=lambda *_: None)
-    tree["distill"]["schedule"].update(epochs=3, batch_size=4)
+    tree["distill"]["schedule"].update(epochs=3, batch_size=4, **constant)
     tree["distill"]["resources"] = {"num_workers": 1, "cpus_per_worker": 0.45}
     tree["attack"].update(method="mhm", query_budget=10, candidates=4, vocab_rows=200)
     tree["tune"] = {
