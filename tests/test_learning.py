@@ -39,6 +39,7 @@ def test_every_model_learns_the_known_rule(learned):
     _, result = learned
     by_model = {r["model"]: r for r in result.table}
     assert {"expert_0", "expert_1", "mixture", "student", "tfidf-lr"} <= set(by_model)
+    print("\ntest accuracy:", {name: round(row["test_accuracy"], 3) for name, row in by_model.items()})
     for name in ("expert_0", "expert_1", "mixture", "student"):
         assert by_model[name]["test_accuracy"] >= 0.9, (name, by_model[name])
         assert not by_model[name]["degenerate"], (name, by_model[name]["degenerate"])
