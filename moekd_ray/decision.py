@@ -10,7 +10,7 @@ import numpy as np
 
 from moekd_ray.config import EvalConfig
 from moekd_ray.metrics import choose_threshold, degenerate
-from moekd_ray.models import shift_decision
+from moekd_ray.models import load_model, shift_decision
 from moekd_ray.train_loop import predict_logits, probs1
 
 THRESHOLD_FILE = "moekd_threshold.json"  # in a student folder: the threshold moved into its weights
@@ -48,3 +48,13 @@ def decision_tags(decision: dict) -> dict[str, str]:
     if decision.get("degenerate"):
         tags.update({"moekd.degenerate": "true", "moekd.degenerate_reason": decision["degenerate"]})
     return tags
+
+
+def decide_folder(cfg: EvalConfig, folder: Path, enc_valid: dict, valid_labels: np.ndarray) -> dict:
+    """`decide` for a saved model folder: its weights are rewritten with the threshold in them, and the decision is
+    recorded beside them. Returns the decision."""
+    model = load_model(folder)
+    decision = decide(cfg, model, enc_valid, valid_labels)
+    model.save_pretrained(str(folder))
+    save_decision(folder, decision)
+    return decision

@@ -92,12 +92,12 @@ def fold_of(n: int, folds: int, seed: int) -> np.ndarray:
 def part_arrays(enc: dict[str, np.ndarray], labels: np.ndarray, parts: np.ndarray, k: int, cfg: MoEKDConfig,
                 keep: np.ndarray | None = None) -> dict:
     """The rows (and per-row loss weights) expert k trains on; `keep`: a mask of the rows its fold model may see."""
-    keep = np.ones(len(labels), dtype=bool) if keep is None else keep
     if cfg.experts.train_on == "part":
-        rows = (parts == k) & keep
+        rows = parts == k if keep is None else (parts == k) & keep
         return {**{n: a[rows] for n, a in enc.items()}, "labels": labels[rows]}
     weight = np.where(parts == k, cfg.experts.part_weight, 1.0).astype(np.float32)
-    return {**{n: a[keep] for n, a in enc.items()}, "labels": labels[keep], "weight": weight[keep]}
+    arrays = {**enc, "labels": labels, "weight": weight}
+    return arrays if keep is None else {n: a[keep] for n, a in arrays.items()}
 
 
 def member_names(cfg: MoEKDConfig) -> list[list[str]]:
@@ -172,11 +172,12 @@ def expert_logits(cfg: MoEKDConfig, checkpoints: list[list], enc: list[dict]) ->
     refs = [[task.remote(c, {s: ray.put(rows(s, a, f, len(members))) for s, a in enc_k.items()},
                          cfg.eval.batch_size, int(res.cpus_per_worker)) for f, c in enumerate(members)]
             for members, enc_k in zip(checkpoints, enc)]
+    outputs = [ray.get(members) for members in refs]
     out = {}
     for split in enc[0]:
         per_expert = []
-        for members in refs:
-            logits = [o[split] for o in ray.get(members)]
+        for members in outputs:
+            logits = [o[split] for o in members]
             if len(logits) == 1:
                 per_expert.append(logits[0])
             elif split == "train":  # out of fold

@@ -24,7 +24,7 @@ from moekd_ray.attacks.identifiers import identifier_vocabulary
 from moekd_ray.augment import adversarial_renamings, with_renamed_copies
 from moekd_ray.data import dataset_hash, describe, load_devign
 from moekd_ray.baseline import TfidfLR
-from moekd_ray.decision import decide, decision_tags, load_decision, pick_threshold, save_decision
+from moekd_ray.decision import decide_folder, decision_tags, load_decision, pick_threshold
 from moekd_ray.metrics import classification_metrics, confusion_matrix_figure, degenerate
 from moekd_ray.models import build_model, load_model, num_params, size_mb
 from moekd_ray.partition import code_features, partition, partition_table
@@ -152,8 +152,8 @@ def run_pipeline(cfg: MoEKDConfig, log=print, resume: str | None = None) -> Pipe
                 tracker.log_artifact(run_dir / "deepspeed_config.json")
                 # The decision threshold, chosen on validation, goes into the student's weights (models.shift_decision)
                 # as the folder is written: a student folder is always one with its threshold applied.
-                decision = copy_atomically(result.checkpoint, student_dir,
-                                           lambda m: decide(cfg.eval, m, enc_student["valid"], labels["valid"]))
+                decision = copy_atomically(result.checkpoint, student_dir, lambda folder: decide_folder(
+                    cfg.eval, folder, enc_student["valid"], labels["valid"]))
                 log(f"student: decision threshold {decision['threshold']:.3f} (by validation {cfg.eval.threshold}), "
                     "moved into its weights")
             student = load_model(student_dir)
@@ -400,19 +400,14 @@ def cached_soft_targets(path: Path, cfg: MoEKDConfig, log) -> dict | None:
 def copy_atomically(checkpoint, folder: Path, finish=None):
     """The checkpoint's model into `folder`, which appears complete or not at all; without its training state (a
     student's DeepSpeed state, an expert's latest/ weights and optimizer: for resuming training only).
-    `finish(model)`, if given, may change the loaded model before it is saved in place (decision.decide: its
-    threshold); what it returns is recorded beside it (decision.save_decision) and returned."""
+    `finish(folder)`, if given, runs on the copy before it appears (decision.decide_folder: the threshold into its
+    weights); what it returns is returned."""
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     checkpoint.to_directory(str(tmp))
     for state in (ray_runtime.DEEPSPEED_DIR, ray_runtime.LATEST_DIR):
         shutil.rmtree(tmp / state, ignore_errors=True)
-    result = None
-    if finish is not None:
-        model = load_model(tmp)
-        result = finish(model)
-        model.save_pretrained(str(tmp))
-        save_decision(tmp, result)
+    result = finish(tmp) if finish is not None else None
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
     return result

@@ -31,7 +31,7 @@ from ray.tune.search.optuna import OptunaSearch
 from moekd_ray import ray_runtime, tracking
 from moekd_ray.config import ArchConfig, MoEKDConfig, format_validation_error
 from moekd_ray.data import dataset_hash
-from moekd_ray.decision import decide, decision_tags, save_decision
+from moekd_ray.decision import decide_folder, decision_tags
 from moekd_ray.metrics import axes, classification_metrics, finish
 from moekd_ray.models import build_model, load_model, num_params, size_mb
 from moekd_ray.recipes.attack import attack_trial_student, validation_sample
@@ -176,12 +176,10 @@ def register(cfg: MoEKDConfig, row: dict, test_funcs: list[str], src) -> str:
     from moekd_ray.tokenization import load_tokenizer
 
     folder = Path(row["student_dir"])
-    model = load_model(folder)
     tokenizer = load_tokenizer(folder / "tokenizer")
     valid = encode(tokenizer, list(src.data["valid"]["func"]), row["max_length"])
-    decision = decide(cfg.eval, model, valid, src.labels["valid"])  # threshold into its weights
-    model.save_pretrained(str(folder))
-    save_decision(folder, decision)
+    decision = decide_folder(cfg.eval, folder, valid, src.labels["valid"])  # threshold into its weights
+    model = load_model(folder)
     enc = encode(tokenizer, test_funcs, row["max_length"])
     test = classification_metrics(src.labels["test"], probs1(predict_logits(model, enc, cfg.eval.batch_size)))
     arch = {k: row[k] for k in ("vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_size", "max_length")}

@@ -36,7 +36,7 @@ from moekd_ray import ray_runtime, tracking
 from moekd_ray.config import ChoiceDist, LogUniformDist, MoEKDConfig, load_config
 from moekd_ray.data import dataset_hash, load_devign
 from moekd_ray.errors import ConfigError
-from moekd_ray.decision import decide, decision_tags, save_decision
+from moekd_ray.decision import decide_folder, decision_tags
 from moekd_ray.metrics import classification_metrics, scatter_figure
 from moekd_ray.models import load_model, num_params, size_mb
 from moekd_ray.recipes.aggregate import expert_weights, load_soft_targets
@@ -261,10 +261,8 @@ def run_search(cfg: MoEKDConfig, resume: bool = False, log=print) -> SearchResul
         checkpoints = sorted(p for p in trial_storage.glob("checkpoint_*") if p.is_dir())
         shutil.rmtree(student_dir, ignore_errors=True)
         shutil.copytree(checkpoints[-1], student_dir, ignore=shutil.ignore_patterns(ray_runtime.DEEPSPEED_DIR))
+        decision = decide_folder(cfg.eval, student_dir, enc["valid"], labels["valid"])  # threshold into its weights
         student = load_model(student_dir)
-        decision = decide(cfg.eval, student, enc["valid"], labels["valid"])  # threshold into its weights
-        student.save_pretrained(str(student_dir))
-        save_decision(student_dir, decision)
         test = classification_metrics(labels["test"], probs1(predict_logits(student, enc["test"], cfg.eval.batch_size)))
         ranking = ("val_accuracy", "val_f1") + (("asr", "objective") if robust else ())
         best_metrics = {**{k: float(best.metrics[k]) for k in ranking},
