@@ -49,13 +49,6 @@ class NgramBag(nn.Module):
         save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / "model.safetensors"))
 
 
-def max_input_length(model) -> int:
-    """Tokens (n-grams for the bag) a model reads per function."""
-    if isinstance(model, NgramBag):
-        return model.spec.max_length
-    return int(model.config.max_position_embeddings) - 2  # RoBERTa positions start after the padding index
-
-
 def decision_head(model) -> nn.Linear:
     """The final linear layer whose two outputs are the class logits."""
     return model.classifier if isinstance(model, NgramBag) else model.classifier.out_proj

@@ -1,45 +1,55 @@
 """The registered student as an MLflow pyfunc model, defined from code (MLflow "models from code").
 
-Input: a DataFrame with a string column `func` (C function source), or a list of strings.
-Output: a DataFrame with `probability` = P(vulnerable) per function.
+Input: C function sources as a list of strings, a single string, a pandas Series, or a DataFrame with a string
+column `func` (or a single column); over HTTP, {"inputs": [...]} or {"dataframe_split": ...}.
+Output: a DataFrame with `probability` = P(vulnerable) per function, in input order.
 Weights are safetensors and the tokenizer is a saved HF tokenizer: loading unpickles nothing.
 """
 
 import mlflow
 import numpy as np
 import pandas as pd
-import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+try:
+    from moekd_ray.scoring import Scorer
+except ImportError:  # served where moekd-ray is not installed: the copy logged with the model (code_paths)
+    from scoring import Scorer
+
+
+def sources(model_input) -> list[str]:
+    """The function sources in any accepted input shape."""
+    if isinstance(model_input, dict):
+        model_input = pd.DataFrame(model_input)
+    if isinstance(model_input, pd.DataFrame):
+        if "func" in model_input.columns:
+            column = model_input["func"]
+        elif model_input.shape[1] == 1:
+            column = model_input.iloc[:, 0]
+        else:
+            raise ValueError(f"give the C sources as a list of strings or a `func` column; got columns "
+                             f"{list(model_input.columns)}")
+    elif isinstance(model_input, str):
+        column = [model_input]
+    else:
+        column = model_input
+    funcs = []
+    for value in column:
+        if isinstance(value, (list, tuple, np.ndarray)):  # {"func": [a, b]} can arrive as one row holding a list
+            funcs.extend(str(f) for f in value)
+        else:
+            funcs.append(str(value))
+    return funcs
 
 
 class StudentClassifier(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
-        self.tokenizer = AutoTokenizer.from_pretrained(context.artifacts["tokenizer"])
-        self.model = AutoModelForSequenceClassification.from_pretrained(
-            context.artifacts["model"], use_safetensors=True
-        ).eval()
-        # RoBERTa positions start after the padding index: usable length is 2 less than the table.
-        self.max_length = int(self.model.config.max_position_embeddings) - 2
-        self.batch_size = 64
+        tokenizer = AutoTokenizer.from_pretrained(context.artifacts["tokenizer"])
+        model = AutoModelForSequenceClassification.from_pretrained(context.artifacts["model"], use_safetensors=True)
+        self.scorer = Scorer(model, tokenizer)
 
     def predict(self, context, model_input, params=None):
-        column = model_input["func"] if isinstance(model_input, (pd.DataFrame, dict)) else model_input
-        funcs = []
-        for value in column:
-            if isinstance(value, (list, tuple, np.ndarray)):  # {"func": [a, b]} can arrive as one row holding a list
-                funcs.extend(str(f) for f in value)
-            else:
-                funcs.append(str(value))
-        probs = []
-        with torch.no_grad():
-            for i in range(0, len(funcs), self.batch_size):
-                enc = self.tokenizer(
-                    funcs[i : i + self.batch_size], truncation=True, max_length=self.max_length,
-                    padding=True, return_tensors="pt",
-                )
-                logits = self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
-                probs.extend(torch.softmax(logits.float(), dim=-1)[:, 1].tolist())
-        return pd.DataFrame({"probability": probs})
+        return pd.DataFrame({"probability": self.scorer(sources(model_input)).astype(np.float64)})
 
 
 mlflow.models.set_model(StudentClassifier())

@@ -24,6 +24,7 @@ from moekd_ray.config import dump_yaml
 from moekd_ray.errors import TrackingError
 
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
+SCORING_CODE = Path(__file__).with_name("scoring.py")  # logged beside it: a served model needs no moekd-ray
 SPOOL = "mlflow_spool.jsonl"  # in the run folder: MLflow writes made while the tracking server was down
 
 
@@ -121,10 +122,10 @@ def log_student_model(model_dir: Path, tokenizer_dir: Path, config_tree: dict, r
     and model card (registry.py). Returns its model URI.
 
     The model is defined from code (pyfunc_model.py) and its weights are safetensors: nothing is pickled.
+    The input column is unnamed, so a list of strings, a Series, a string and a `func` DataFrame all pass MLflow's
+    schema check.
     """
-    signature = ModelSignature(
-        inputs=Schema([ColSpec("string", "func")]), outputs=Schema([ColSpec("double", "probability")])
-    )
+    signature = ModelSignature(inputs=Schema([ColSpec("string")]), outputs=Schema([ColSpec("double", "probability")]))
     with tempfile.TemporaryDirectory() as tmp:
         cfg_path = Path(tmp) / "config.yaml"
         cfg_path.write_text(dump_yaml(config_tree))
@@ -133,7 +134,8 @@ def log_student_model(model_dir: Path, tokenizer_dir: Path, config_tree: dict, r
             python_model=str(PYFUNC_CODE),
             artifacts={"model": str(model_dir), "tokenizer": str(tokenizer_dir), "config": str(cfg_path)},
             signature=signature,
-            input_example={"func": ["int f(char *s) { char b[8]; strcpy(b, s); return 0; }"]},
+            input_example=["int f(char *s) { char b[8]; strcpy(b, s); return 0; }"],
+            code_paths=[str(SCORING_CODE)],
             pip_requirements=_requirements(),
             registered_model_name=registered_name,
             metadata={"metrics": {k: round(v, 4) for k, v in metrics.items()}},

@@ -103,8 +103,12 @@ def other_address() -> str | None:
     return None if address.startswith("127.") else address
 
 
-def save_tiny_student(folder: Path, seed: int = 0) -> tuple[Path, Path]:
-    """A tiny random RoBERTa classifier and BPE tokenizer saved as the pipeline saves a student."""
+def save_tiny_student(folder: Path, seed: int = 0, head_scale: float = 1.0) -> tuple[Path, Path]:
+    """A tiny random RoBERTa classifier and BPE tokenizer saved as the pipeline saves a student. At random init its
+    probabilities differ only in the 5th decimal; `head_scale` multiplies the output layer to spread them (its bias
+    then centres the logits of the training snippets on 0, so that they do not all saturate)."""
+    import torch
+
     from moekd_ray.config import ArchConfig
     from moekd_ray.models import build_model
     from moekd_ray.tokenization import train_bpe
@@ -113,6 +117,12 @@ def save_tiny_student(folder: Path, seed: int = 0) -> tuple[Path, Path]:
     code = [f"int f{i}(char *buf, int n) {{ int k = {i}; if (n > k) memcpy(buf, \"x\", n); return k; }}"
             for i in range(50)]
     model_dir, tok_dir = folder / "student", folder / "tokenizer"
-    build_model(arch, seed).save_pretrained(str(model_dir), safe_serialization=True)
-    train_bpe(code, arch.vocab_size, arch.max_length).save_pretrained(str(tok_dir))
+    model, tokenizer = build_model(arch, seed).eval(), train_bpe(code, arch.vocab_size, arch.max_length)
+    if head_scale != 1.0:
+        with torch.no_grad():
+            model.classifier.out_proj.weight.mul_(head_scale)
+            logits = model(**tokenizer(code, padding=True, return_tensors="pt")).logits
+            model.classifier.out_proj.bias.sub_(logits.mean(0))
+    model.save_pretrained(str(model_dir), safe_serialization=True)
+    tokenizer.save_pretrained(str(tok_dir))
     return model_dir, tok_dir

@@ -70,6 +70,48 @@ def direct(student, sources: list[str]) -> list[float]:
     return [float(p) for p in student.model.predict(pd.DataFrame({"func": sources}))["probability"]]
 
 
+VARIED = [f"int f{i}(char *buf, int n) {{ int k = {i * 7}; while (n-- > k) buf[n] = {i}; return k + n; }}"
+          for i in range(12)] + ["void g(void) { free(p); free(p); }", "", "x" * 5000]
+
+
+def test_pyfunc_accepts_a_list_a_series_a_string_and_a_dataframe(student):
+    """README's input shapes all pass MLflow's schema check and give the same probabilities."""
+    import pandas as pd
+
+    expected = direct(student, VARIED)
+    for shaped in (VARIED, pd.Series(VARIED), {"func": VARIED}, pd.DataFrame({"code": VARIED})):
+        assert list(student.model.predict(shaped)["probability"]) == expected
+    assert list(student.model.predict(VARIED[3])["probability"]) == [expected[3]]
+
+
+def test_the_attacked_model_is_the_served_model(tmp_path, one_thread):
+    """One scorer: the attacks' victim loaded from a logged pyfunc model's folder gives exactly the pyfunc's
+    probabilities, for a student whose probabilities differ from function to function, batched differently."""
+    import mlflow
+    import numpy as np
+
+    from moekd_ray.attacks.victim import load_victim
+    from moekd_ray.tracking import log_student_model
+
+    model_dir, tok_dir = save_tiny_student(tmp_path, head_scale=1e4)
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlruns.db")
+    experiment = mlflow.create_experiment("one-scorer", artifact_location=(tmp_path / "artifacts").as_uri())
+    with mlflow.start_run(experiment_id=experiment):
+        uri = log_student_model(model_dir, tok_dir, {}, None, {})
+    folder = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp_path / "local"))
+    served = mlflow.pyfunc.load_model(uri).predict(VARIED)["probability"].to_numpy()
+    assert np.ptp(served) > 0.05, served  # outputs that differ from function to function
+    attacked = load_victim(folder, batch_size=5)(VARIED)
+    assert np.array_equal(attacked.astype(np.float64), served)
+    # Served where moekd-ray is not installed: the model's own copy of the scorer (code_paths) is used.
+    script = ("import sys, json, mlflow, torch; torch.set_num_threads(1); sys.modules['moekd_ray'] = None; "
+              f"m = mlflow.pyfunc.load_model({str(folder)!r}); "
+              f"print(json.dumps(list(m.predict({VARIED!r})['probability'])))")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == list(served)
+
+
 def run_cli(capsys, *args: str) -> tuple[int, str, str]:
     code = main(["predict", *args])
     out, err = capsys.readouterr()

@@ -68,17 +68,18 @@ def test_versions_carry_their_evidence_and_model_card(versions):
 
 
 def test_versions_carry_signature_input_example_and_artifacts(versions, tmp_path):
-    """What the MLflow UI shows of a version: its signature (string `func` in, `probability` out), an input
-    example, and the student's tokenizer and resolved config as artifacts."""
+    """What the MLflow UI shows of a version: its signature (an unnamed string column in, so a plain list of
+    sources passes; `probability` out), an input example, and the student's tokenizer and resolved config as
+    artifacts."""
     cfg, uris = versions
     folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=uris[0], dst_path=str(tmp_path)))
     model = Model.load(str(folder))
-    assert model.signature.inputs.input_names() == ["func"]
+    assert not model.signature.inputs.has_input_names()
     assert model.signature.inputs.input_types() == [DataType.string]
     assert model.signature.outputs.input_names() == ["probability"]
     assert model.signature.outputs.input_types() == [DataType.double]
     example = model.load_input_example(str(folder))
-    assert list(example) == ["func"] and len(example["func"]) == 1 and "strcpy" in example["func"][0]
+    assert list(example) == [example[0]] and "strcpy" in example[0]  # a plain list of one source, as documented
     assert Model.load(uris[0]).signature == model.signature  # the same through the registry URI
     artifacts = model.flavors["python_function"]["artifacts"]
     assert set(artifacts) == {"model", "tokenizer", "config"}
@@ -171,7 +172,7 @@ def test_champion_loads_and_is_served_over_http(versions, tmp_path):
     try:
         wait_http(f"http://{LOOPBACK}:{port}/ping", proc, tmp_path / "serve.log")
         request = urllib.request.Request(
-            f"http://{LOOPBACK}:{port}/invocations", data=json.dumps({"inputs": {"func": FUNCS}}).encode(),
+            f"http://{LOOPBACK}:{port}/invocations", data=json.dumps({"inputs": FUNCS}).encode(),
             headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=60) as response:
             answer = json.loads(response.read())

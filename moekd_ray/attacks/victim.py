@@ -18,28 +18,14 @@ import numpy as np
 import torch
 
 from moekd_ray.errors import ConfigError
-from moekd_ray.models import load_model, max_input_length
-from moekd_ray.tokenization import encode, load_tokenizer
+from moekd_ray.models import load_model
+from moekd_ray.scoring import Scorer
+from moekd_ray.tokenization import load_tokenizer
 from moekd_ray.tracking import pipeline_run
 
 
-class Classifier:
-    """A HF sequence classifier and its tokenizer, scored at the model's own maximum length."""
-
-    def __init__(self, model, tokenizer, max_length: int | None = None, batch_size: int = 64):
-        self.model, self.tokenizer, self.batch_size = model.eval(), tokenizer, batch_size
-        self.max_length = max_length or max_input_length(model)
-
-    @torch.no_grad()
-    def __call__(self, funcs: list[str]) -> np.ndarray:
-        out = []
-        for i in range(0, len(funcs), self.batch_size):
-            # Fixed-length padding: a function's score does not depend on what it is batched with.
-            enc = encode(self.tokenizer, funcs[i : i + self.batch_size], self.max_length)
-            logits = self.model(input_ids=torch.from_numpy(enc["input_ids"]).long(),
-                                attention_mask=torch.from_numpy(enc["attention_mask"]).long()).logits
-            out.append(torch.softmax(logits.float(), dim=-1)[:, 1].numpy())
-        return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+class Classifier(Scorer):
+    """The one scorer (scoring.Scorer), plus the embedding table ALERT draws substitutes from."""
 
     def embed_names(self, names: list[str]) -> np.ndarray:
         """Each identifier as the mean input embedding of its tokens (ALERT's substitute space)."""
@@ -120,8 +106,8 @@ def load_victim(folder: str | Path, target: str = "student", batch_size: int = 6
     if (folder / "MLmodel").is_file():  # a registered student: the pyfunc wrapper holds model and tokenizer
         import mlflow
 
-        wrapped = mlflow.pyfunc.load_model(str(folder)).unwrap_python_model()
-        return Classifier(wrapped.model, wrapped.tokenizer, wrapped.max_length, batch_size)
+        scorer = mlflow.pyfunc.load_model(str(folder)).unwrap_python_model().scorer
+        return Classifier(scorer.model, scorer.tokenizer, scorer.max_length, batch_size)
     if (folder / "config.yaml").is_file():  # a pipeline run folder
         experts = _expert_dirs(folder)
         if target == "student":

@@ -42,7 +42,8 @@ from moekd_ray.config import METHODS, MoEKDConfig, dump_yaml
 from moekd_ray.errors import ConfigError
 from moekd_ray.data import dataset_hash, describe, load_devign
 from moekd_ray.metrics import classification_metrics, confusion_matrix_figure, points_figure
-from moekd_ray.models import load_model, max_input_length, num_params, size_mb
+from moekd_ray.models import load_model, num_params, size_mb
+from moekd_ray.scoring import max_input_length
 from moekd_ray.partition import code_features, partition
 from moekd_ray.recipes.aggregate import expert_weights, fit_gate, load_soft_targets, save_soft_targets
 from moekd_ray.recipes.attack import attack_examples, format_summary, sample_examples, summarize

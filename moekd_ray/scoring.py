@@ -1,0 +1,45 @@
+"""The one scorer: C source strings in, P(vulnerable) out, for a saved classifier and its tokenizer.
+
+Every path that scores functions goes through `Scorer`: the registered pyfunc (pyfunc_model.py, and so
+`moekd predict` and `mlflow models serve`), the attacks' victims (attacks/victim.py, and so tune's robust objective
+and the benchmark's attack rows). The decision threshold lives in the weights (models.shift_decision), so
+P >= 0.5 is the model's decision everywhere.
+
+Self-contained (numpy and torch only): a logged pyfunc carries a copy of this file, so a served model needs no
+moekd-ray install.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def max_input_length(model) -> int:
+    """Tokens (n-grams for the n-gram bag) a model reads per function."""
+    spec = getattr(model, "spec", None)  # models.NgramBag keeps its settings in `spec`
+    if spec is not None:
+        return int(spec.max_length)
+    return int(model.config.max_position_embeddings) - 2  # RoBERTa positions start after the padding index
+
+
+class Scorer:
+    """`scorer(funcs)` -> P(vulnerable) per function, `batch_size` functions at a time.
+
+    Every function is padded to the model's maximum length, so its score does not depend on what it is batched
+    with (beyond float rounding): the attacked model and the served model give the same number for the same function."""
+
+    def __init__(self, model, tokenizer, max_length: int | None = None, batch_size: int = 64):
+        self.model, self.tokenizer, self.batch_size = model.eval(), tokenizer, batch_size
+        self.max_length = max_length or max_input_length(model)
+
+    @torch.no_grad()
+    def __call__(self, funcs: list[str]) -> np.ndarray:
+        out = []
+        for i in range(0, len(funcs), self.batch_size):
+            enc = self.tokenizer(list(funcs[i : i + self.batch_size]), truncation=True, max_length=self.max_length,
+                                 padding="max_length")
+            logits = self.model(input_ids=torch.as_tensor(np.asarray(enc["input_ids"], dtype=np.int64)),
+                                attention_mask=torch.as_tensor(np.asarray(enc["attention_mask"], dtype=np.int64))).logits
+            out.append(torch.softmax(logits.float(), dim=-1)[:, 1].numpy())
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
