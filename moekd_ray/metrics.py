@@ -29,7 +29,7 @@ def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
 
 
 def choose_threshold(labels: np.ndarray, probs1: np.ndarray, metric: str) -> float:
-    """The cut on P(vulnerable) that maximises `metric` (accuracy, f1 or mcc) on these (validation) rows; among equally
+    """The cut on P(vulnerable) that maximises `metric` (accuracy, balanced_accuracy, f1 or mcc) on these (validation) rows; among equally
     good cuts, the one closest to 0.5. Candidates: midpoints between neighbouring distinct probabilities."""
     labels, probs1 = np.asarray(labels), np.asarray(probs1, dtype=np.float64)
     values = np.unique(probs1)
@@ -56,7 +56,8 @@ def degenerate(labels: np.ndarray, probs1: np.ndarray, max_share: float, min_f1:
 
 
 def classification_metrics(labels: np.ndarray, probs1: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
-    """accuracy/precision/recall/f1 of class 1 (vulnerable) from P(vulnerable), predicted vulnerable at or above
+    """accuracy/precision/recall/f1/mcc of class 1 (vulnerable) and balanced accuracy (the mean of the two classes'
+    recalls: what accuracy would be at a 50/50 class balance) from P(vulnerable), predicted vulnerable at or above
     `threshold`."""
     pred = (probs1 >= threshold).astype(int)
     tp = int(((pred == 1) & (labels == 1)).sum())
@@ -68,8 +69,9 @@ def classification_metrics(labels: np.ndarray, probs1: np.ndarray, threshold: fl
     tn = len(labels) - tp - fp - fn
     denom = ((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)) ** 0.5
     mcc = (tp * tn - fp * fn) / denom if denom else 0.0  # 0 for a one-class model, whatever the class balance
+    specificity = tn / (tn + fp) if tn + fp else 0.0
     return {"accuracy": float((pred == labels).mean()), "precision": precision, "recall": recall, "f1": f1,
-            "mcc": float(mcc)}
+            "mcc": float(mcc), "balanced_accuracy": (recall + specificity) / 2}
 
 
 def confusion_matrix_figure(labels: np.ndarray, probs1: np.ndarray, threshold: float, title: str):

@@ -74,6 +74,21 @@ def test_threshold_choice_and_mcc_avoids_one_class():
     assert choose_threshold(labels, np.full(400, 0.3), "mcc") == 0.5
 
 
+def test_balanced_accuracy_cut_does_not_follow_the_class_balance():
+    """Scores of the same quality on splits with 20% and 80% vulnerable: the accuracy cut moves with the balance
+    (towards the rarer class being called less), the balanced-accuracy cut stays near the classes' midpoint."""
+    rng = np.random.default_rng(1)
+    cuts = {}
+    for share in (0.2, 0.8):
+        labels = (rng.random(4000) < share).astype(int)
+        probs = np.clip(0.4 + 0.2 * labels + rng.normal(0, 0.1, 4000), 0, 1)
+        cuts[share] = {m: choose_threshold(labels, probs, m) for m in ("accuracy", "balanced_accuracy")}
+        metrics = classification_metrics(labels, probs, 0.5)
+        assert metrics["balanced_accuracy"] == pytest.approx((metrics["recall"] + np.mean(probs[labels == 0] < 0.5)) / 2)
+    assert cuts[0.2]["accuracy"] - cuts[0.8]["accuracy"] > 0.1, cuts
+    assert abs(cuts[0.2]["balanced_accuracy"] - 0.5) < 0.03 and abs(cuts[0.8]["balanced_accuracy"] - 0.5) < 0.03, cuts
+
+
 def test_degenerate_guard():
     labels = np.array([0, 1] * 50)
     assert "100.0%" in degenerate(labels, np.zeros(100), 0.95, 0.0)
