@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -171,3 +172,19 @@ def epoch_rows(result) -> list[dict]:
     """Driver side: the per-epoch metrics of a finished Ray Train run, from its latest checkpoint."""
     with result.checkpoint.as_directory() as folder:
         return json.loads((Path(folder) / HISTORY_FILE).read_text())
+
+
+def copy_atomically(checkpoint, folder: Path, finish=None):
+    """The checkpoint's model into `folder`, which appears complete or not at all; without its training state (a
+    student's DeepSpeed state, an expert's latest/ weights and optimizer: for resuming training only).
+    `finish(folder)`, if given, runs on the copy before it appears (decision.decide_folder: the threshold into its
+    weights); what it returns is returned."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    checkpoint.to_directory(str(tmp))
+    for state in (DEEPSPEED_DIR, LATEST_DIR):
+        shutil.rmtree(tmp / state, ignore_errors=True)
+    result = finish(tmp) if finish is not None else None
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return result

@@ -172,9 +172,7 @@ def attack_trial_student(checkpoint, folder: Path, tokenizer, cfg: MoEKDConfig, 
                          budget: int) -> dict:
     """A search trial's student: its checkpoint and tokenizer into `folder` (a loadable student), attacked with
     `method` at `budget` queries a function on `validation_sample`'s examples in this process; the summary."""
-    from moekd_ray.recipes.pipeline import copy_atomically
-
-    copy_atomically(checkpoint, folder)
+    ray_runtime.copy_atomically(checkpoint, folder)
     tokenizer.save_pretrained(str(folder / "tokenizer"))
     attack = cfg.attack.model_copy(update={"method": method, "query_budget": budget})
     worker = AttackWorker(str(folder), "student", attack.model_dump(mode="json"), sample["pool"], cfg.seed,

@@ -49,7 +49,7 @@ from moekd_ray.recipes.aggregate import expert_weights, fit_gate, load_soft_targ
 from moekd_ray.recipes.attack import attack_examples, format_summary, sample_examples, summarize
 from moekd_ray.recipes.distill import distill_trainer
 from moekd_ray.recipes.experts import expert_logits, expert_trainers
-from moekd_ray.recipes.pipeline import copy_atomically, encode_for_experts, make_tokenizers
+from moekd_ray.recipes.pipeline import encode_for_experts, make_tokenizers
 from moekd_ray.router import mixture_probs
 from moekd_ray.tokenization import encode, load_tokenizer, train_bpe
 from moekd_ray.train_loop import latency_p50_ms, predict_logits, probs1, throughput
@@ -141,7 +141,7 @@ def run_benchmark(cfg: MoEKDConfig, log=print) -> BenchmarkResult:
             for (m, mcfg), result in zip(configs.items(), results):
                 tok, enc = encoded[m]
                 folder = bench_dir / "students" / f"{m}-s{seed}"
-                copy_atomically(result.checkpoint, folder)
+                ray_runtime.copy_atomically(result.checkpoint, folder)
                 tok.save_pretrained(str(folder / "tokenizer"))
                 epochs = ray_runtime.epoch_rows(result)
                 with tracking.stage_run(f"{m}/seed{seed}", mcfg.distill.model_dump(mode="json")):
@@ -236,7 +236,7 @@ def train_teachers(cfg: MoEKDConfig, funcs: dict, labels: dict, projects: dict, 
         results, _ = ray_runtime.fit_all(trainers)
         names = [f"expert_{k}" for k in range(cfg.experts.k)] + ["teacher"]
         for name, result, tok in zip(names, results, expert_toks + expert_toks[:1]):
-            copy_atomically(result.checkpoint, folder / name)
+            ray_runtime.copy_atomically(result.checkpoint, folder / name)
             tok.save_pretrained(str(folder / name / "tokenizer"))
             tracking.log_epochs(ray_runtime.epoch_rows(result), prefix=f"{name}.")
         checkpoints = [ray.train.Checkpoint.from_directory(str(folder / n)) for n in names]

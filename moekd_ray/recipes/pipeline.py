@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -152,7 +151,7 @@ def run_pipeline(cfg: MoEKDConfig, log=print, resume: str | None = None) -> Pipe
                 tracker.log_artifact(run_dir / "deepspeed_config.json")
                 # The decision threshold, chosen on validation, goes into the student's weights (models.shift_decision)
                 # as the folder is written: a student folder is always one with its threshold applied.
-                decision = copy_atomically(result.checkpoint, student_dir, lambda folder: decide_folder(
+                decision = ray_runtime.copy_atomically(result.checkpoint, student_dir, lambda folder: decide_folder(
                     cfg.eval, folder, enc_student["valid"], labels["valid"]))
                 log(f"student: decision threshold {decision['threshold']:.3f} (by validation {cfg.eval.threshold}), "
                     "moved into its weights")
@@ -395,20 +394,4 @@ def cached_soft_targets(path: Path, cfg: MoEKDConfig, log) -> dict | None:
     except ValueError as exc:
         log(f"warning: {path} is unusable ({exc}); rebuilding it")
         return None
-
-
-def copy_atomically(checkpoint, folder: Path, finish=None):
-    """The checkpoint's model into `folder`, which appears complete or not at all; without its training state (a
-    student's DeepSpeed state, an expert's latest/ weights and optimizer: for resuming training only).
-    `finish(folder)`, if given, runs on the copy before it appears (decision.decide_folder: the threshold into its
-    weights); what it returns is returned."""
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    checkpoint.to_directory(str(tmp))
-    for state in (ray_runtime.DEEPSPEED_DIR, ray_runtime.LATEST_DIR):
-        shutil.rmtree(tmp / state, ignore_errors=True)
-    result = finish(tmp) if finish is not None else None
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
-    return result
 

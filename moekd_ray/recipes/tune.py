@@ -18,7 +18,6 @@ exists only after the last epoch, so it stops on per-epoch val_f1 and the object
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ import numpy as np
 import ray
 import torch
 from ray import tune
+from ray.train import Checkpoint
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -259,9 +259,9 @@ def run_search(cfg: MoEKDConfig, resume: bool = False, log=print) -> SearchResul
         student_dir = Path(cfg.output_dir) / name / "best_student"
         trial_storage = Path(storage) / f"{name}-{best.metrics['trial_id']}"
         checkpoints = sorted(p for p in trial_storage.glob("checkpoint_*") if p.is_dir())
-        shutil.rmtree(student_dir, ignore_errors=True)
-        shutil.copytree(checkpoints[-1], student_dir, ignore=shutil.ignore_patterns(ray_runtime.DEEPSPEED_DIR))
-        decision = decide_folder(cfg.eval, student_dir, enc["valid"], labels["valid"])  # threshold into its weights
+        decision = ray_runtime.copy_atomically(  # the threshold into its weights
+            Checkpoint.from_directory(str(checkpoints[-1])), student_dir,
+            lambda folder: decide_folder(cfg.eval, folder, enc["valid"], labels["valid"]))
         student = load_model(student_dir)
         test = classification_metrics(labels["test"], probs1(predict_logits(student, enc["test"], cfg.eval.batch_size)))
         ranking = ("val_accuracy", "val_f1") + (("asr", "objective") if robust else ())
