@@ -26,12 +26,12 @@ import torch
 
 from moekd_ray import ray_runtime
 from moekd_ray.config import MoEKDConfig, load_config
-from moekd_ray.data import describe, load_devign
+from moekd_ray.data import SPLITS, describe, load_devign
 from moekd_ray.metrics import classification_metrics
 from moekd_ray.models import build_model, num_params
 from moekd_ray.partition import partition, partition_table
 from moekd_ray.recipes.experts import expert_trainers, part_arrays
-from moekd_ray.recipes.pipeline import SPLITS, encode_for_experts, make_tokenizers
+from moekd_ray.recipes.pipeline import encode_for_experts, make_tokenizers
 from moekd_ray.train_loop import make_loader, predict_logits, probs1, torch_step, train_epoch, weighted_ce
 
 

@@ -54,7 +54,7 @@ from moekd_ray.router import mixture_probs
 from moekd_ray.tokenization import encode, load_tokenizer, train_bpe
 from moekd_ray.train_loop import latency_p50_ms, predict_logits, probs1, throughput
 
-SPLITS = ("train", "transfer", "valid", "test")  # "train" = the labelled part
+PROTOCOL_SPLITS = ("train", "transfer", "valid", "test")  # Compressor's protocol: "train" = the labelled half
 SINGLE_TEACHER = ("compressor", "avatar")  # methods distilled from the single teacher; the rest from the experts
 METRICS = ("test_accuracy", "test_precision", "test_recall", "test_f1", "params", "size_mb", "functions_per_s",
            "latency_p50_ms", "seconds_train")
@@ -90,7 +90,7 @@ def run_benchmark(cfg: MoEKDConfig, log=print) -> BenchmarkResult:
         tracking.log_config(cfg.model_dump(mode="json"))
         teachers = train_teachers(cfg, funcs, labels, projects, log)
         start = time.perf_counter()
-        features = {s: code_features(funcs[s], cfg.partition.hash_features) for s in SPLITS}
+        features = {s: code_features(funcs[s], cfg.partition.hash_features) for s in PROTOCOL_SPLITS}
         gates = fit_gate(cfg, features, teachers.logits["experts"], labels, log=log)
         router_seconds = time.perf_counter() - start
 
@@ -114,7 +114,7 @@ def run_benchmark(cfg: MoEKDConfig, log=print) -> BenchmarkResult:
                 key = (arch.vocab_size, arch.max_length)
                 if key not in tokenizers:
                     tok = train_bpe(funcs["train"] + funcs["transfer"], arch.vocab_size, arch.max_length)
-                    tokenizers[key] = (tok, {s: encode(tok, funcs[s], arch.max_length) for s in SPLITS[1:]})
+                    tokenizers[key] = (tok, {s: encode(tok, funcs[s], arch.max_length) for s in PROTOCOL_SPLITS[1:]})
                 encoded[m] = tokenizers[key]
                 tok, enc = encoded[m]
                 train, train_labels = enc["transfer"], labels["transfer"]
@@ -169,7 +169,7 @@ def run_benchmark(cfg: MoEKDConfig, log=print) -> BenchmarkResult:
 
 # ------------------------------------------------------------------------------------------------- data
 def split_transfer(data: dict, labelled_fraction: float, seed: int):
-    """funcs, labels and projects per split of SPLITS: train -> (seeded) labelled part "train" + "transfer"."""
+    """funcs, labels and projects per split of PROTOCOL_SPLITS: train -> (seeded) labelled part "train" + "transfer"."""
     train = data["train"]
     order = np.random.default_rng([seed, 1]).permutation(len(train))
     cut = int(round(len(train) * labelled_fraction))
@@ -178,7 +178,7 @@ def split_transfer(data: dict, labelled_fraction: float, seed: int):
                          f"{len(train)} training rows; use more rows or a fraction nearer 0.5")
     index = {"train": np.sort(order[:cut]), "transfer": np.sort(order[cut:])}
     funcs, labels, projects = {}, {}, {}
-    for split in SPLITS:
+    for split in PROTOCOL_SPLITS:
         ds = train.select(index[split]) if split in index else data[split]
         funcs[split] = list(ds["func"])
         labels[split] = np.asarray(ds["target"], dtype=np.int64)
@@ -217,8 +217,8 @@ def train_teachers(cfg: MoEKDConfig, funcs: dict, labels: dict, projects: dict, 
             flat = load_soft_targets(logits_file, expect_digest=digest)
             info = {**json.loads((folder / "teachers.json").read_text()), "reused": 1}
             log(f"== teachers: reused from {folder} (trained in {info['seconds_train']:.0f} s)")
-            return Teachers(folder, {"experts": {s: flat[s]["experts"] for s in SPLITS},
-                                     "teacher": {s: flat[s]["teacher"] for s in SPLITS}}, info)
+            return Teachers(folder, {"experts": {s: flat[s]["experts"] for s in PROTOCOL_SPLITS},
+                                     "teacher": {s: flat[s]["teacher"] for s in PROTOCOL_SPLITS}}, info)
         except ValueError as exc:
             log(f"warning: cached teachers in {folder} unusable ({exc}); retraining them")
     shutil.rmtree(folder, ignore_errors=True)
@@ -244,7 +244,8 @@ def train_teachers(cfg: MoEKDConfig, funcs: dict, labels: dict, projects: dict, 
                   "teacher": expert_logits(tcfg, [checkpoints[-1:]], enc[:1])}
         info = {"seconds_train": time.perf_counter() - start, "reused": 0}
         mlflow.log_metrics(info)
-    save_soft_targets({s: {n: logits[n][s] for n in logits} for s in SPLITS}, logits_file, {"config_digest": digest})
+    save_soft_targets({s: {n: logits[n][s] for n in logits} for s in PROTOCOL_SPLITS}, logits_file,
+                      {"config_digest": digest})
     (folder / "teachers.json").write_text(json.dumps(info))  # last: marks the cache complete
     log(f"== teachers trained in {info['seconds_train']:.0f} s, cached in {folder}")
     return Teachers(folder, logits, info)

@@ -21,7 +21,7 @@ from moekd_ray.config import MoEKDConfig, NgramConfig, PretrainedConfig, dump_ya
 from moekd_ray.errors import ConfigError
 from moekd_ray.attacks.identifiers import identifier_vocabulary
 from moekd_ray.augment import adversarial_renamings, with_renamed_copies
-from moekd_ray.data import dataset_hash, describe, load_devign
+from moekd_ray.data import SPLITS, dataset_hash, describe, load_devign
 from moekd_ray.baseline import TfidfLR
 from moekd_ray.decision import decide_folder, decision_tags, load_decision, pick_threshold
 from moekd_ray.metrics import classification_metrics, confusion_matrix_figure, degenerate
@@ -33,7 +33,6 @@ from moekd_ray.recipes.experts import by_expert, expert_logits, member_names, tr
 from moekd_ray.tokenization import NgramHasher, encode, load_tokenizer, train_bpe
 from moekd_ray.train_loop import predict_logits, probs1, throughput
 
-SPLITS = ("train", "valid", "test")
 
 
 @dataclass
