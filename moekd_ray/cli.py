@@ -1,6 +1,7 @@
 """`moekd`: one entry point. Each command loads a YAML config (+ key=value overrides), validates, calls a function.
 
     moekd run jobs/quickstart.yaml [experts.k=3 distill.temperature=4 ...]
+    moekd pretrain jobs/devign_cpu.yaml  # masked-LM encoder for experts with `source: pretrain`
     moekd sync <run folder>  # completes the MLflow run of a `moekd run` that outlived a tracking-server outage
     moekd validate jobs/devign_gpu.yaml
     moekd benchmark jobs/benchmark_quick.yaml
@@ -62,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         if name == "run":
             p.add_argument("--resume", metavar="RUN", help="continue this interrupted run (its folder or MLflow run "
                            "id): finished stages are reused, an unfinished training resumes from its checkpoint")
+    p = sub.add_parser("pretrain", help="masked-LM pretraining of an encoder on the training code (+ pretrain."
+                       "extra_corpus) that experts with `source: pretrain` start from; reused when it exists")
+    p.add_argument("config", help="YAML config with a `pretrain:` section (defaults otherwise)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. pretrain.schedule.epochs=3")
     p = sub.add_parser("sync", help="replay the MLflow writes a `moekd run` spooled while the tracking server was "
                        "unreachable onto its MLflow run")
     p.add_argument("run_folder", help="the run folder the run printed (holds mlflow_spool.jsonl)")
@@ -135,6 +140,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "validate":
             print(f"{args.config}: valid (config digest {cfg.digest()}, {cfg.experts.k} experts, "
                   f"student {cfg.distill.student_arch and 'custom' or cfg.distill.student})")
+            return 0
+        if args.command == "pretrain":
+            from moekd_ray.recipes.pretrain import pretrain_encoder
+
+            pretrain_encoder(cfg)
             return 0
         if args.command == "tune":
             from moekd_ray.recipes.tune import run_search

@@ -101,6 +101,14 @@ class NgramConfig(_Strict):
     max_length: int = Field(2048, ge=16, le=65536, description="N-grams read per function (from its start).")
 
 
+class PretrainSource(_Strict):
+    """The encoder `moekd pretrain` trained with masked-LM on this config's code (`pretrain` section), with its
+    tokenizer; the pipeline pretrains it first, or reuses the one with the same settings."""
+
+    source: Literal["pretrain"] = "pretrain"
+    max_length: int | None = Field(None, ge=16, le=4096, description="Tokens per function (None: pretrain.arch's).")
+
+
 def _source_tag(value) -> str:
     # `source` may be left out of a YAML model block: it then means "config" (build from an architecture).
     return value.get("source", "config") if isinstance(value, dict) else getattr(value, "source", None)
@@ -108,7 +116,7 @@ def _source_tag(value) -> str:
 
 ModelSource = Annotated[
     Union[Annotated[ArchConfig, Tag("config")], Annotated[PretrainedConfig, Tag("pretrained")],
-          Annotated[NgramConfig, Tag("ngram")]],
+          Annotated[NgramConfig, Tag("ngram")], Annotated[PretrainSource, Tag("pretrain")]],
     Discriminator(_source_tag),
 ]
 
@@ -190,7 +198,7 @@ class ExpertsConfig(_Strict):
                                  f"`{key[:-1]}`")
         return self
 
-    def specs(self) -> list[ArchConfig | PretrainedConfig | NgramConfig]:
+    def specs(self) -> list[ArchConfig | PretrainedConfig | NgramConfig | PretrainSource]:
         """The model of each expert, in expert order."""
         return list(self.models) if self.models is not None else [self.model] * self.k
 
@@ -246,6 +254,39 @@ class DistillConfig(_Strict):
     def arch(self) -> ArchConfig:
         arch = self.student_arch or STUDENT_PRESETS[self.student]
         return arch.model_copy(update={"max_length": self.max_length}) if self.max_length else arch
+
+
+# ---------------------------------------------------------------------------------------------- pretrain
+class PretrainConfig(_Strict):
+    """Masked-LM pretraining of a RoBERTa-style encoder on unlabelled C functions (`moekd pretrain`; the pipeline
+    runs it first when an expert has `source: pretrain`). The corpus is the training split's functions (labels
+    unused) plus `extra_corpus`; never a validation or test function."""
+
+    arch: ArchConfig = Field(
+        default_factory=lambda: ArchConfig(vocab_size=4000, hidden_size=64, num_layers=2, num_heads=4, ffn_size=256),
+        description="The encoder (its BPE vocabulary is trained on the corpus).")
+    mask_prob: float = Field(0.15, gt=0, lt=1, description="Share of tokens masked per function, drawn anew each "
+                             "epoch (80% <mask>, 10% a random token, 10% unchanged; RoBERTa's dynamic masking).")
+    extra_corpus: list[str] = Field(
+        default_factory=list, description="More unlabelled C code: folders (every *.c and *.h, split into "
+        "functions) or .jsonl files with a `func` field. Functions whose whitespace-normalised text equals a "
+        "validation or test function are dropped (one line says how many).")
+    holdout: float = Field(0.02, gt=0, lt=0.5, description="Share of the corpus held out for the per-epoch "
+                           "masked-LM loss and masked-token accuracy.")
+    schedule: Schedule = Field(default_factory=lambda: Schedule(epochs=2, batch_size=32, lr=1e-3, keep_best_by="loss"),
+                               description="Pretraining schedule (keep_best_by: loss or last).")
+    zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage.")
+    bf16: bool = Field(False, description="bf16 mixed precision (GPUs with bf16).")
+    cpu_shm_comm: bool = Field(False, description="As distill.cpu_shm_comm.")
+    resources: ResourcesConfig = Field(default_factory=lambda: ResourcesConfig(num_workers=2),
+                                       description="Pretraining workers (DeepSpeed data parallel).")
+
+    @model_validator(mode="after")
+    def _loss_or_last(self):
+        if self.schedule.keep_best_by not in ("loss", "last"):
+            raise ValueError(f"pretrain.schedule.keep_best_by={self.schedule.keep_best_by!r}: masked-LM keeps the "
+                             "epoch by held-out loss or the last; use loss or last")
+        return self
 
 
 # --------------------------------------------------------------------------------------- infra: ray, mlflow
@@ -499,6 +540,8 @@ class MoEKDConfig(_Strict):
     experts: ExpertsConfig = Field(default_factory=ExpertsConfig)
     router: RouterConfig = Field(default_factory=RouterConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig, description="`moekd pretrain`, and experts "
+                                     "with `source: pretrain`.")
     ray: RayConfig = Field(default_factory=RayConfig)
     mlflow: MLflowConfig = Field(default_factory=MLflowConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
@@ -511,6 +554,11 @@ class MoEKDConfig(_Strict):
 
     @model_validator(mode="after")
     def _cross_field(self):
+        for k, spec in enumerate(self.experts.specs()):
+            if isinstance(spec, PretrainSource) and (spec.max_length or 0) > self.pretrain.arch.max_length:
+                raise ValueError(f"expert {k}: source pretrain reads at most pretrain.arch.max_length="
+                                 f"{self.pretrain.arch.max_length} tokens, not {spec.max_length}; lower its max_length "
+                                 "or raise pretrain.arch.max_length")
         if self.router.top_k is not None and self.router.top_k > self.experts.k:
             raise ValueError(f"router.top_k={self.router.top_k} exceeds experts.k={self.experts.k}; use top_k <= k")
         for key, dist in self.tune.space.items():

@@ -81,8 +81,13 @@ def build_model(spec: ArchConfig | PretrainedConfig | NgramConfig, seed: int):
             ) from None
     if isinstance(spec, NgramConfig):
         return NgramBag(spec)
-    config = RobertaConfig(
-        vocab_size=spec.vocab_size,
+    return RobertaForSequenceClassification(roberta_config(spec))
+
+
+def roberta_config(spec: ArchConfig, vocab_size: int | None = None) -> RobertaConfig:
+    """The RoBERTa layout of an architecture (`vocab_size`: the trained tokenizer's, when it differs)."""
+    return RobertaConfig(
+        vocab_size=vocab_size or spec.vocab_size,
         hidden_size=spec.hidden_size,
         num_hidden_layers=spec.num_layers,
         num_attention_heads=spec.num_heads,
@@ -96,7 +101,6 @@ def build_model(spec: ArchConfig | PretrainedConfig | NgramConfig, seed: int):
         eos_token_id=2,
         num_labels=2,
     )
-    return RobertaForSequenceClassification(config)
 
 
 def load_model(folder: str | Path):

@@ -19,7 +19,7 @@ import ray.train.torch
 import torch
 
 from moekd_ray import ray_runtime
-from moekd_ray.config import ArchConfig, DistillConfig, MoEKDConfig, Schedule
+from moekd_ray.config import ArchConfig, DistillConfig, MoEKDConfig, PretrainConfig, Schedule
 from moekd_ray.losses import kd_loss
 from moekd_ray.metrics import validation_metrics
 from moekd_ray.models import build_model, load_model
@@ -29,8 +29,8 @@ from moekd_ray.train_loop import BestEpoch, make_loader, predict_logits, schedul
 DEEPSPEED_TAG = "state"  # DeepSpeed's subfolder name in each checkpoint's deepspeed/ folder
 
 
-def deepspeed_config(cfg: DistillConfig) -> dict:
-    """The DeepSpeed config for the distillation stage (one place: workers read exactly this)."""
+def deepspeed_config(cfg: DistillConfig | PretrainConfig) -> dict:
+    """The DeepSpeed config of the distillation (or pretraining) stage (one place: workers read exactly this)."""
     res, sched = cfg.resources, cfg.schedule
     return {
         "train_micro_batch_size_per_gpu": sched.batch_size,
@@ -66,17 +66,33 @@ def _weights_only_loads() -> None:
     torch.serialization.add_safe_globals([LossScaler, ZeroStageEnum, fragment_address])
 
 
-def distill_worker(config: dict) -> None:
-    """Ray Train worker: DeepSpeed engine over the student, KD loss against the aggregated targets, the schedule's
-    warm-up and decay. Each epoch's checkpoint holds the best epoch's student so far (rank 0, safetensors; by
-    `keep_best_by` on validation) and DeepSpeed's latest state (every rank its ZeRO shard of the optimizer); after a
-    restart the workers resume from that state. Early stopping after `patience` epochs without a better one."""
+def start_deepspeed(config: dict):
+    """In a worker: the deepspeed module, set up for this machine (no shm op build on CPU; weights-only loads)."""
     if not config["cpu_shm_comm"] and not torch.cuda.is_available():
         _skip_cpu_shm_build()
     import deepspeed
 
     _weights_only_loads()
     torch.set_num_threads(max(int(config["threads"]), 1))
+    return deepspeed
+
+
+def gathered_state(engine, rank: int) -> dict | None:
+    """The full model weights on rank 0 (a collective under ZeRO-3: every rank takes part)."""
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
+        if rank == 0:
+            return {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+    return None
+
+
+def distill_worker(config: dict) -> None:
+    """Ray Train worker: DeepSpeed engine over the student, KD loss against the aggregated targets, the schedule's
+    warm-up and decay. Each epoch's checkpoint holds the best epoch's student so far (rank 0, safetensors; by
+    `keep_best_by` on validation) and DeepSpeed's latest state (every rank its ZeRO shard of the optimizer); after a
+    restart the workers resume from that state. Early stopping after `patience` epochs without a better one."""
+    deepspeed = start_deepspeed(config)
     arch = ArchConfig.model_validate(config["arch"])
     sched = Schedule.model_validate(config["schedule"])
     temperature, alpha, epochs = config["temperature"], config["alpha"], sched.epochs
@@ -101,13 +117,6 @@ def distill_worker(config: dict) -> None:
         engine.backward(loss)
         engine.step()
 
-    def gathered_state() -> dict | None:
-        """The full student weights on rank 0 (a collective under ZeRO-3: every rank takes part)."""
-        with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
-            if ctx.get_world_rank() == 0:
-                return {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
-        return None
-
     def save(folder: str) -> None:
         engine.save_checkpoint(str(Path(folder) / ray_runtime.DEEPSPEED_DIR), tag=DEEPSPEED_TAG, save_latest=False)
         if ctx.get_world_rank() == 0:
@@ -124,7 +133,7 @@ def distill_worker(config: dict) -> None:
         stats = train_epoch(engine, loader, loss_fn, step)
         val = validation_metrics(valid["labels"], predict_logits(engine, valid, config["eval_batch_size"]))
         if best.update(epoch, {f"val_{k}": v for k, v in val.items()}):
-            best_state = gathered_state()
+            best_state = gathered_state(engine, ctx.get_world_rank())
         stop = best.stop(epoch)
         metrics = {"epoch": epoch, **stats, **{f"val_{k}": v for k, v in val.items()}, "best_epoch": best.epoch,
                    "final": int(stop or epoch == epochs), "world_size": ctx.get_world_size(),

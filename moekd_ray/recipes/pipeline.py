@@ -30,6 +30,7 @@ from moekd_ray.partition import code_features, partition, partition_table
 from moekd_ray.recipes.aggregate import aggregate, fit_gate, load_soft_targets, save_soft_targets
 from moekd_ray.recipes.distill import distill_student
 from moekd_ray.recipes.experts import by_expert, expert_logits, member_names, train_experts
+from moekd_ray.recipes.pretrain import with_pretrained_encoder
 from moekd_ray.tokenization import NgramHasher, encode, load_tokenizer, train_bpe
 from moekd_ray.train_loop import predict_logits, probs1, throughput
 
@@ -48,6 +49,7 @@ def run_pipeline(cfg: MoEKDConfig, log=print, resume: str | None = None) -> Pipe
     """The whole pipeline; `resume` (a run folder or MLflow run id of this config) continues an interrupted run:
     finished stages are reused from its folder, an unfinished Ray Train run resumes from its latest checkpoint."""
     experiment_id = tracking.connect(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)  # fail before any work
+    cfg = with_pretrained_encoder(cfg, log)  # experts with `source: pretrain`: its folder (pretrained, or reused)
     run_dir, parent_id = resume_target(cfg, resume, log) if resume else (
         Path(cfg.output_dir) / f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}-{cfg.digest()}", None)
     # A model that cannot be had (offline, misspelt, weights not safetensors) fails here, before any work; loading
