@@ -129,6 +129,12 @@ def test_second_pretrain_reuses_the_encoder_and_experts_start_from_it(pretrained
     spec = resolved.experts.specs()[0]
     assert isinstance(spec, PretrainedConfig) and spec.name_or_path == str(encoder.resolve())
     assert spec.max_length == ENCODER["max_length"] and resolved.experts.specs()[1] == cfg.experts.specs()[1]
+    from moekd_ray.tokenization import load_tokenizer
+
+    code = "int f(char *buf) { strcpy(buf, src); return 0; }"
+    tok = load_tokenizer(spec.name_or_path)  # what make_tokenizers gives a pretrained expert
+    ids = tok(code)["input_ids"]
+    assert ids[0] == 0 and ids[-1] == 2 and len(ids) > 5 and max(ids) < len(tok)
     expert = build_model(spec, seed=1)
     mlm = RobertaForMaskedLM.from_pretrained(str(encoder), use_safetensors=True)
     assert torch.equal(expert.roberta.embeddings.word_embeddings.weight, mlm.roberta.embeddings.word_embeddings.weight)
