@@ -87,6 +87,25 @@ def gathered_state(engine, rank: int) -> dict | None:
     return None
 
 
+def deepspeed_step(engine, config: dict, sched: Schedule, steps_per_epoch: int, epochs_done: int):
+    """`step(loss)` (backward + optimizer step) for a DeepSpeed engine, on the schedule's learning-rate curve from
+    where a restarted run resumes, with the tests' fault injection."""
+    def step(loss):
+        engine.backward(loss)
+        engine.step()
+
+    steps_done = epochs_done * steps_per_epoch
+    step = scheduled(step, engine.optimizer.param_groups, sched, sched.epochs * steps_per_epoch, steps_done)
+    return ray_runtime.inject_fault(config, step, steps_done)
+
+
+def save_deepspeed(engine, folder: str, rank: int, best_state: dict | None) -> None:
+    """A checkpoint: every rank's DeepSpeed state (for resuming) and, from rank 0, the best weights as an HF model."""
+    engine.save_checkpoint(str(Path(folder) / ray_runtime.DEEPSPEED_DIR), tag=DEEPSPEED_TAG, save_latest=False)
+    if rank == 0:
+        engine.module.save_pretrained(folder, state_dict=dict(best_state))  # a copy: HF empties it
+
+
 def distill_worker(config: dict) -> None:
     """Ray Train worker: DeepSpeed engine over the student, KD loss against the aggregated targets, the schedule's
     warm-up and decay. Each epoch's checkpoint holds the best epoch's student so far (rank 0, safetensors; by
@@ -113,19 +132,8 @@ def distill_worker(config: dict) -> None:
     def loss_fn(logits, batch):
         return kd_loss(logits.float(), batch["teacher"].float(), batch["labels"].long(), temperature, alpha)
 
-    def step(loss):
-        engine.backward(loss)
-        engine.step()
-
-    def save(folder: str) -> None:
-        engine.save_checkpoint(str(Path(folder) / ray_runtime.DEEPSPEED_DIR), tag=DEEPSPEED_TAG, save_latest=False)
-        if ctx.get_world_rank() == 0:
-            engine.module.save_pretrained(folder, state_dict=dict(best_state))  # a copy: HF empties it
-
     resumed_from = len(history)
-    steps_done, total_steps = resumed_from * len(loader), epochs * len(loader)
-    step = scheduled(step, engine.optimizer.param_groups, sched, total_steps, steps_done)
-    step = ray_runtime.inject_fault(config, step, steps_done)
+    step = deepspeed_step(engine, config, sched, len(loader), resumed_from)
     for epoch in range(resumed_from + 1, epochs + 1):
         if history and history[-1]["final"]:
             break  # stopped early before the restart
@@ -143,7 +151,8 @@ def distill_worker(config: dict) -> None:
                   f"{stats['samples_per_s']:.1f} samples/s/worker, val acc {val['accuracy']:.3f} f1 {val['f1']:.3f} "
                   f"auc {val['auc']:.3f}, best epoch {best.epoch}"
                   + (f"; no better {sched.keep_best_by} for {sched.patience} epochs: stopping" if stop else ""))
-        ray_runtime.report_epoch(metrics, history, save)
+        ray_runtime.report_epoch(metrics, history,
+                                 lambda folder: save_deepspeed(engine, folder, ctx.get_world_rank(), best_state))
         if stop:
             break
 

@@ -31,9 +31,10 @@ from moekd_ray.config import ArchConfig, MoEKDConfig, PretrainedConfig, Pretrain
 from moekd_ray.data import load_devign
 from moekd_ray.errors import ConfigError
 from moekd_ray.models import roberta_config
-from moekd_ray.recipes.distill import DEEPSPEED_TAG, deepspeed_config, gathered_state, start_deepspeed
+from moekd_ray.recipes.distill import (DEEPSPEED_TAG, deepspeed_config, deepspeed_step, gathered_state,
+                                      save_deepspeed, start_deepspeed)
 from moekd_ray.tokenization import SPECIALS, encode, train_bpe
-from moekd_ray.train_loop import BestEpoch, model_device, model_inputs, scheduled, start_epoch, train_epoch, trim_padding
+from moekd_ray.train_loop import BestEpoch, model_device, model_inputs, start_epoch, train_epoch, trim_padding
 
 ENCODER_DIR = "encoder"
 IGNORE = -100  # label of a token that is not predicted
@@ -173,19 +174,8 @@ def pretrain_worker(config: dict) -> None:
         train, batch_size=sched.batch_size, shuffle=True, generator=torch.Generator().manual_seed(config["seed"])))
     tokens_per_row = float(np.asarray(corpus["attention_mask"]).sum(1).mean())
 
-    def step(loss):
-        engine.backward(loss)
-        engine.step()
-
-    def save(folder: str) -> None:
-        engine.save_checkpoint(str(Path(folder) / ray_runtime.DEEPSPEED_DIR), tag=DEEPSPEED_TAG, save_latest=False)
-        if ctx.get_world_rank() == 0:
-            engine.module.save_pretrained(folder, state_dict=dict(best_state))  # a copy: HF empties it
-
     resumed_from = len(history)
-    steps_done, total_steps = resumed_from * len(loader), sched.epochs * len(loader)
-    step = scheduled(step, engine.optimizer.param_groups, sched, total_steps, steps_done)
-    step = ray_runtime.inject_fault(config, step, steps_done)
+    step = deepspeed_step(engine, config, sched, len(loader), resumed_from)
     for epoch in range(resumed_from + 1, sched.epochs + 1):
         if history and history[-1]["final"]:
             break
@@ -204,7 +194,8 @@ def pretrain_worker(config: dict) -> None:
             print(f"[pretrain] epoch {epoch}/{sched.epochs}: mlm loss {stats['train_loss']:.4f}, "
                   f"{tokens_per_s:,.0f} tokens/s, held-out loss {val['loss']:.4f} masked-token accuracy "
                   f"{val['masked_accuracy']:.3f}, best epoch {best.epoch}")
-        ray_runtime.report_epoch(metrics, history, save)
+        ray_runtime.report_epoch(metrics, history,
+                                 lambda folder: save_deepspeed(engine, folder, ctx.get_world_rank(), best_state))
         if stop:
             break
 
