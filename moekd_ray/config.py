@@ -257,6 +257,11 @@ class DistillConfig(_Strict):
 
 
 # ---------------------------------------------------------------------------------------------- pretrain
+class PretrainSchedule(Schedule):
+    keep_best_by: Literal["loss", "last"] = Field(
+        "loss", description="Which epoch's encoder to keep: the lowest held-out masked-LM loss, or the last.")
+
+
 class PretrainConfig(_Strict):
     """Masked-LM pretraining of a RoBERTa-style encoder on unlabelled C functions (`moekd pretrain`; the pipeline
     runs it first when an expert has `source: pretrain`). The corpus is the training split's functions (labels
@@ -273,20 +278,13 @@ class PretrainConfig(_Strict):
         "validation or test function are dropped (one line says how many).")
     holdout: float = Field(0.02, gt=0, lt=0.5, description="Share of the corpus held out for the per-epoch "
                            "masked-LM loss and masked-token accuracy.")
-    schedule: Schedule = Field(default_factory=lambda: Schedule(epochs=2, batch_size=32, lr=1e-3, keep_best_by="loss"),
-                               description="Pretraining schedule (keep_best_by: loss or last).")
+    schedule: PretrainSchedule = Field(default_factory=lambda: PretrainSchedule(epochs=2, batch_size=32, lr=1e-3),
+                                       description="Pretraining schedule.")
     zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage.")
     bf16: bool = Field(False, description="bf16 mixed precision (GPUs with bf16).")
     cpu_shm_comm: bool = Field(False, description="As distill.cpu_shm_comm.")
     resources: ResourcesConfig = Field(default_factory=lambda: ResourcesConfig(num_workers=2),
                                        description="Pretraining workers (DeepSpeed data parallel).")
-
-    @model_validator(mode="after")
-    def _loss_or_last(self):
-        if self.schedule.keep_best_by not in ("loss", "last"):
-            raise ValueError(f"pretrain.schedule.keep_best_by={self.schedule.keep_best_by!r}: masked-LM keeps the "
-                             "epoch by held-out loss or the last; use loss or last")
-        return self
 
 
 # --------------------------------------------------------------------------------------- infra: ray, mlflow

@@ -64,7 +64,7 @@ def test_extra_corpus_never_holds_a_validation_or_test_function(tmp_path):
 
 
 def test_bad_pretrain_settings_are_one_line(tmp_path, capsys):
-    for overrides, words in ((["pretrain.schedule.keep_best_by=auc"], ["keep_best_by", "loss or last"]),
+    for overrides, words in ((["pretrain.schedule.keep_best_by=auc"], ["pretrain.schedule.keep_best_by", "loss", "last"]),
                              (["pretrain.mask_prob=1.5"], ["pretrain.mask_prob"]),
                              ([f"experts.models={json.dumps([{'source': 'pretrain', 'max_length': 4096}, {'source': 'ngram'}])}"],
                               ["pretrain.arch.max_length"])):
@@ -85,7 +85,7 @@ def pretrained(ray_cluster, tmp_path_factory):
     data = write_dataset(tmp / "data", n_train=400, n_eval=60)
     cfg = load_config(None, [
         "name=pretrain-test", f"output_dir={tmp / 'runs'}", f"data.dir={data}", f"pretrain.arch={json.dumps(ENCODER)}",
-        "pretrain.schedule.epochs=4", "pretrain.schedule.lr=3e-3", "pretrain.schedule.batch_size=16",
+        "pretrain.schedule.epochs=8", "pretrain.schedule.lr=5e-3", "pretrain.schedule.batch_size=16",
         "pretrain.holdout=0.1", "pretrain.resources.num_workers=2", "pretrain.resources.cpus_per_worker=0.9",
         f"mlflow.tracking_uri=sqlite:///{tmp / 'mlruns.db'}",
         f"experts.models={json.dumps([{'source': 'pretrain'}, {'source': 'ngram', 'buckets': 1024}])}",
@@ -106,8 +106,9 @@ def test_pretraining_learns_the_code_and_is_logged(pretrained):
     assert len(runs) == 1
     loss = [m.value for m in client.get_metric_history(runs[0].info.run_id, "val_mlm_loss")]
     accuracy = [m.value for m in client.get_metric_history(runs[0].info.run_id, "val_masked_accuracy")]
-    assert len(loss) == 4 and loss[-1] < loss[0] - 0.5, loss  # the synthetic code is very regular
-    assert accuracy[-1] > accuracy[0] and accuracy[-1] > 0.3, accuracy
+    assert len(loss) == 8 and loss[-1] < loss[0] - 1.0, loss  # the synthetic code is regular; measured 4.48 -> 3.02
+    print("held-out masked-LM loss", loss, "masked-token accuracy", accuracy)
+    assert accuracy[-1] > accuracy[0] + 0.1 and accuracy[-1] > 0.25, accuracy  # measured: 0.10 -> 0.31
     assert runs[0].data.metrics["tokens_per_s"] > 0
     assert any("held out" in line for line in lines)
 
