@@ -40,37 +40,51 @@ class IgnoresIdentifiers(KeysOnName):
         return np.array([0.2 + 0.6 * (f.count(";") > 3) for f in funcs])
 
 
+class Counting:
+    """The model under the victim, counting every function it is asked to score: the budget is checked here, where
+    the model is called, not by the budget wrapper's own counter."""
+
+    def __init__(self, model):
+        self.model, self.scored = model, 0
+
+    def __call__(self, funcs):
+        self.scored += len(funcs)
+        return self.model(funcs)
+
+
 def run(method, model, budget=60, seed=0):
     ids = Identifiers(CODE)
-    victim = BudgetedVictim(model, label=1, budget=budget)
+    counted = Counting(model)
+    victim = BudgetedVictim(counted, label=1, budget=budget)
     pool_vectors = model.embed_names(POOL)
     pool_vectors = pool_vectors / np.linalg.norm(pool_vectors, axis=1, keepdims=True)
-    p0 = float(model([CODE])[0])
+    p0 = float(model([CODE])[0])  # the clean prediction, not charged (as in recipes/attack.py)
     out = ATTACKS[method](victim, ids, p0, POOL, np.random.default_rng(seed), candidates=8, population=6,
                           pool_vectors=pool_vectors, embed=model.embed_names)
-    return out, victim
+    assert counted.scored == victim.queries  # the wrapper's count is what the model saw
+    return out, counted
 
 
 @pytest.mark.parametrize("method", sorted(ATTACKS))
 def test_attack_flips_a_model_that_keys_on_a_name(method):
-    out, victim = run(method, KeysOnName())
+    out, model = run(method, KeysOnName())
     assert out.success and out.p_true < 0.5
     assert "buf" in out.mapping and not re.search(r"\bbuf\b", out.code)
-    assert victim.queries <= 60
+    assert 0 < model.scored <= 60
     assert Identifiers(out.code).names  # still parses into renamable identifiers
 
 
 @pytest.mark.parametrize("method", sorted(ATTACKS))
 def test_attack_fails_on_a_model_that_ignores_identifiers(method):
-    out, victim = run(method, IgnoresIdentifiers(), budget=45)
+    out, model = run(method, IgnoresIdentifiers(), budget=45)
     assert not out.success and out.p_true == pytest.approx(0.8)
-    assert victim.queries <= 45
+    assert 0 < model.scored <= 45
 
 
 def test_mhm_spends_exactly_its_budget_when_it_cannot_flip():
     for budget in (1, 7, 45):
-        _, victim = run("mhm", IgnoresIdentifiers(), budget=budget)
-        assert victim.queries == budget
+        _, model = run("mhm", IgnoresIdentifiers(), budget=budget)
+        assert model.scored == budget
 
 
 def test_summary_table_is_aligned():
