@@ -98,6 +98,7 @@ def test_bad_data(kind, tmp_path, earlier_run, capsys):
                  f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlruns.db'}"])
     check(capsys, code, [expect, "train.jsonl"])
     assert snapshot(earlier_run) == before and not any(earlier_run.glob("quickstart-*"))
+    assert not (tmp_path / "mlruns.db").exists()  # not even the tracking store: every row is checked first
 
 
 @pytest.mark.parametrize("kind", list(CONFIG_CASES))
@@ -126,6 +127,7 @@ def test_model_that_cannot_be_loaded_offline(tmp_path, earlier_run, capsys, monk
                  '{"source": "pretrained", "name_or_path": "microsoft/codebert-base"}]'])
     check(capsys, code, ["microsoft/codebert-base", "cannot be loaded"])
     assert snapshot(earlier_run) == before and not any(earlier_run.glob("quickstart-*"))
+    assert not (tmp_path / "mlruns.db").exists()
 
 
 @pytest.mark.skipif(not default_data_dir().is_dir(), reason="needs the Devign data")

@@ -48,16 +48,16 @@ class PipelineResult:
 def run_pipeline(cfg: MoEKDConfig, log=print, resume: str | None = None) -> PipelineResult:
     """The whole pipeline; `resume` (a run folder or MLflow run id of this config) continues an interrupted run:
     finished stages are reused from its folder, an unfinished Ray Train run resumes from its latest checkpoint."""
-    experiment_id = tracking.connect(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)  # fail before any work
-    cfg = with_pretrained_encoder(cfg, log)  # experts with `source: pretrain`: its folder (pretrained, or reused)
-    run_dir, parent_id = resume_target(cfg, resume, log) if resume else (
-        Path(cfg.output_dir) / f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}-{cfg.digest()}", None)
-    # A model that cannot be had (offline, misspelt, weights not safetensors) fails here, before any work; loading
-    # it once in the driver costs seconds.
+    # Every check before anything is written (not even the tracking store): every data row, then any model that
+    # cannot be had (offline, misspelt, weights not safetensors; loading it once in the driver costs seconds).
+    data = load_devign(cfg.data, cfg.seed)
     for spec in {s.name_or_path: s for s in cfg.experts.specs() if isinstance(s, PretrainedConfig)}.values():
         load_tokenizer(spec.name_or_path)
         build_model(spec, cfg.seed)
-    data = load_devign(cfg.data, cfg.seed)
+    experiment_id = tracking.connect(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)  # an unreachable server: here
+    cfg = with_pretrained_encoder(cfg, log)  # experts with `source: pretrain`: its folder (pretrained, or reused)
+    run_dir, parent_id = resume_target(cfg, resume, log) if resume else (
+        Path(cfg.output_dir) / f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}-{cfg.digest()}", None)
     log(f"data: {describe(data)}")
     if not resume:
         run_dir.mkdir(parents=True)
