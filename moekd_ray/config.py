@@ -318,8 +318,8 @@ class EvalConfig(_Strict):
     threads: int = Field(2, ge=1, description="Torch threads for evaluation and the throughput figure.")
     threshold: Literal["balanced_accuracy", "accuracy", "f1", "mcc"] | Annotated[float, Field(gt=0, lt=1)] = Field(
         "balanced_accuracy", description="Decision threshold on P(vulnerable) of every evaluated model: the cut that "
-        "maximises a validation metric, or a fixed value. balanced_accuracy (the mean of the two classes' recalls) does "
-        "not depend on the validation split's class balance, so a cut chosen on a split with another balance than "
+        "maximises a validation metric, or a fixed value. balanced_accuracy (the mean of the two classes' recalls) "
+        "does not depend on the validation split's class balance, so a cut chosen on a split with another balance than "
         "the one scored later does not over- or under-predict vulnerable (Devign's valid split: 41.5% vulnerable, "
         "test: 45.9%); accuracy and f1 can pick a cut that labels everything one class on an unbalanced split; mcc "
         "(Matthews correlation) is 0 for a one-class model. The student's cut is moved into its weights (the "

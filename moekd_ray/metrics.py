@@ -29,8 +29,9 @@ def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
 
 
 def choose_threshold(labels: np.ndarray, probs1: np.ndarray, metric: str) -> float:
-    """The cut on P(vulnerable) that maximises `metric` (accuracy, balanced_accuracy, f1 or mcc) on these (validation) rows; among equally
-    good cuts, the one closest to 0.5. Candidates: midpoints between neighbouring distinct probabilities."""
+    """The cut on P(vulnerable) that maximises `metric` (accuracy, balanced_accuracy, f1 or mcc) on these
+    (validation) rows; among equally good cuts, the one closest to 0.5. Candidates: midpoints between neighbouring
+    distinct probabilities."""
     labels, probs1 = np.asarray(labels), np.asarray(probs1, dtype=np.float64)
     values = np.unique(probs1)
     cuts = np.concatenate([[0.5], (values[:-1] + values[1:]) / 2]) if len(values) > 1 else np.array([0.5])

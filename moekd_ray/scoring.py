@@ -27,7 +27,8 @@ class Scorer:
     """`scorer(funcs)` -> P(vulnerable) per function, `batch_size` functions at a time.
 
     Every function is padded to the model's maximum length, so its score does not depend on what it is batched
-    with (beyond float rounding): the attacked model and the served model give the same number for the same function."""
+    with (beyond float rounding): the attacked model and the served model give the same number for the same
+    function. (tokenization.encode does the same; this file stays self-contained for the logged model.)"""
 
     def __init__(self, model, tokenizer, max_length: int | None = None, batch_size: int = 64):
         self.model, self.tokenizer, self.batch_size = model.eval(), tokenizer, batch_size
@@ -39,7 +40,7 @@ class Scorer:
         for i in range(0, len(funcs), self.batch_size):
             enc = self.tokenizer(list(funcs[i : i + self.batch_size]), truncation=True, max_length=self.max_length,
                                  padding="max_length")
-            logits = self.model(input_ids=torch.as_tensor(np.asarray(enc["input_ids"], dtype=np.int64)),
-                                attention_mask=torch.as_tensor(np.asarray(enc["attention_mask"], dtype=np.int64))).logits
+            ids, mask = (torch.as_tensor(np.asarray(enc[k], dtype=np.int64)) for k in ("input_ids", "attention_mask"))
+            logits = self.model(input_ids=ids, attention_mask=mask).logits
             out.append(torch.softmax(logits.float(), dim=-1)[:, 1].numpy())
         return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)

@@ -43,9 +43,10 @@ def start_epoch(loader: DataLoader, epoch: int, seed: int) -> None:
 
 
 def trim_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Cut the columns that are padding in every row: most functions are far shorter than max_length."""
-    width = int(batch["attention_mask"].sum(1).max())
-    return {k: (v[:, :width] if k in ("input_ids", "attention_mask", "mlm_labels") else v) for k, v in batch.items()}
+    """Cut the columns that are padding in every row: most functions are far shorter than max_length. Every
+    per-token tensor (shaped like input_ids: the mask, masked-LM labels) is cut alike."""
+    width, shape = int(batch["attention_mask"].sum(1).max()), batch["input_ids"].shape
+    return {k: (v[:, :width] if v.shape == shape else v) for k, v in batch.items()}
 
 
 def model_inputs(batch: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:

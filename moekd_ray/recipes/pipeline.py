@@ -55,7 +55,7 @@ def run_pipeline(cfg: MoEKDConfig, log=print, resume: str | None = None) -> Pipe
         load_tokenizer(spec.name_or_path)
         build_model(spec, cfg.seed)
     experiment_id = tracking.connect(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)  # an unreachable server: here
-    cfg = with_pretrained_encoder(cfg, log)  # experts with `source: pretrain`: its folder (pretrained, or reused)
+    cfg = with_pretrained_encoder(cfg, log, data)  # experts with `source: pretrain`: its folder (pretrained, or reused)
     run_dir, parent_id = resume_target(cfg, resume, log) if resume else (
         Path(cfg.output_dir) / f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}-{cfg.digest()}", None)
     log(f"data: {describe(data)}")

@@ -115,7 +115,8 @@ class MaskedFunctions(Dataset):
     def __getitem__(self, i):
         gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + int(i))
         ids = self.ids[i].clone()
-        predicted = (torch.rand(len(ids), generator=gen) < self.mask_prob) & (self.mask[i] == 1) & (ids >= len(SPECIALS))
+        maskable = (self.mask[i] == 1) & (ids >= len(SPECIALS))  # never <s>, </s>, padding
+        predicted = (torch.rand(len(ids), generator=gen) < self.mask_prob) & maskable
         labels = torch.where(predicted, ids, torch.full_like(ids, IGNORE))
         roll = torch.rand(len(ids), generator=gen)
         ids[predicted & (roll < 0.8)] = SPECIALS.index("<mask>")
@@ -169,7 +170,7 @@ def pretrain_worker(config: dict) -> None:
     best_state = (RobertaForMaskedLM.from_pretrained(str(restored), use_safetensors=True).state_dict()
                   if restored and ctx.get_world_rank() == 0 else None)
     best = BestEpoch(sched.keep_best_by, sched.patience, history)
-    train = MaskedFunctions(corpus, **masked)
+    train, held_out = MaskedFunctions(corpus, **masked), MaskedFunctions(holdout, **masked)  # held out: epoch 0 masks
     loader = ray.train.torch.prepare_data_loader(DataLoader(
         train, batch_size=sched.batch_size, shuffle=True, generator=torch.Generator().manual_seed(config["seed"])))
     tokens_per_row = float(np.asarray(corpus["attention_mask"]).sum(1).mean())
@@ -182,7 +183,7 @@ def pretrain_worker(config: dict) -> None:
         start_epoch(loader, epoch, config["seed"])
         train.epoch = epoch  # new masks every epoch
         stats = train_epoch(engine, loader, mlm_loss, step)
-        val = held_out_metrics(engine, MaskedFunctions(holdout, **masked), config["eval_batch_size"])
+        val = held_out_metrics(engine, held_out, config["eval_batch_size"])
         if best.update(epoch, {f"val_{k}": v for k, v in val.items()}):
             best_state = gathered_state(engine, ctx.get_world_rank())
         stop = best.stop(epoch)
@@ -201,15 +202,16 @@ def pretrain_worker(config: dict) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- driver
-def pretrain_encoder(cfg: MoEKDConfig, log=print) -> Path:
+def pretrain_encoder(cfg: MoEKDConfig, log=print, data: dict | None = None) -> Path:
     """The pretrained encoder's folder (model + tokenizer): reused when one with the same settings exists, else
-    pretrained now (an interrupted pretraining resumes from its latest checkpoint)."""
+    pretrained now (an interrupted pretraining resumes from its latest checkpoint). `data`: the splits, when the
+    caller has loaded them already."""
     encoder = encoder_folder(cfg)
     if (encoder / "model.safetensors").is_file():
         log(f"pretrain: reusing {encoder} (same pretraining settings, data and seed: digest {pretrain_digest(cfg)})")
         return encoder
     pc, arch = cfg.pretrain, cfg.pretrain.arch
-    data = load_devign(cfg.data, cfg.seed)
+    data = data if data is not None else load_devign(cfg.data, cfg.seed)
     corpus = build_corpus(cfg, data, log)  # bad data or extra corpus: one line, before anything is written
     experiment_id = tracking.connect(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)
     start = time.perf_counter()
@@ -251,13 +253,13 @@ def pretrain_encoder(cfg: MoEKDConfig, log=print) -> Path:
     return encoder
 
 
-def with_pretrained_encoder(cfg: MoEKDConfig, log=print) -> MoEKDConfig:
+def with_pretrained_encoder(cfg: MoEKDConfig, log=print, data: dict | None = None) -> MoEKDConfig:
     """`cfg` with each `source: pretrain` expert pointing at the pretrained encoder's folder (pretrained first, or
     reused): from there on it is a pretrained checkpoint like any other, with its own tokenizer."""
     specs = cfg.experts.specs()
     if not any(isinstance(s, PretrainSource) for s in specs):
         return cfg
-    encoder = str(pretrain_encoder(cfg, log).resolve())
+    encoder = str(pretrain_encoder(cfg, log, data).resolve())
     models = [PretrainedConfig(name_or_path=encoder, max_length=s.max_length or cfg.pretrain.arch.max_length)
               if isinstance(s, PretrainSource) else s for s in specs]
     tree = cfg.model_dump(mode="json")
