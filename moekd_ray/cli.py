@@ -15,12 +15,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from datetime import datetime
 from enum import Enum
 from pathlib import Path
 
 from pydantic import BaseModel
 
 from moekd_ray.config import MoEKDConfig, load_config
+from moekd_ray.console import Console
 from moekd_ray.errors import USER_ERRORS, ConfigError
 
 
@@ -55,6 +57,8 @@ class Parser(argparse.ArgumentParser):
 def main(argv: list[str] | None = None) -> int:
     parser = Parser(prog="moekd", description="Mixture-of-Experts knowledge distillation on Ray.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    parser.add_argument("--verbose", action="store_true", help="show Ray's, DeepSpeed's and the libraries' output "
+                        "too (it always goes to the run's log file)")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in (("run", "run the whole pipeline"), ("validate", "validate a config without running")):
         p = sub.add_parser(name, help=text)
@@ -123,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     # MLflow's INFO lines (creating tables, experiments) would bury moekd's own one-line messages; mlflow reads
     # this when it is first imported (later, lazily).
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    # Ray merges log lines that differ only in numbers ("[repeated 4x across cluster]"): the console shows its own
+    # status line instead, and the log file should hold every line. Ray reads this when it is first imported.
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
     try:
         if args.command == "config":
@@ -141,35 +148,46 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.config}: valid (config digest {cfg.digest()}, {cfg.experts.k} experts, "
                   f"student {cfg.distill.student_arch and 'custom' or cfg.distill.student})")
             return 0
-        if args.command == "pretrain":
-            from moekd_ray.recipes.pretrain import pretrain_encoder
-
-            pretrain_encoder(cfg)
-            return 0
-        if args.command == "tune":
-            from moekd_ray.recipes.tune import run_search
-
-            run_search(cfg, resume=args.resume)
-            return 0
-        if args.command == "search-student":
-            from moekd_ray.recipes.student_search import run_student_search
-
-            run_student_search(cfg)
-            return 0
-        if args.command == "benchmark":
-            from moekd_ray.recipes.benchmark import run_benchmark
-
-            run_benchmark(cfg)
-            return 0
-        from moekd_ray.recipes.pipeline import run_pipeline
-
-        run_pipeline(cfg, resume=args.resume)
+        with Console(verbose=args.verbose) as console:
+            _run_driver(args, cfg, console)
         return 0
     except USER_ERRORS as exc:
         if args.debug or os.environ.get("MOEKD_DEBUG"):
             raise
         print(f"moekd: error: {exc}", file=sys.stderr)
         return 2
+
+
+def _run_driver(args, cfg: MoEKDConfig, console: Console) -> None:
+    """A long-running command, its output through the console. `moekd run` keeps its full log in its run folder;
+    the other drivers in <output_dir>/logs/."""
+    if args.command != "run":
+        path = Path(cfg.output_dir) / "logs" / f"{args.command}-{datetime.now():%Y%m%d-%H%M%S}.log"
+        console.attach_log(path)
+        console.say(f"full log: {path}")
+    if args.command == "pretrain":
+        from moekd_ray.recipes.pretrain import pretrain_encoder
+
+        pretrain_encoder(cfg, log=console.say)
+    elif args.command == "tune":
+        from moekd_ray.recipes.tune import run_search
+
+        run_search(cfg, resume=args.resume, log=console.say)
+    elif args.command == "search-student":
+        from moekd_ray.recipes.student_search import run_student_search
+
+        run_student_search(cfg, log=console.say)
+    elif args.command == "benchmark":
+        from moekd_ray.recipes.benchmark import run_benchmark
+
+        run_benchmark(cfg, log=console.say)
+    else:
+        from moekd_ray.recipes.pipeline import run_pipeline
+
+        run_pipeline(cfg, log=console.say, resume=args.resume)
+    from moekd_ray import ray_runtime
+
+    ray_runtime.shutdown()  # Ray's last lines (workers exiting) go to the log file, not after the final table
 
 
 def _attack(args) -> int:

@@ -35,6 +35,11 @@ def init_ray(cfg: MoEKDConfig) -> None:
         ray.init(num_cpus=cfg.ray.num_cpus, dashboard_host="127.0.0.1", **quiet)
 
 
+def shutdown() -> None:
+    if ray.is_initialized():
+        ray.shutdown()
+
+
 TRIAL_CPU = 0.01  # a Tune trial's own actor only waits; its Ray Train workers hold the CPUs
 
 

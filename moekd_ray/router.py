@@ -9,6 +9,8 @@ It is trained to maximise log p_mix(label) plus a load-balancing term
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import scipy.sparse as sp
 import torch
@@ -59,9 +61,11 @@ def balance_loss(weights: torch.Tensor) -> torch.Tensor:
 
 def train_router(
     features: sp.spmatrix, expert_logits: np.ndarray, labels: np.ndarray, *, hidden: int, temperature: float,
-    top_k: int | None, balance_weight: float, epochs: int, lr: float, seed: int, log=print,
+    top_k: int | None, balance_weight: float, epochs: int, lr: float, seed: int,
+    on_epoch: Callable[[dict], None] | None = None,
 ) -> Router:
-    """Fit the gate on frozen experts' logits (full batch; the transfer set is small next to expert training)."""
+    """Fit the gate on frozen experts' logits (full batch; the transfer set is small next to expert training).
+    `on_epoch(row)` after each epoch, row = {epoch, mixture_nll, balance}."""
     torch.manual_seed(seed)
     x = _to_torch_sparse(features)
     z = torch.from_numpy(expert_logits).float()
@@ -76,8 +80,8 @@ def train_router(
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if epoch == 0 or (epoch + 1) % 10 == 0 or epoch + 1 == epochs:
-            log(f"router epoch {epoch + 1}/{epochs}: mixture nll {nll.item():.4f}, balance {balance_loss(w).item():.3f}")
+        if on_epoch:
+            on_epoch({"epoch": epoch + 1, "mixture_nll": nll.item(), "balance": balance_loss(w).item()})
     return router.eval()
 
 

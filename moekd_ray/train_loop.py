@@ -60,22 +60,26 @@ def model_device(model) -> torch.device:
 LossFn = Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]  # (logits, batch) -> loss
 
 
+def classifier_logits(model, batch: dict[str, torch.Tensor], device) -> torch.Tensor:
+    return model(**model_inputs(batch, device)).logits
+
+
 def train_epoch(model, loader: DataLoader, loss_fn: LossFn, step: Callable[[torch.Tensor], None],
-                log_every: int = 0, log=print) -> dict[str, float]:
-    """One pass; `step(loss)` does backward + optimizer step (plain torch or a DeepSpeed engine)."""
+                on_step: Callable[[int], None] | None = None, forward=classifier_logits) -> dict[str, float]:
+    """One pass; `step(loss)` does backward + optimizer step (plain torch or a DeepSpeed engine); `on_step(i)`
+    after the i-th batch (e.g. a progress.Ticker); `forward(model, batch, device)` gives the logits loss_fn takes."""
     model.train()
     device = model_device(model)
     total, seen, start = 0.0, 0, time.perf_counter()
     for i, batch in enumerate(loader, 1):
         batch = {k: v.to(device) for k, v in trim_padding(batch).items()}  # no-op where Ray already moved it
-        logits = model(**model_inputs(batch, device)).logits
-        loss = loss_fn(logits, batch)
+        loss = loss_fn(forward(model, batch, device), batch)
         step(loss)
         n = len(batch["input_ids"])
         total += loss.item() * n
         seen += n
-        if log_every and i % log_every == 0:
-            log(f"  step {i}/{len(loader)}: loss {total / seen:.4f}")
+        if on_step:
+            on_step(i)
     elapsed = time.perf_counter() - start
     return {"train_loss": total / max(seen, 1), "samples_per_s": seen / max(elapsed, 1e-9), "train_seconds": elapsed}
 

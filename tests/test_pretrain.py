@@ -12,7 +12,8 @@ import torch
 from moekd_ray.cli import main
 from moekd_ray.config import load_config
 from moekd_ray.errors import ConfigError
-from moekd_ray.recipes.pretrain import IGNORE, MaskedFunctions, build_corpus, encoder_folder, mlm_loss
+from moekd_ray.recipes.pretrain import (IGNORE, MaskedFunctions, build_corpus, encoder_folder, mlm_loss,
+                                       predicted_logits)
 from moekd_ray.tokenization import SPECIALS
 from synthetic import write_dataset
 
@@ -38,7 +39,22 @@ def test_masking_is_dynamic_seeded_and_spares_special_tokens():
     shown = torch.stack([r["input_ids"] for r in first])[predicted]
     assert 0.7 < (shown == SPECIALS.index("<mask>")).float().mean() < 0.9
     none = {"mlm_labels": torch.full((2, 5), IGNORE)}
-    assert float(mlm_loss(torch.zeros(2, 5, 10), none)) == 0.0
+    assert float(mlm_loss(torch.zeros(0, 10), none)) == 0.0
+
+
+def test_loss_at_predicted_positions_equals_transformers_masked_lm_loss():
+    # The vocabulary head runs on the predicted tokens only: the loss must be the one over all positions.
+    from transformers import RobertaConfig, RobertaForMaskedLM
+
+    model = RobertaForMaskedLM(RobertaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                             intermediate_size=32, max_position_embeddings=40)).eval()
+    ids = torch.randint(len(SPECIALS), 50, (3, 20))
+    mask = torch.ones_like(ids)
+    rows = MaskedFunctions({"input_ids": ids.numpy(), "attention_mask": mask.numpy()}, 50, 0.3, seed=0)
+    batch = {k: torch.stack([rows[i][k] for i in range(3)]) for k in ("input_ids", "attention_mask", "mlm_labels")}
+    full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["mlm_labels"]).loss
+    ours = mlm_loss(predicted_logits(model, batch, "cpu"), batch)
+    assert torch.allclose(ours, full, atol=1e-5)
 
 
 def test_extra_corpus_never_holds_a_validation_or_test_function(tmp_path):

@@ -83,7 +83,7 @@ def test_router_learns_which_expert_to_trust():
     x = sp.csr_matrix(dense)
 
     router = train_router(x, expert_logits, labels, hidden=16, temperature=1.0, top_k=None, balance_weight=0.01,
-                          epochs=60, lr=0.05, seed=0, log=lambda *_: None)
+                          epochs=60, lr=0.05, seed=0)
 
     z, y = torch.from_numpy(expert_logits), torch.from_numpy(labels)
 

@@ -15,20 +15,32 @@ import torch
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from moekd_ray import progress
 from moekd_ray.config import MoEKDConfig
 from moekd_ray.router import gate_logits, mixture_probs, route, train_router, uniform_weights
 
 
 def fit_gate(cfg: MoEKDConfig, features: dict[str, sp.spmatrix], logits: dict[str, np.ndarray],
-             labels: dict[str, np.ndarray], log=print) -> dict[str, np.ndarray]:
-    """Gate logits [N, K] per split: from the learned router, or zeros (= uniform weights) for `uniform`."""
+             labels: dict[str, np.ndarray], log=print, history: list | None = None) -> dict[str, np.ndarray]:
+    """Gate logits [N, K] per split: from the learned router, or zeros (= uniform weights) for `uniform`.
+    `history`, if given, receives the router's per-epoch rows (epoch, mixture_nll, balance)."""
     if cfg.router.kind == "uniform":
         return {s: np.zeros((len(labels[s]), cfg.experts.k), dtype=np.float32) for s in logits}
     r = cfg.router
+    rows = history if history is not None else []
+    ticker = progress.Ticker("router", r.epochs, "epochs", every=1.0)
+
+    def on_epoch(row: dict) -> None:
+        rows.append(row)
+        ticker(row["epoch"], f"mixture nll {row['mixture_nll']:.4f}")
+
     router = train_router(
         features["train"], logits["train"], labels["train"], hidden=r.hidden_size, temperature=r.temperature,
-        top_k=r.top_k, balance_weight=r.balance_weight, epochs=r.epochs, lr=r.lr, seed=cfg.seed, log=log,
+        top_k=r.top_k, balance_weight=r.balance_weight, epochs=r.epochs, lr=r.lr, seed=cfg.seed, on_epoch=on_epoch,
     )
+    first, last = rows[0], rows[-1]
+    log(f"router: mixture nll {first['mixture_nll']:.4f} -> {last['mixture_nll']:.4f} in {last['epoch']} epochs, "
+        f"balance {last['balance']:.3f}")
     return {s: gate_logits(router, features[s]) for s in logits}
 
 

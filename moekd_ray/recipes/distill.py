@@ -18,7 +18,7 @@ import ray.train
 import ray.train.torch
 import torch
 
-from moekd_ray import ray_runtime
+from moekd_ray import progress, ray_runtime
 from moekd_ray.config import ArchConfig, DistillConfig, MoEKDConfig, PretrainConfig, Schedule
 from moekd_ray.losses import kd_loss
 from moekd_ray.metrics import validation_metrics
@@ -134,11 +134,12 @@ def distill_worker(config: dict) -> None:
 
     resumed_from = len(history)
     step = deepspeed_step(engine, config, sched, len(loader), resumed_from)
+    ticker = progress.Ticker("student", epochs * len(loader), enabled=ctx.get_world_rank() == 0)
     for epoch in range(resumed_from + 1, epochs + 1):
         if history and history[-1]["final"]:
             break  # stopped early before the restart
         start_epoch(loader, epoch, config["seed"])
-        stats = train_epoch(engine, loader, loss_fn, step)
+        stats = train_epoch(engine, loader, loss_fn, step, ticker.epoch(epoch, epochs))
         val = validation_metrics(valid["labels"], predict_logits(engine, valid, config["eval_batch_size"]))
         if best.update(epoch, {f"val_{k}": v for k, v in val.items()}):
             best_state = gathered_state(engine, ctx.get_world_rank())

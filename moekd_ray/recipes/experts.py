@@ -17,7 +17,7 @@ import ray.train.torch
 import torch
 from pydantic import TypeAdapter
 
-from moekd_ray import ray_runtime
+from moekd_ray import progress, ray_runtime
 from moekd_ray.config import ModelSource, MoEKDConfig, Schedule
 from moekd_ray.metrics import validation_metrics
 from moekd_ray.models import build_model, load_model
@@ -63,11 +63,12 @@ def expert_worker(config: dict) -> None:
     steps_done, total_steps = resumed_from * len(loader), sched.epochs * len(loader)
     step = scheduled(torch_step(optimizer, sched.grad_clip), optimizer.param_groups, sched, total_steps, steps_done)
     step = ray_runtime.inject_fault(config, step, steps_done)
+    ticker = progress.Ticker(name, sched.epochs * len(loader), enabled=ctx.get_world_rank() == 0)
     for epoch in range(resumed_from + 1, sched.epochs + 1):
         if history and history[-1]["final"]:
             break  # stopped early before the restart
         start_epoch(loader, epoch, config["seed"])
-        stats = train_epoch(model, loader, weighted_ce, step)
+        stats = train_epoch(model, loader, weighted_ce, step, ticker.epoch(epoch, sched.epochs))
         val = validation_metrics(valid["labels"], predict_logits(unwrap(model), valid, config["eval_batch_size"]))
         if best.update(epoch, {f"val_{k}": v for k, v in val.items()}):
             best_state = {k: v.detach().clone() for k, v in unwrap(model).state_dict().items()}
@@ -172,6 +173,11 @@ def expert_logits(cfg: MoEKDConfig, checkpoints: list[list], enc: list[dict]) ->
     refs = [[task.remote(c, {s: ray.put(rows(s, a, f, len(members))) for s, a in enc_k.items()},
                          cfg.eval.batch_size, int(res.cpus_per_worker)) for f, c in enumerate(members)]
             for members, enc_k in zip(checkpoints, enc)]
+    flat = [r for members in refs for r in members]
+    ticker, pending = progress.Ticker("expert outputs", len(flat), "models", every=1.0), flat
+    while pending:  # only to show progress: the results are gathered below
+        _, pending = ray.wait(pending, num_returns=1)
+        ticker(len(flat) - len(pending))
     outputs = [ray.get(members) for members in refs]
     out = {}
     for split in enc[0]:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import ray.train
 
-from moekd_ray import ray_runtime, tracking
+from moekd_ray import console, progress, ray_runtime, tracking
 from moekd_ray.config import MoEKDConfig, NgramConfig, PretrainedConfig, dump_yaml, load_config
 from moekd_ray.errors import ConfigError
 from moekd_ray.attacks.identifiers import identifier_vocabulary
@@ -62,16 +62,18 @@ def run_pipeline(cfg: MoEKDConfig, log=print, resume: str | None = None) -> Pipe
     if not resume:
         run_dir.mkdir(parents=True)
         (run_dir / "config.yaml").write_text(dump_yaml(cfg.model_dump(mode="json")))
+    console.attach_log(run_dir / console.LOG_FILE)  # with `moekd run`: Ray's, DeepSpeed's and the libraries' lines go there
     ray_runtime.init_ray(cfg)
     labels = {s: np.asarray(data[s]["target"], dtype=np.int64) for s in SPLITS}
     funcs = {s: list(data[s]["func"]) for s in SPLITS}
-    timer = StageTimer(log)
+    timer = StageTimer(log, ["tokenizers", "partition", "experts", "router", "distill", "evaluate",
+                             *(["attack"] if cfg.attack.in_pipeline else []), "register"])
 
     # Every MLflow write goes through the tracker: if the server stops answering, they are spooled in the run
     # folder and training goes on (`moekd sync <run folder>` completes the MLflow run).
     tracker = tracking.Tracker(run_dir, experiment_id, log)
     with tracker.run(parent_id, cfg.name) as run_id:
-        log(f"run folder {run_dir}, MLflow run {run_id}" + (" (resumed)" if resume else ""))
+        log(f"run folder {run_dir} (full log: {console.LOG_FILE}), MLflow run {run_id}" + (" (resumed)" if resume else ""))
         if parent_id is None:  # a new MLflow run (also when the resumed folder's run is not in this store)
             tracker.set_tags({"moekd.config_digest": cfg.digest(), "moekd.run_dir": str(run_dir.resolve())})
             tracker.log_config(cfg.model_dump(mode="json"))
@@ -109,8 +111,10 @@ def run_pipeline(cfg: MoEKDConfig, log=print, resume: str | None = None) -> Pipe
                 members = [m for names in member_names(cfg) for m in names]
                 specs = [spec for spec in cfg.experts.specs() for _ in range(cfg.experts.folds)]
                 for member, spec, result, finished in zip(members, specs, results, finished_at):
+                    rows = ray_runtime.epoch_rows(result)
+                    log(epoch_summary(member, rows))
                     with tracker.stage(member, spec.model_dump(mode="json")):
-                        tracker.log_epochs(ray_runtime.epoch_rows(result))
+                        tracker.log_epochs(rows)
                         tracker.log_metrics({"run_finished_at": finished})
                 checkpoints = by_expert(cfg, [r.checkpoint for r in results])
             else:
@@ -120,7 +124,9 @@ def run_pipeline(cfg: MoEKDConfig, log=print, resume: str | None = None) -> Pipe
 
         with timer("router"), tracker.stage("router", cfg.router.model_dump(mode="json")):
             if targets is None:
-                gates = fit_gate(cfg, features, logits, labels, log=log)
+                router_epochs = []
+                gates = fit_gate(cfg, features, logits, labels, log=log, history=router_epochs)
+                tracker.log_epochs(router_epochs)
                 targets = aggregate(cfg, logits, gates, labels)
                 save_soft_targets(targets, soft_path, {"config_digest": cfg.digest()})
                 tracker.log_artifact(soft_path)
@@ -318,19 +324,33 @@ def format_table(rows: list[dict]) -> str:
 
 
 class StageTimer:
-    """`with timer("name"):` logs and keeps each stage's wall time and status (ran, or reused on resume)."""
+    """`with timer("name"):` keeps each stage's wall time and status (ran, or reused on resume); the console's
+    status line names the stage while it runs, and one line says how it ended."""
 
-    def __init__(self, log):
-        self.log, self.seconds, self.status = log, {}, {}
+    def __init__(self, log, stages: list[str]):
+        self.log, self.stages, self.seconds, self.status = log, stages, {}, {}
 
     @contextlib.contextmanager
     def __call__(self, name):
-        self.log(f"== {name}")
+        place = f"{self.stages.index(name) + 1}/{len(self.stages)}"
+        progress.stage(name, self.stages.index(name) + 1, len(self.stages))
         self.status.setdefault(name, "ran")
         start = time.perf_counter()
         yield
         self.seconds[name] = time.perf_counter() - start
-        self.log(f"== {name} {self.status[name]} in {self.seconds[name]:.1f} s")
+        progress.stage(None)
+        self.log(f"[{place}] {name} {self.status[name]} in {_duration(self.seconds[name])}")
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < 60 else f"{int(seconds // 60)} min {seconds % 60:.0f} s"
+
+
+def epoch_summary(name: str, rows: list[dict]) -> str:
+    """One line for a trained model: its kept epoch's validation figures."""
+    best = next((r for r in rows if r["epoch"] == rows[-1]["best_epoch"]), rows[-1])
+    return (f"{name}: epoch {best['epoch']} of {len(rows)} kept, val acc {best['val_accuracy']:.3f} "
+            f"f1 {best['val_f1']:.3f} auc {best['val_auc']:.3f}")
 
     def reused(self, name):
         self.status[name] = "reused"
