@@ -88,6 +88,18 @@ def confusion_matrix_figure(labels: np.ndarray, probs1: np.ndarray, threshold: f
     return finish(fig, ax, "predicted", "true", title)
 
 
+def comparison_figure(rows: list[dict], title: str):
+    """Test accuracy and F1 of every model of the final table, side by side (a row: model, test_accuracy, test_f1)."""
+    fig, ax = axes((max(4.5, 0.9 * len(rows) + 1.5), 3.2))
+    x = np.arange(len(rows))
+    for offset, key, label in ((-0.2, "test_accuracy", "accuracy"), (0.2, "test_f1", "F1")):
+        bars = ax.bar(x + offset, [r[key] for r in rows], width=0.4, label=label)
+        ax.bar_label(bars, fmt="%.3f", fontsize=6)
+    ax.set_xticks(x, [r["model"] for r in rows], fontsize=7)
+    ax.set_ylim(0, 1)
+    return finish(fig, ax, "model", "test", title, legend=7)
+
+
 def axes(figsize=(4.5, 3.2)):
     """A new (figure, axes) on the file-only Agg backend (no display on servers and Ray workers)."""
     import matplotlib

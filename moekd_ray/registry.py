@@ -53,11 +53,21 @@ def model_card(name: str, version: str, tags: dict) -> str:
             f"| metric | value |\n|---|---|\n{rows}\n")
 
 
+REGISTERED_MODEL_CARD = (
+    "Vulnerability detectors for C functions distilled by moekd-ray (MoEKD: a mixture of experts, weighed per "
+    "function by a router, taught a compact student). Input: C function sources (a string column, a list of "
+    "strings, a string, or a DataFrame with `func`); output: P(vulnerable) per function, the decision threshold "
+    "chosen on validation already in the weights (vulnerable when >= 0.5). Each version's description gives its "
+    "teachers, data, measured figures and the run that made it; `moekd registry list` compares them.")
+
+
 def record_evidence(client: MlflowClient, name: str, version: str, tags: dict) -> None:
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
     all_tags = client.get_model_version(name, version).tags
     client.update_model_version(name, version, description=model_card(name, version, all_tags))
+    if not client.get_registered_model(name).description:  # a user's own description stays
+        client.update_registered_model(name, description=REGISTERED_MODEL_CARD)
 
 
 def resolve_version(client: MlflowClient, uri: str) -> tuple[str, str] | None:

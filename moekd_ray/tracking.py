@@ -96,13 +96,28 @@ def log_config(config_tree: dict) -> None:
     mlflow.log_text(dump_yaml(config_tree), "config.yaml")
 
 
+# What a Ray Train epoch row carries that is not a measurement: when, how it ran, bookkeeping. Not plotted as
+# metrics: the run's start and end times carry the times (Tracker.stage's `span`), the rest are tags.
+NOT_METRICS = ("epoch", "started_at", "finished_at", "resumed_from", "world_size", "zero_stage", "final")
+
+
+def epoch_metrics(row: dict, prefix: str = "") -> dict[str, float]:
+    return {f"{prefix}{k}": float(v) for k, v in row.items() if k not in NOT_METRICS}
+
+
+def epoch_tags(rows: list[dict]) -> dict[str, str]:
+    """The constants of a Ray Train run's epochs, as tags (resumed_from: epochs done before its latest restart)."""
+    return {f"moekd.{k}": str(rows[-1][k]) for k in ("resumed_from", "world_size", "zero_stage") if k in rows[-1]}
+
+
 def log_epochs(rows: list[dict], prefix: str = "", timestamps: list[int] | None = None) -> None:
     """Per-epoch metrics reported by a Ray Train run, with the epoch as MLflow step (and when each was reported,
     in ms, if given; else now)."""
     for i, row in enumerate(rows):
-        step = int(row["epoch"])
-        mlflow.log_metrics({f"{prefix}{k}": float(v) for k, v in row.items() if k != "epoch"}, step=step,
+        mlflow.log_metrics(epoch_metrics(row, prefix), step=int(row["epoch"]),
                            timestamp=timestamps[i] if timestamps else None)
+    if rows and not prefix:
+        mlflow.set_tags(epoch_tags(rows))
 
 
 def log_figure(fig, path: str) -> None:
@@ -199,9 +214,11 @@ class Tracker:
                          f"with: moekd sync {self.run_dir.resolve()}")
 
     @contextlib.contextmanager
-    def stage(self, name: str, params: dict | None = None):
-        """A nested run for one stage or expert, under the innermost open run."""
-        with self._open(self._create(name, parent=self.runs[-1])):
+    def stage(self, name: str, params: dict | None = None, span: tuple[float, float] | None = None):
+        """A nested run for one stage or expert, under the innermost open run. `span`: its real start and end
+        (Unix seconds), for work done before its run is written (an expert trained by Ray Train)."""
+        start, end = (int(t * 1000) for t in span) if span else (None, None)
+        with self._open(self._create(name, parent=self.runs[-1], start_time=start), end_time=end):
             if params:
                 self.log_params(flatten(params))
             yield
@@ -239,9 +256,11 @@ class Tracker:
         self.log_text(json.dumps(rows, indent=1), path)
 
     def log_epochs(self, rows: list[dict], prefix: str = "") -> None:
-        """Per-epoch metrics reported by a Ray Train run, with the epoch as MLflow step."""
+        """Per-epoch metrics reported by a Ray Train run, with the epoch as MLflow step; its constants as tags."""
         for row in rows:
-            self.log_metrics({f"{prefix}{k}": v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
+            self.log_metrics(epoch_metrics(row, prefix), step=int(row["epoch"]))
+        if rows and not prefix:
+            self.set_tags(epoch_tags(rows))
 
     def log_student_model(self, model_dir: Path, tokenizer_dir: Path, config_tree: dict, registered_name: str | None,
                           metrics: dict[str, float], tags: dict[str, str] | None = None) -> str | None:
@@ -251,7 +270,7 @@ class Tracker:
                             "registered_name": registered_name, "metrics": metrics, "tags": tags})
 
     @contextlib.contextmanager
-    def _open(self, run_id: str):
+    def _open(self, run_id: str, end_time: int | None = None):
         self.runs.append(run_id)
         status = "FAILED"
         try:
@@ -262,16 +281,16 @@ class Tracker:
             raise
         finally:
             self.runs.pop()
-            self._write({"op": "end", "run": run_id, "status": status, "time": _now()})
+            self._write({"op": "end", "run": run_id, "status": status, "time": end_time or _now()})
 
-    def _create(self, name: str, parent: str | None) -> str:
+    def _create(self, name: str, parent: str | None, start_time: int | None = None) -> str:
         from mlflow.tracking.context.registry import resolve_tags  # what mlflow.start_run tags a run with
 
         key = f"local-{uuid.uuid4().hex[:12]}"
         if parent is None:
             self.root = key
         created = self._write({"op": "create", "key": key, "parent": parent, "name": name,
-                               "experiment_id": self.experiment_id, "tags": resolve_tags(), "time": _now()})
+                               "experiment_id": self.experiment_id, "tags": resolve_tags(), "time": start_time or _now()})
         return created or key
 
     def _ref(self, path: Path) -> str:

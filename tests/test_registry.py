@@ -65,6 +65,7 @@ def test_versions_carry_their_evidence_and_model_card(versions):
     assert rows[1]["teachers"].startswith(f"{cfg.experts.k} x")
     mv = mlflow.MlflowClient().get_model_version(NAME, "1")
     assert "| test_f1 | 0.61 |" in mv.description
+    assert "Input: C function sources" in mlflow.MlflowClient().get_registered_model(NAME).description
 
 
 def test_versions_carry_signature_input_example_and_artifacts(versions, tmp_path):

@@ -119,9 +119,9 @@ def test_killed_driver_resumes_without_retraining_experts(ray_cluster, tmp_path)
                               stdout=out.open("w"), stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + 300
-        while "== experts ran" not in out.read_text() and time.time() < deadline and driver.poll() is None:
+        while "] experts ran in " not in out.read_text() and time.time() < deadline and driver.poll() is None:
             time.sleep(0.2)
-        assert "== experts ran" in out.read_text(), out.read_text()[-3000:]
+        assert "] experts ran in " in out.read_text(), out.read_text()[-3000:]
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
@@ -286,9 +286,9 @@ def test_tracking_server_lost_mid_run(ray_cluster, tmp_path):
                                   env={**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"},
                                   stdout=out.open("w"), stderr=subprocess.STDOUT)
         deadline = time.time() + 300
-        while "== experts ran" not in out.read_text() and time.time() < deadline and driver.poll() is None:
+        while "] experts ran in " not in out.read_text() and time.time() < deadline and driver.poll() is None:
             time.sleep(0.2)
-        if "== experts ran" not in out.read_text():
+        if "] experts ran in " not in out.read_text():
             driver.kill()
             pytest.fail(out.read_text()[-3000:])
     finally:
@@ -329,7 +329,7 @@ def test_tracking_server_lost_mid_run(ray_cluster, tmp_path):
         assert "seconds_register" in parent.data.metrics
         children = {r.info.run_name: r for r in client.search_runs(
             [experiment], filter_string=f"tags.mlflow.parentRunId = '{run_id}'")}
-        assert 0 <= children["evaluate"].data.metrics["student.test_f1"] <= 1
+        assert 0 <= parent.data.metrics["student_test_f1"] <= 1
         assert {"tokenizers", "partition", "expert_0", "expert_1", "router", "distill", "evaluate"} <= set(children)
         assert all(r.info.status == "FINISHED" for r in children.values())
         assert len(client.get_metric_history(children["distill"].info.run_id, "train_loss")) == 2

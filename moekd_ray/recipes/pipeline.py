@@ -24,7 +24,7 @@ from moekd_ray.augment import adversarial_renamings, with_renamed_copies
 from moekd_ray.data import SPLITS, dataset_hash, describe, load_devign
 from moekd_ray.baseline import TfidfLR
 from moekd_ray.decision import decide_folder, decision_tags, load_decision, pick_threshold
-from moekd_ray.metrics import classification_metrics, confusion_matrix_figure, degenerate
+from moekd_ray.metrics import classification_metrics, comparison_figure, confusion_matrix_figure, degenerate
 from moekd_ray.models import build_model, load_model, num_params, size_mb
 from moekd_ray.partition import code_features, partition, partition_table
 from moekd_ray.recipes.aggregate import aggregate, fit_gate, load_soft_targets, save_soft_targets
@@ -73,7 +73,8 @@ def run_pipeline(cfg: MoEKDConfig, log=print, resume: str | None = None) -> Pipe
     # folder and training goes on (`moekd sync <run folder>` completes the MLflow run).
     tracker = tracking.Tracker(run_dir, experiment_id, log)
     with tracker.run(parent_id, cfg.name) as run_id:
-        log(f"run folder {run_dir} (full log: {console.LOG_FILE}), MLflow run {run_id}" + (" (resumed)" if resume else ""))
+        log(f"run folder {run_dir}, MLflow run {run_id}" + (" (resumed)" if resume else ""))
+        log(f"full log: {run_dir / console.LOG_FILE}")
         if parent_id is None:  # a new MLflow run (also when the resumed folder's run is not in this store)
             tracker.set_tags({"moekd.config_digest": cfg.digest(), "moekd.run_dir": str(run_dir.resolve())})
             tracker.log_config(cfg.model_dump(mode="json"))
@@ -113,9 +114,10 @@ def run_pipeline(cfg: MoEKDConfig, log=print, resume: str | None = None) -> Pipe
                 for member, spec, result, finished in zip(members, specs, results, finished_at):
                     rows = ray_runtime.epoch_rows(result)
                     log(epoch_summary(member, rows))
-                    with tracker.stage(member, spec.model_dump(mode="json")):
+                    with tracker.stage(member, spec.model_dump(mode="json"), span=(rows[0]["started_at"], finished)):
                         tracker.log_epochs(rows)
-                        tracker.log_metrics({"run_finished_at": finished})
+                        tracker.log_text(dump_yaml(spec.model_dump(mode="json")), "config.yaml")
+                        tracker.log_table(rows, "epochs.json")
                 checkpoints = by_expert(cfg, [r.checkpoint for r in results])
             else:
                 timer.reused("experts")
@@ -172,11 +174,13 @@ def run_pipeline(cfg: MoEKDConfig, log=print, resume: str | None = None) -> Pipe
             if cfg.eval.reference:
                 rows.append(reference_row(cfg, funcs, labels, test_probs))
             tracker.log_table(rows, "results.json")
-            for row in rows:
-                tracker.log_metrics({f"{row['model']}.{k}": v for k, v in row.items() if isinstance(v, float)})
-            for name in ("mixture", "student"):
-                fig = confusion_matrix_figure(labels["test"], *test_probs[name], f"{name}, test")
-                tracker.log_figure(fig, f"confusion_{name}_test.png")
+            tracker.log_figure(comparison_figure(rows, f"{cfg.name}: every model on test"), "model_comparison.png")
+            for row in rows:  # one run per model, same metric names: the MLflow UI compares them side by side
+                with tracker.stage(row["model"]):
+                    tracker.log_metrics({k: v for k, v in row.items() if isinstance(v, (int, float)) and
+                                         not isinstance(v, bool)})
+                    fig = confusion_matrix_figure(labels["test"], *test_probs[row["model"]], f"{row['model']}, test")
+                    tracker.log_figure(fig, f"confusion_{row['model']}_test.png")
             useless = {r["model"]: r["degenerate"] for r in rows if r["degenerate"]}
             for name, why in useless.items():
                 log(f"warning: {name} is degenerate: it {why}")
@@ -184,6 +188,7 @@ def run_pipeline(cfg: MoEKDConfig, log=print, resume: str | None = None) -> Pipe
                 tracker.set_tags({"moekd.degenerate_models": ",".join(useless)})
 
         student_row = next(r for r in rows if r["model"] == "student")
+        tracker.log_metrics(headline_metrics(rows))  # on the parent run: runs sort and compare by these
         if cfg.attack.in_pipeline:
             from moekd_ray.recipes.attack import attack_model, format_summary, log_attack
 
@@ -192,7 +197,7 @@ def run_pipeline(cfg: MoEKDConfig, log=print, resume: str | None = None) -> Pipe
                 log(format_summary(cfg.attack.method, summary))
                 log_attack(attack_rows, summary, cfg.attack, tracker, run_dir)
             student_row.update({f"{k}_{cfg.attack.method}": summary[k] for k in ("asr", "robust_accuracy")})
-            tracker.log_metrics({f"student.{k}_{cfg.attack.method}": summary[k] for k in ("asr", "robust_accuracy")})
+            tracker.log_metrics({f"student_{k}_{cfg.attack.method}": summary[k] for k in ("asr", "robust_accuracy")})
 
         with timer("register"):
             # The student's degenerate verdict is its row's (after the threshold in its weights).
@@ -344,6 +349,18 @@ class StageTimer:
 
 def _duration(seconds: float) -> str:
     return f"{seconds:.1f} s" if seconds < 60 else f"{int(seconds // 60)} min {seconds % 60:.0f} s"
+
+
+def headline_metrics(rows: list[dict]) -> dict[str, float]:
+    """The parent run's metrics: the student's, the mixture's, the best expert's (by validation accuracy) and the
+    reference's test accuracy and F1, and the student's size and speed."""
+    by_name = {r["model"]: r for r in rows}
+    experts = [r for r in rows if r["model"].startswith("expert_")]
+    picked = {"student": by_name["student"], "mixture": by_name["mixture"],
+              "best_expert": max(experts, key=lambda r: r["valid_accuracy"]), "reference": by_name.get("tfidf-lr")}
+    out = {f"{name}_{k}": row[k] for name, row in picked.items() if row for k in ("test_accuracy", "test_f1")}
+    out.update({"student_size_mb": by_name["student"]["size_mb"], "student_functions_per_s": by_name["student"]["functions_per_s"]})
+    return out
 
 
 def epoch_summary(name: str, rows: list[dict]) -> str:

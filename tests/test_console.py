@@ -1,0 +1,151 @@
+"""The console of `moekd`: its own lines and a live status line on the terminal, everything else in the log file;
+and, end to end, a real `moekd run` whose console is short and whose MLflow runs a person can read."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import sys
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from moekd_ray import progress
+from moekd_ray.console import Console
+
+
+def test_console_shows_its_lines_and_progress_and_logs_the_rest(tmp_path):
+    screen = io.StringIO()
+    handler = logging.StreamHandler(sys.stderr)  # made before the capture, as Ray's are at import
+    noisy = logging.getLogger("some.library")
+    noisy.addHandler(handler)
+    try:
+        with Console(stream=screen, redraw_every=0) as console:
+            print("Reporting training result 1: TrainingReport(checkpoint=...)")
+            noisy.warning("a library warning")
+            progress.stage("experts", 3, 7)
+            progress.report("expert_0", 30, 100, note="epoch 1/2")
+            progress.report("expert_0", 60, 100, note="epoch 2/2")
+            status = console.status_line()
+            console.say("expert_0: epoch 2 of 2 kept")
+            console.attach_log(tmp_path / "moekd.log")  # what came before goes into it too
+            print("(RayTrainWorker pid=1) a later line")
+    finally:
+        noisy.removeHandler(handler)
+    shown, logged = screen.getvalue(), (tmp_path / "moekd.log").read_text()
+    assert "expert_0: epoch 2 of 2 kept\n" in shown
+    assert status.startswith("[3/7] experts | expert_0 epoch 2/2 60% ETA ")
+    for noise in ("TrainingReport", "a library warning", "a later line", progress.MARKER):
+        assert noise not in shown and noise in logged, noise
+    assert "expert_0: epoch 2 of 2 kept" in logged
+    assert handler.stream is sys.stderr  # given back
+
+
+def test_verbose_console_shows_everything(capsys):
+    screen = io.StringIO()
+    with Console(verbose=True, stream=screen, redraw_every=0):
+        print("a Ray worker line")
+        progress.report("student", 1, 4)
+    assert "a Ray worker line" in capsys.readouterr().out  # where it was written: the real stdout
+    assert progress.MARKER not in screen.getvalue()
+
+
+def test_a_finished_task_leaves_the_status_line():
+    with Console(stream=io.StringIO(), redraw_every=0) as console:
+        progress.report("router", 5, 10, "epochs")
+        assert "router" in console.status_line()
+        progress.report("router", 10, 10, "epochs")
+        assert "router" not in console.status_line()
+
+
+def test_ticker_reports_from_rank_0_only_and_always_the_last_step(capsys):
+    progress.Ticker("student", 10, enabled=False)(10)
+    assert capsys.readouterr().out == ""
+    tick = progress.Ticker("student", 10, every=3600)
+    for i in range(1, 11):
+        tick(i)
+    reports = [progress.parse(x) for x in capsys.readouterr().out.splitlines()]
+    assert [r["done"] for r in reports] == [1, 10]  # the first, then nothing for an hour but the last
+
+
+@pytest.mark.timeout(900)
+def test_moekd_run_console_is_short_and_its_mlflow_runs_readable(ray_cluster, tmp_path):
+    """A real `moekd run` (tiny): at most 40 console lines, none over 200 characters outside the table, no
+    traceback or object dump, the noise in the run's log file; through MLflow's REST API the parent run carries
+    the headline metrics, each expert run spans its training, and no run plots timestamps as metrics."""
+    import os
+    import subprocess
+
+    import yaml
+
+    from servers import LOOPBACK, end_group, free_port, start_group, wait_http
+
+    tiny = {"vocab_size": 300, "hidden_size": 32, "num_layers": 1, "num_heads": 2, "ffn_size": 64, "max_length": 32}
+    store = tmp_path / "mlruns.db"
+    tree = {"name": "console", "output_dir": str(tmp_path / "runs"), "data": {"train_rows": 128, "eval_rows": 32},
+            "experts": {"k": 2, "model": tiny, "schedule": {"epochs": 2, "batch_size": 16}},
+            "router": {"epochs": 5}, "distill": {"student_arch": tiny, "schedule": {"epochs": 1, "batch_size": 16}},
+            "ray": {"address": ray_cluster.get_runtime_context().gcs_address},
+            "mlflow": {"tracking_uri": f"sqlite:///{store}", "registered_model": "console-student"}}
+    path = tmp_path / "console.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    done = subprocess.run([sys.executable, "-m", "moekd_ray.cli", "run", str(path)], capture_output=True, text=True,
+                          timeout=800, env={**os.environ, "PYTHONWARNINGS": "default"})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    shown = done.stdout + done.stderr
+    lines = [x for x in shown.replace("\r", "\n").split("\n") if x.strip()]  # status redraws count as lines too
+    final = shown.split("\n")
+    assert len(final) <= 41, shown  # the last "\n" leaves one empty piece
+    table = final.index(next(x for x in final if x.startswith("model ")))
+    assert all(len(x) <= 200 for x in lines if x not in final[table:]), shown
+    for noise in ("Traceback", "TrainingReport", "Warning", "pid=", progress.MARKER):
+        assert noise not in shown, noise
+    assert final[-2].startswith("student model: models:/console-student/1")  # the table and its verdict come last
+    log_path = Path(next(x for x in final if x.startswith("full log: ")).removeprefix("full log: "))
+    logged = log_path.read_text()
+    assert "TrainingReport" in logged and progress.MARKER in logged and "student model:" in logged
+
+    port = free_port()
+    server = start_group([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{store}",
+                          "--host", LOOPBACK, "--port", str(port), "--workers", "1"], tmp_path / "server.log")
+    try:
+        api = f"http://{LOOPBACK}:{port}/api/2.0/mlflow"
+        wait_http(f"http://{LOOPBACK}:{port}/health", server, tmp_path / "server.log")
+
+        def post(endpoint: str, body: dict) -> dict:
+            request = urllib.request.Request(f"{api}/{endpoint}", json.dumps(body).encode(),
+                                             {"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return json.loads(response.read())
+
+        runs = post("runs/search", {"experiment_ids": ["0"], "max_results": 500})["runs"]
+        tags = {r["info"]["run_id"]: {t["key"]: t["value"] for t in r["data"].get("tags", [])} for r in runs}
+        metrics = {r["info"]["run_id"]: {m["key"]: m["value"] for m in r["data"].get("metrics", [])} for r in runs}
+
+        def children(parent_id: str) -> dict:
+            return {r["info"]["run_name"]: r for r in runs if tags[r["info"]["run_id"]].get("mlflow.parentRunId")
+                    == parent_id}
+
+        parent = next(r for r in runs if "mlflow.parentRunId" not in tags[r["info"]["run_id"]])
+        assert parent["info"]["status"] == "FINISHED"
+        assert {"student_test_accuracy", "student_test_f1", "mixture_test_accuracy", "best_expert_test_accuracy",
+                "reference_test_accuracy", "student_size_mb", "student_functions_per_s"} <= set(
+                    metrics[parent["info"]["run_id"]])
+        stages = children(parent["info"]["run_id"])
+        for name in ("expert_0", "expert_1"):
+            info = stages[name]["info"]
+            query = urllib.parse.urlencode({"run_id": info["run_id"], "metric_key": "train_seconds"})
+            with urllib.request.urlopen(f"{api}/metrics/get-history?{query}", timeout=30) as response:
+                history = json.loads(response.read())["metrics"]
+            assert len(history) == 2  # the expert's two epochs
+            assert (int(info["end_time"]) - int(info["start_time"])) / 1000 >= sum(m["value"] for m in history), name
+        clocks = {"started_at", "finished_at", "run_finished_at", "resumed_from", "world_size", "zero_stage"}
+        assert not any(clocks & set(m) for m in metrics.values()), metrics
+        models = children(stages["evaluate"]["info"]["run_id"])  # one run per model, the same metric names
+        assert {"expert_0", "expert_1", "mixture", "student", "tfidf-lr"} <= set(models)
+        assert all({"test_accuracy", "test_f1"} <= set(metrics[r["info"]["run_id"]]) for r in models.values())
+    finally:
+        end_group(server)
