@@ -65,7 +65,8 @@ class PartitionConfig(_Strict):
 class ArchConfig(_Strict):
     """A RoBERTa-style encoder built from scratch (no pretrained weights)."""
 
-    source: Literal["config"] = "config"
+    source: Literal["config"] = Field("config", description="config: build this architecture from scratch (the "
+                                      "default when `source` is left out).")
     vocab_size: int = Field(5000, ge=300, description="BPE vocabulary trained on the training code.")
     hidden_size: int = Field(128, ge=8, description="Hidden width.")
     num_layers: int = Field(4, ge=1, description="Transformer layers.")
@@ -84,7 +85,7 @@ class ArchConfig(_Strict):
 class PretrainedConfig(_Strict):
     """A pretrained checkpoint, by hub name or local folder, with its own tokenizer."""
 
-    source: Literal["pretrained"] = "pretrained"
+    source: Literal["pretrained"] = Field("pretrained", description="pretrained: load name_or_path's weights.")
     name_or_path: str = Field(description="e.g. microsoft/codebert-base or a local folder.")
     max_length: int = Field(400, ge=16, le=4096, description="Tokens per function (longer ones are truncated).")
 
@@ -93,7 +94,7 @@ class NgramConfig(_Strict):
     """A fastText-style bag of hashed C-token n-grams (EmbeddingBag -> dropout -> linear): a different inductive
     bias from the encoder's (no order beyond n tokens, the whole function read), cheap to train on CPU."""
 
-    source: Literal["ngram"] = "ngram"
+    source: Literal["ngram"] = Field("ngram", description="ngram: a bag of hashed C-token n-grams.")
     buckets: int = Field(2**18, ge=16, le=2**24, description="Hash buckets shared by all n-grams (embedding rows).")
     ngram: int = Field(2, ge=1, le=4, description="Longest n-gram of C tokens (1: tokens only; 2: tokens + pairs).")
     dim: int = Field(64, ge=2, description="Embedding width.")
@@ -105,7 +106,7 @@ class PretrainSource(_Strict):
     """The encoder `moekd pretrain` trained with masked-LM on this config's code (`pretrain` section), with its
     tokenizer; the pipeline pretrains it first, or reuses the one with the same settings."""
 
-    source: Literal["pretrain"] = "pretrain"
+    source: Literal["pretrain"] = Field("pretrain", description="pretrain: the encoder `moekd pretrain` trains.")
     max_length: int | None = Field(None, ge=16, le=4096, description="Tokens per function (None: pretrain.arch's).")
 
 
@@ -339,9 +340,9 @@ class EvalConfig(_Strict):
 
 # -------------------------------------------------------------------------------------------------- tune
 class UniformDist(_Strict):
-    dist: Literal["uniform"] = "uniform"
-    low: float
-    high: float
+    dist: Literal["uniform"] = Field("uniform", description="uniform: any value in [low, high].")
+    low: float = Field(description="Lowest value.")
+    high: float = Field(description="Highest value (above low).")
 
     @model_validator(mode="after")
     def _ordered(self):
@@ -351,12 +352,12 @@ class UniformDist(_Strict):
 
 
 class LogUniformDist(UniformDist):
-    dist: Literal["loguniform"] = "loguniform"
+    dist: Literal["loguniform"] = Field("loguniform", description="loguniform: uniform in log(value), for scales.")
     low: float = Field(gt=0, description="> 0 (log scale).")
 
 
 class ChoiceDist(_Strict):
-    dist: Literal["choice"] = "choice"
+    dist: Literal["choice"] = Field("choice", description="choice: one of `values`.")
     values: list = Field(min_length=1, description="The values to pick from (null allowed, e.g. for top_k).")
 
 
@@ -526,23 +527,25 @@ class GatesConfig(_Strict):
 
 
 class RegistryConfig(_Strict):
-    gates: GatesConfig = Field(default_factory=GatesConfig)
+    gates: GatesConfig = Field(default_factory=GatesConfig, description="What `moekd registry promote` checks.")
 
 
 class MoEKDConfig(_Strict):
     name: str = Field("moekd", description="Run name (MLflow parent run).")
     seed: int = Field(0, description="Seed for subsets, partitions, initialisation and shuffling.")
     output_dir: str = Field("runs", description="Where each run writes its folder of artifacts.")
-    data: DataConfig = Field(default_factory=DataConfig)
-    partition: PartitionConfig = Field(default_factory=PartitionConfig)
-    experts: ExpertsConfig = Field(default_factory=ExpertsConfig)
-    router: RouterConfig = Field(default_factory=RouterConfig)
-    distill: DistillConfig = Field(default_factory=DistillConfig)
+    data: DataConfig = Field(default_factory=DataConfig, description="Where the functions come from, and how many.")
+    partition: PartitionConfig = Field(default_factory=PartitionConfig,
+                                       description="How the training set is split into one part per expert.")
+    experts: ExpertsConfig = Field(default_factory=ExpertsConfig, description="The teachers: what and how each trains.")
+    router: RouterConfig = Field(default_factory=RouterConfig, description="How the experts' outputs are weighted.")
+    distill: DistillConfig = Field(default_factory=DistillConfig, description="The student and how it learns.")
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig, description="`moekd pretrain`, and experts "
                                      "with `source: pretrain`.")
-    ray: RayConfig = Field(default_factory=RayConfig)
-    mlflow: MLflowConfig = Field(default_factory=MLflowConfig)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
+    ray: RayConfig = Field(default_factory=RayConfig, description="Which Ray cluster, and checkpoint storage.")
+    mlflow: MLflowConfig = Field(default_factory=MLflowConfig, description="Tracking store and registered model name.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation, decision threshold, degeneracy "
+                             "checks.")
     tune: TuneConfig = Field(default_factory=TuneConfig, description="`moekd tune` only.")
     attack: AttackConfig = Field(default_factory=AttackConfig, description="`moekd attack` (and run's last stage).")
     registry: RegistryConfig = Field(default_factory=RegistryConfig, description="`moekd registry promote` gates.")

@@ -79,3 +79,10 @@ def test_config_shows_the_effective_defaults(capsys):
         if ast.literal_eval(shown) != value:
             wrong.append(f"{key}: shows {shown}, default is {value!r}")
     assert not wrong, wrong
+
+
+def test_config_describes_every_option(capsys):
+    assert main(["config"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    bare = [line.split(" = ")[0] for line in lines if not line.split("  # ", 1)[1].strip()]
+    assert not bare, f"options without a description: {bare}"

@@ -2,10 +2,13 @@
 
 import re
 from pathlib import Path
+from typing import get_args
 
 import pytest
+from pydantic import BaseModel
 
-from moekd_ray.config import ArchConfig, ConfigError, MoEKDConfig, PretrainedConfig, load_config
+from moekd_ray.config import (ArchConfig, ChoiceDist, ConfigError, MoEKDConfig, NgramConfig, PretrainedConfig, Schedule,
+                              load_config)
 
 REPO = Path(__file__).resolve().parents[1]
 JOB_FILES = sorted(REPO.glob("jobs/**/*.yaml"))
@@ -155,3 +158,28 @@ def test_unknown_key_suggests_the_closest_one():
         load_config(None, ["data.train_row=5"])
     with pytest.raises(ConfigError, match=r"did you mean experts\.schedule\.warmup_ratio\?"):
         load_config(None, ["experts.schedule.warmup=0.1"])
+
+
+def _models_in(annotation) -> list[type[BaseModel]]:
+    """The pydantic models an annotation can hold: itself, Optional/Union/discriminated-union members, list items,
+    dict values."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in get_args(annotation) for m in _models_in(arg)]
+
+
+def test_every_field_has_a_description():
+    """`moekd config` and the docs read these; walks every model reachable from MoEKDConfig."""
+    missing, todo, seen = [], [MoEKDConfig], set()
+    while todo:
+        model = todo.pop()
+        if model in seen:
+            continue
+        seen.add(model)
+        for name, field in model.model_fields.items():
+            if not (field.description or "").strip():
+                missing.append(f"{model.__name__}.{name}")
+            todo.extend(_models_in(field.annotation))
+    # the walk reached union members (experts.model), list items (experts.schedules) and dict values (tune.space)
+    assert {ArchConfig, NgramConfig, PretrainedConfig, ChoiceDist, Schedule} <= seen
+    assert not missing, f"fields without a description: {sorted(missing)}"
