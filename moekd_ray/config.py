@@ -6,11 +6,13 @@ overrides. `extra="forbid"` everywhere so that a typo is an error, not a silentl
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from types import UnionType
+from typing import Annotated, Literal, Union, get_args, get_origin
 
 import yaml
 from moekd_ray.errors import ConfigError
@@ -604,48 +606,94 @@ def _set_dotted(tree: dict, dotted: str, value) -> None:
     tree[keys[-1]] = value
 
 
-# Tags pydantic puts in an error's path for union members (experts.model.config.hidden_size): not the user's keys.
-_UNION_TAGS = {"config", "pretrained", "ngram", "uniform", "loguniform", "choice"}
-
-
 def format_validation_error(err: ValidationError, source: str) -> str:
-    """Every problem on one line: `source: key: problem (got value); key: ...`."""
+    """Every problem on one line: `source: key: problem (got value); unknown option key: did you mean ...?; ...`."""
     problems: dict[str, list[str]] = {}  # per key, the union members' complaints are joined with "or"
     seen_by_key: dict[str, str] = {}
+    unknown: dict[str, str] = {}  # a misspelt key is its own sentence: what it is, then the fix
     for e in err.errors():
-        # Drop the union tags pydantic puts in the path (experts.model.config.hidden_size -> experts.model.hidden_size,
-        # eval.threshold.constrained-float -> eval.threshold).
-        where = ".".join(str(p) for p in e["loc"] if p not in _UNION_TAGS and not _is_member_tag(p)) or "(top level)"
+        where, holder = _locate(e["loc"])
         if e["type"] == "extra_forbidden":
-            hint = "unknown key" + _closest_key(where) + "; check its spelling against `moekd config`"
+            unknown[where] = _unknown_option(where, holder)
         elif e["type"] == "union_tag_invalid":
-            hint = f"unknown source {e['ctx']['tag']!r}; use one of {e['ctx']['expected_tags']}"
+            problems.setdefault(where, []).append(
+                f"unknown source {e['ctx']['tag']!r}; use one of {e['ctx']['expected_tags']}")
         else:
-            hint = e["msg"].removeprefix("Value error, ")
+            problems.setdefault(where, []).append(e["msg"].removeprefix("Value error, "))
         seen = e.get("input")
-        seen_by_key[where] = "" if isinstance(seen, dict) or e["type"] == "extra_forbidden" else f" (got {seen!r})"
-        problems.setdefault(where, []).append(hint)
-    return f"{source}: " + "; ".join(f"{k}: {', or '.join(v)}{seen_by_key[k]}" for k, v in problems.items())
+        seen_by_key[where] = "" if isinstance(seen, dict) else f" (got {seen!r})"
+    return f"{source}: " + "; ".join(unknown.get(k) or f"{k}: {', or '.join(problems[k])}{seen_by_key[k]}"
+                                     for k in seen_by_key)
 
 
-def _closest_key(dotted: str) -> str:
-    """", did you mean data.train_rows?" for data.train_row: the nearest field name in the same section."""
-    import difflib
-
+def _unknown_option(dotted: str, holder: type[BaseModel] | None) -> str:
+    """`unknown option data.train_row: did you mean data.train_rows?`: the closest field of the model the key sits
+    in, else that model's fields."""
     *section, key = dotted.split(".")
-    model = MoEKDConfig
-    for part in section:
-        annotation = model.model_fields.get(part).annotation if part in model.model_fields else None
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            return ""
-        model = annotation
-    match = difflib.get_close_matches(key, list(model.model_fields), n=1, cutoff=0.6)
-    return f", did you mean {'.'.join([*section, match[0]])}?" if match else ""
+    if holder is None:  # under a free-form mapping: nothing to compare against
+        return f"unknown option {dotted}"
+    match = difflib.get_close_matches(key, list(holder.model_fields), n=1, cutoff=0.6)
+    if match:
+        return f"unknown option {dotted}: did you mean {'.'.join([*section, match[0]])}?"
+    return f"unknown option {dotted}: use one of {', '.join(holder.model_fields)}"
 
 
-def _is_member_tag(part) -> bool:
-    # pydantic's names for the members of a Literal-or-number union: "literal['accuracy','f1']", "constrained-float"
-    return isinstance(part, str) and (part.startswith("literal[") or part.startswith("constrained-"))
+def _locate(loc: tuple) -> tuple[str, type[BaseModel] | None]:
+    """An error's path as the user wrote it, and the model whose field its last key is (None if not a model).
+
+    pydantic puts the chosen member of a union in the path (experts.models.0.pretrained.nme, eval.threshold.
+    constrained-float); walking the schema along the path tells those tags from the user's keys, and finds the member
+    (here PretrainedConfig) whose fields a misspelt key is compared with."""
+    parts: list[str] = []
+    node, holder = MoEKDConfig, None
+    for part in loc:
+        node = _strip_optional(node)
+        if get_origin(node) in (Union, UnionType):  # a real union: this part is pydantic's tag of a member
+            node = next((_unannotated(m) for m in get_args(node) if part in _member_tags(m)), None)
+            continue
+        holder = node
+        parts.append(str(part))
+        node = _child(node, part)
+    is_model = isinstance(holder, type) and issubclass(holder, BaseModel)
+    return ".".join(parts) or "(top level)", holder if is_model else None
+
+
+def _unannotated(annotation):
+    return get_args(annotation)[0] if get_origin(annotation) is Annotated else annotation
+
+
+def _strip_optional(annotation):
+    """`X | None` -> X (pydantic puts no tag in the path for it); Annotated[...] -> its type."""
+    annotation = _unannotated(annotation)
+    if get_origin(annotation) in (Union, UnionType):
+        members = [m for m in get_args(annotation) if m is not type(None)]
+        if len(members) == 1:
+            return _strip_optional(members[0])
+    return annotation
+
+
+def _member_tags(member) -> set[str]:
+    """The tags naming a union member in an error's path: its Tag, or the value of its one-value Literal field
+    (UniformDist's dist: "uniform")."""
+    tags = {m.tag for m in getattr(member, "__metadata__", ()) if isinstance(m, Tag)}
+    model = _unannotated(member)
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        for field in model.model_fields.values():
+            if get_origin(field.annotation) is Literal and len(get_args(field.annotation)) == 1:
+                tags.add(get_args(field.annotation)[0])
+    return tags
+
+
+def _child(node, part):
+    """The annotation one key below `node`: a model's field, a list's item, a mapping's value (None: unknown)."""
+    if isinstance(node, type) and issubclass(node, BaseModel):
+        field = node.model_fields.get(part) if isinstance(part, str) else None
+        return field.annotation if field is not None else None
+    if get_origin(node) is list:
+        return get_args(node)[0]
+    if get_origin(node) is dict:
+        return get_args(node)[1]
+    return None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> MoEKDConfig:

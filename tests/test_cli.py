@@ -49,6 +49,16 @@ def test_validate_error_is_short_and_has_no_traceback(tmp_path, capsys, text, ov
     assert len(captured.err.strip().splitlines()) <= 3  # a header and one line per problem
 
 
+def test_unknown_option_suggests_the_closest(tmp_path, capsys):
+    path = job(tmp_path, "data:\n  train_row: 100\n")
+    assert main(["validate", path]) == 2
+    assert capsys.readouterr().err == (f"moekd: error: {path}: unknown option data.train_row: did you mean "
+                                       "data.train_rows?\n")
+    assert main(["validate", job(tmp_path, ""), "experts.model.hidden_sise=64"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown option experts.model.hidden_sise: did you mean experts.model.hidden_size?" in err
+
+
 def test_debug_flag_raises(tmp_path):
     with pytest.raises(Exception, match="distill.temperature"):
         main(["--debug", "validate", job(tmp_path, "distill:\n  temperature: -1\n")])
