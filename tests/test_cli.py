@@ -1,8 +1,10 @@
 """`moekd validate` and `moekd config` through cli.main (no Ray, no MLflow)."""
 
+import argparse
+
 import pytest
 
-from moekd_ray.cli import main
+from moekd_ray.cli import build_parser, main
 
 
 @pytest.fixture(autouse=True)
@@ -96,3 +98,51 @@ def test_config_describes_every_option(capsys):
     lines = capsys.readouterr().out.splitlines()
     bare = [line.split(" = ")[0] for line in lines if not line.split("  # ", 1)[1].strip()]
     assert not bare, f"options without a description: {bare}"
+
+
+def _parsers(parser, name="moekd"):
+    """Every (sub)command's parser, by its command line: moekd, moekd run, ..., moekd registry promote."""
+    yield name, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub_name, sub in action.choices.items():
+                yield from _parsers(sub, f"{name} {sub_name}")
+
+
+def _help_entries(text: str) -> dict[str, str]:
+    """--help's option entries, each joined onto one line, by the option's first flag."""
+    entries, current = {}, None
+    for line in text.splitlines():
+        if line.startswith("  -"):  # an option's first line; its wrapped text is indented further
+            current = line.split()[0].rstrip(",")
+            entries[current] = line
+        elif current and line.startswith("   "):
+            entries[current] += line
+        else:
+            current = None
+    return {flag: " ".join(entry.split()) for flag, entry in entries.items()}
+
+
+def test_every_option_help_shows_its_default(capsys):
+    """Every option that takes a value and is not required says its default in --help; flags need none."""
+    missing, checked = [], 0
+    for command, parser in _parsers(build_parser()):
+        with pytest.raises(SystemExit):
+            main([*command.split()[1:], "--help"])
+        entries = _help_entries(capsys.readouterr().out)
+        for action in parser._actions:
+            if not action.option_strings or action.required or action.nargs == 0:  # positional, required, a flag
+                continue
+            checked += 1
+            entry = entries.get(action.option_strings[0], "")
+            wanted = "(default: " if action.default is None else f"(default: {action.default})"
+            if wanted not in entry:
+                missing.append(f"{command} {action.option_strings[0]}: {entry!r}")
+    assert checked > 15
+    assert not missing, missing
+
+
+def test_predict_help_shows_the_threshold_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["predict", "--help"])
+    assert _help_entries(capsys.readouterr().out)["--threshold"].endswith("(default: 0.5)")
