@@ -606,13 +606,14 @@ def _set_dotted(tree: dict, dotted: str, value) -> None:
     tree[keys[-1]] = value
 
 
-def format_validation_error(err: ValidationError, source: str) -> str:
-    """Every problem on one line: `source: key: problem (got value); unknown option key: did you mean ...?; ...`."""
+def format_validation_error(err: ValidationError, source: str, model: type[BaseModel] = MoEKDConfig) -> str:
+    """Every problem on one line: `source: key: problem (got value); unknown option key: did you mean ...?; ...`.
+    `model` is the one that was validated (its schema tells the user's keys from pydantic's tags)."""
     problems: dict[str, list[str]] = {}  # per key, the union members' complaints are joined with "or"
     seen_by_key: dict[str, str] = {}
     unknown: dict[str, str] = {}  # a misspelt key is its own sentence: what it is, then the fix
     for e in err.errors():
-        where, holder = _locate(e["loc"])
+        where, holder = _locate(e["loc"], model)
         if e["type"] == "extra_forbidden":
             unknown[where] = _unknown_option(where, holder)
         elif e["type"] == "union_tag_invalid":
@@ -638,14 +639,14 @@ def _unknown_option(dotted: str, holder: type[BaseModel] | None) -> str:
     return f"unknown option {dotted}: use one of {', '.join(holder.model_fields)}"
 
 
-def _locate(loc: tuple) -> tuple[str, type[BaseModel] | None]:
+def _locate(loc: tuple, model: type[BaseModel]) -> tuple[str, type[BaseModel] | None]:
     """An error's path as the user wrote it, and the model whose field its last key is (None if not a model).
 
     pydantic puts the chosen member of a union in the path (experts.models.0.pretrained.nme, eval.threshold.
     constrained-float); walking the schema along the path tells those tags from the user's keys, and finds the member
     (here PretrainedConfig) whose fields a misspelt key is compared with."""
     parts: list[str] = []
-    node, holder = MoEKDConfig, None
+    node, holder = model, None
     for part in loc:
         node = _strip_optional(node)
         if get_origin(node) in (Union, UnionType):  # a real union: this part is pydantic's tag of a member

@@ -5,10 +5,10 @@ from pathlib import Path
 from typing import get_args
 
 import pytest
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from moekd_ray.config import (ArchConfig, ChoiceDist, ConfigError, MoEKDConfig, NgramConfig, PretrainedConfig, Schedule,
-                              load_config)
+                              format_validation_error, load_config)
 
 REPO = Path(__file__).resolve().parents[1]
 JOB_FILES = sorted(REPO.glob("jobs/**/*.yaml"))
@@ -193,6 +193,14 @@ def test_unknown_keys_in_a_yaml_file_are_all_named(tmp_path):
         load_config(path)
     assert str(exc.value) == (f"{path}: unknown option data.train_row: did you mean data.train_rows?; "
                               "unknown option router.epoch: did you mean router.epochs?")
+
+
+def test_errors_of_a_section_model_are_located_in_that_model():
+    """The student search validates ArchConfig alone: its keys are compared with ArchConfig's, not the top level's."""
+    with pytest.raises(ValidationError) as exc:
+        ArchConfig(hidden_sise=64)
+    assert format_validation_error(exc.value, "student", ArchConfig) == (
+        "student: unknown option hidden_sise: did you mean hidden_size?")
 
 
 def _models_in(annotation) -> list[type[BaseModel]]:
