@@ -46,15 +46,30 @@ def describe_options(section: BaseModel | None = None, prefix: str = "") -> list
     return lines
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """`--help` ends every option's text with `(default: ...)`. An option whose default is None ("not given") says
+    what that means in its own text, in the same form, as "(default: None)" would tell nothing; flags and required
+    options have no default to show."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, argparse.SUPPRESS) or "(default: " in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 class Parser(argparse.ArgumentParser):
     """argparse, with a usage mistake reported as one `moekd: error:` line (like every other bad input) instead of
-    the usage block and the error; subcommands' parsers are of this class too."""
+    the usage block and the error; subcommands' parsers are of this class too (and so show defaults alike)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"moekd: error: {message} (see `{self.prog} --help`)\n")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> Parser:
     parser = Parser(prog="moekd", description="Mixture-of-Experts knowledge distillation on Ray.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     parser.add_argument("--verbose", action="store_true", help="show Ray's, DeepSpeed's and the libraries' output "
@@ -66,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. experts.k=3")
         if name == "run":
             p.add_argument("--resume", metavar="RUN", help="continue this interrupted run (its folder or MLflow run "
-                           "id): finished stages are reused, an unfinished training resumes from its checkpoint")
+                           "id): finished stages are reused, an unfinished training resumes from its checkpoint "
+                           "(default: a new run)")
     p = sub.add_parser("pretrain", help="masked-LM pretraining of an encoder on the training code (+ pretrain."
                        "extra_corpus) that experts with `source: pretrain` start from; reused when it exists")
     p.add_argument("config", help="YAML config with a `pretrain:` section (defaults otherwise)")
@@ -91,33 +107,41 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", required=True,
                    help="pipeline run id or folder, a model folder, or models:/<name>/<version> | models:/<name>@<alias>")
     p.add_argument("--target", default="student", help="in a pipeline run: student, uniform or expert_<k>")
-    p.add_argument("--attack", choices=["mhm", "wir-random", "alert"], help="= attack.method")
-    p.add_argument("--split", choices=["valid", "test"], help="= attack.split")
-    p.add_argument("--n", type=int, help="= attack.n (functions sampled from the split)")
+    p.add_argument("--attack", choices=["mhm", "wir-random", "alert"],
+                   help="sets attack.method (default: the config's)")
+    p.add_argument("--split", choices=["valid", "test"], help="sets attack.split (default: the config's)")
+    p.add_argument("--n", type=int, help="sets attack.n, the functions sampled from the split (default: the config's)")
     p = sub.add_parser("registry", help="list registered students; promote a version through the gates")
     actions = p.add_subparsers(dest="action", required=True)
     for action, text in (("list", "every version with aliases and evidence"),
                          ("promote", "move an alias to a version if it passes registry.gates")):
         a = actions.add_parser(action, help=text)
-        a.add_argument("--config", help="YAML config (mlflow.tracking_uri, registry.gates); default: defaults")
+        a.add_argument("--config", help="YAML config (mlflow.tracking_uri, registry.gates) (default: defaults)")
         a.add_argument("overrides", nargs="*", help="key=value overrides, e.g. registry.gates.min_test_f1=0.5")
-        a.add_argument("--name", required=action == "promote", help="registered model name")
-        if action == "promote":
-            a.add_argument("--version", required=True)
-            a.add_argument("--alias", default="champion")
+        if action == "list":
+            a.add_argument("--name", help="only this registered model (default: every registered model)")
+        else:
+            a.add_argument("--name", required=True, help="registered model name")
+            a.add_argument("--version", required=True, help="the version to promote")
+            a.add_argument("--alias", default="champion", help="the alias to move to it")
             a.add_argument("--force", action="store_true", help="promote despite failed gates (recorded as forced)")
     p = sub.add_parser("predict", help="score every C function of a file, a folder (recursive) or stdin")
     p.add_argument("path", help="a C file, a folder, or - for stdin")
     p.add_argument("--model", default="models:/moekd-student@champion",
                    help="models:/<name>/<version> | models:/<name>@<alias>, or a folder holding an MLmodel file")
     p.add_argument("--threshold", type=float, default=0.5, help="verdict vulnerable at P(vulnerable) >= this")
-    p.add_argument("--format", choices=["table", "json", "sarif"], default="table")
+    p.add_argument("--format", choices=["table", "json", "sarif"], default="table", help="how results are written")
     p.add_argument("--glob", action="append", help="file name pattern in folders, repeatable (default: *.c, *.h)")
     p.add_argument("--batch-size", type=int, default=64, help="functions scored at once (bounds memory)")
-    p.add_argument("--output", help="write the results here instead of stdout")
+    p.add_argument("--output", help="write the results to this file (default: stdout)")
     p.add_argument("--tracking-uri", help="MLflow store of models:/ URIs (default: $MLFLOW_TRACKING_URI, "
                    "else sqlite:///mlruns.db)")
     sub.add_parser("config", help="list every option with its default and description")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     # key=value overrides may also come after options (`moekd attack CFG --model X attack.n=50`).
     args, extra = parser.parse_known_args(argv)
     if extra and (not hasattr(args, "overrides") or any("=" not in e or e.startswith("-") for e in extra)):

@@ -6,11 +6,13 @@ overrides. `extra="forbid"` everywhere so that a typo is an error, not a silentl
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from types import UnionType
+from typing import Annotated, Literal, Union, get_args, get_origin
 
 import yaml
 from moekd_ray.errors import ConfigError
@@ -65,7 +67,8 @@ class PartitionConfig(_Strict):
 class ArchConfig(_Strict):
     """A RoBERTa-style encoder built from scratch (no pretrained weights)."""
 
-    source: Literal["config"] = "config"
+    source: Literal["config"] = Field("config", description="config: build this architecture from scratch (the "
+                                      "default when `source` is left out).")
     vocab_size: int = Field(5000, ge=300, description="BPE vocabulary trained on the training code.")
     hidden_size: int = Field(128, ge=8, description="Hidden width.")
     num_layers: int = Field(4, ge=1, description="Transformer layers.")
@@ -84,7 +87,7 @@ class ArchConfig(_Strict):
 class PretrainedConfig(_Strict):
     """A pretrained checkpoint, by hub name or local folder, with its own tokenizer."""
 
-    source: Literal["pretrained"] = "pretrained"
+    source: Literal["pretrained"] = Field("pretrained", description="pretrained: load name_or_path's weights.")
     name_or_path: str = Field(description="e.g. microsoft/codebert-base or a local folder.")
     max_length: int = Field(400, ge=16, le=4096, description="Tokens per function (longer ones are truncated).")
 
@@ -93,7 +96,7 @@ class NgramConfig(_Strict):
     """A fastText-style bag of hashed C-token n-grams (EmbeddingBag -> dropout -> linear): a different inductive
     bias from the encoder's (no order beyond n tokens, the whole function read), cheap to train on CPU."""
 
-    source: Literal["ngram"] = "ngram"
+    source: Literal["ngram"] = Field("ngram", description="ngram: a bag of hashed C-token n-grams.")
     buckets: int = Field(2**18, ge=16, le=2**24, description="Hash buckets shared by all n-grams (embedding rows).")
     ngram: int = Field(2, ge=1, le=4, description="Longest n-gram of C tokens (1: tokens only; 2: tokens + pairs).")
     dim: int = Field(64, ge=2, description="Embedding width.")
@@ -105,7 +108,7 @@ class PretrainSource(_Strict):
     """The encoder `moekd pretrain` trained with masked-LM on this config's code (`pretrain` section), with its
     tokenizer; the pipeline pretrains it first, or reuses the one with the same settings."""
 
-    source: Literal["pretrain"] = "pretrain"
+    source: Literal["pretrain"] = Field("pretrain", description="pretrain: the encoder `moekd pretrain` trains.")
     max_length: int | None = Field(None, ge=16, le=4096, description="Tokens per function (None: pretrain.arch's).")
 
 
@@ -339,9 +342,9 @@ class EvalConfig(_Strict):
 
 # -------------------------------------------------------------------------------------------------- tune
 class UniformDist(_Strict):
-    dist: Literal["uniform"] = "uniform"
-    low: float
-    high: float
+    dist: Literal["uniform"] = Field("uniform", description="uniform: any value in [low, high].")
+    low: float = Field(description="Lowest value.")
+    high: float = Field(description="Highest value (above low).")
 
     @model_validator(mode="after")
     def _ordered(self):
@@ -351,12 +354,12 @@ class UniformDist(_Strict):
 
 
 class LogUniformDist(UniformDist):
-    dist: Literal["loguniform"] = "loguniform"
+    dist: Literal["loguniform"] = Field("loguniform", description="loguniform: uniform in log(value), for scales.")
     low: float = Field(gt=0, description="> 0 (log scale).")
 
 
 class ChoiceDist(_Strict):
-    dist: Literal["choice"] = "choice"
+    dist: Literal["choice"] = Field("choice", description="choice: one of `values`.")
     values: list = Field(min_length=1, description="The values to pick from (null allowed, e.g. for top_k).")
 
 
@@ -526,23 +529,25 @@ class GatesConfig(_Strict):
 
 
 class RegistryConfig(_Strict):
-    gates: GatesConfig = Field(default_factory=GatesConfig)
+    gates: GatesConfig = Field(default_factory=GatesConfig, description="What `moekd registry promote` checks.")
 
 
 class MoEKDConfig(_Strict):
     name: str = Field("moekd", description="Run name (MLflow parent run).")
     seed: int = Field(0, description="Seed for subsets, partitions, initialisation and shuffling.")
     output_dir: str = Field("runs", description="Where each run writes its folder of artifacts.")
-    data: DataConfig = Field(default_factory=DataConfig)
-    partition: PartitionConfig = Field(default_factory=PartitionConfig)
-    experts: ExpertsConfig = Field(default_factory=ExpertsConfig)
-    router: RouterConfig = Field(default_factory=RouterConfig)
-    distill: DistillConfig = Field(default_factory=DistillConfig)
+    data: DataConfig = Field(default_factory=DataConfig, description="Where the functions come from, and how many.")
+    partition: PartitionConfig = Field(default_factory=PartitionConfig,
+                                       description="How the training set is split into one part per expert.")
+    experts: ExpertsConfig = Field(default_factory=ExpertsConfig, description="The teachers: what and how each trains.")
+    router: RouterConfig = Field(default_factory=RouterConfig, description="How the experts' outputs are weighted.")
+    distill: DistillConfig = Field(default_factory=DistillConfig, description="The student and how it learns.")
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig, description="`moekd pretrain`, and experts "
                                      "with `source: pretrain`.")
-    ray: RayConfig = Field(default_factory=RayConfig)
-    mlflow: MLflowConfig = Field(default_factory=MLflowConfig)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
+    ray: RayConfig = Field(default_factory=RayConfig, description="Which Ray cluster, and checkpoint storage.")
+    mlflow: MLflowConfig = Field(default_factory=MLflowConfig, description="Tracking store and registered model name.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation, decision threshold, degeneracy "
+                             "checks.")
     tune: TuneConfig = Field(default_factory=TuneConfig, description="`moekd tune` only.")
     attack: AttackConfig = Field(default_factory=AttackConfig, description="`moekd attack` (and run's last stage).")
     registry: RegistryConfig = Field(default_factory=RegistryConfig, description="`moekd registry promote` gates.")
@@ -601,48 +606,95 @@ def _set_dotted(tree: dict, dotted: str, value) -> None:
     tree[keys[-1]] = value
 
 
-# Tags pydantic puts in an error's path for union members (experts.model.config.hidden_size): not the user's keys.
-_UNION_TAGS = {"config", "pretrained", "ngram", "uniform", "loguniform", "choice"}
-
-
-def format_validation_error(err: ValidationError, source: str) -> str:
-    """Every problem on one line: `source: key: problem (got value); key: ...`."""
+def format_validation_error(err: ValidationError, source: str, model: type[BaseModel] = MoEKDConfig) -> str:
+    """Every problem on one line: `source: key: problem (got value); unknown option key: did you mean ...?; ...`.
+    `model` is the one that was validated (its schema tells the user's keys from pydantic's tags)."""
     problems: dict[str, list[str]] = {}  # per key, the union members' complaints are joined with "or"
     seen_by_key: dict[str, str] = {}
+    unknown: dict[str, str] = {}  # a misspelt key is its own sentence: what it is, then the fix
     for e in err.errors():
-        # Drop the union tags pydantic puts in the path (experts.model.config.hidden_size -> experts.model.hidden_size,
-        # eval.threshold.constrained-float -> eval.threshold).
-        where = ".".join(str(p) for p in e["loc"] if p not in _UNION_TAGS and not _is_member_tag(p)) or "(top level)"
+        where, holder = _locate(e["loc"], model)
         if e["type"] == "extra_forbidden":
-            hint = "unknown key" + _closest_key(where) + "; check its spelling against `moekd config`"
+            unknown[where] = _unknown_option(where, holder)
         elif e["type"] == "union_tag_invalid":
-            hint = f"unknown source {e['ctx']['tag']!r}; use one of {e['ctx']['expected_tags']}"
+            problems.setdefault(where, []).append(
+                f"unknown source {e['ctx']['tag']!r}; use one of {e['ctx']['expected_tags']}")
         else:
-            hint = e["msg"].removeprefix("Value error, ")
+            problems.setdefault(where, []).append(e["msg"].removeprefix("Value error, "))
         seen = e.get("input")
-        seen_by_key[where] = "" if isinstance(seen, dict) or e["type"] == "extra_forbidden" else f" (got {seen!r})"
-        problems.setdefault(where, []).append(hint)
-    return f"{source}: " + "; ".join(f"{k}: {', or '.join(v)}{seen_by_key[k]}" for k, v in problems.items())
+        seen_by_key[where] = "" if isinstance(seen, dict) else f" (got {seen!r})"
+    return f"{source}: " + "; ".join(unknown.get(k) or f"{k}: {', or '.join(problems[k])}{seen_by_key[k]}"
+                                     for k in seen_by_key)
 
 
-def _closest_key(dotted: str) -> str:
-    """", did you mean data.train_rows?" for data.train_row: the nearest field name in the same section."""
-    import difflib
-
+def _unknown_option(dotted: str, holder: type[BaseModel] | None) -> str:
+    """`unknown option data.train_row: did you mean data.train_rows?`: the closest field of the model the key sits
+    in, else that model's fields."""
     *section, key = dotted.split(".")
-    model = MoEKDConfig
-    for part in section:
-        annotation = model.model_fields.get(part).annotation if part in model.model_fields else None
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            return ""
-        model = annotation
-    match = difflib.get_close_matches(key, list(model.model_fields), n=1, cutoff=0.6)
-    return f", did you mean {'.'.join([*section, match[0]])}?" if match else ""
+    if holder is None:  # under a free-form mapping: nothing to compare against
+        return f"unknown option {dotted}"
+    match = difflib.get_close_matches(key, list(holder.model_fields), n=1, cutoff=0.6)
+    if match:
+        return f"unknown option {dotted}: did you mean {'.'.join([*section, match[0]])}?"
+    return f"unknown option {dotted}: use one of {', '.join(holder.model_fields)}"
 
 
-def _is_member_tag(part) -> bool:
-    # pydantic's names for the members of a Literal-or-number union: "literal['accuracy','f1']", "constrained-float"
-    return isinstance(part, str) and (part.startswith("literal[") or part.startswith("constrained-"))
+def _locate(loc: tuple, model: type[BaseModel]) -> tuple[str, type[BaseModel] | None]:
+    """An error's path as the user wrote it, and the model whose field its last key is (None if not a model).
+
+    pydantic puts the chosen member of a union in the path (experts.models.0.pretrained.nme, eval.threshold.
+    constrained-float); walking the schema along the path tells those tags from the user's keys, and finds the member
+    (here PretrainedConfig) whose fields a misspelt key is compared with."""
+    parts: list[str] = []
+    node, holder = model, None
+    for part in loc:
+        node = _strip_optional(node)
+        if get_origin(node) in (Union, UnionType):  # a real union: this part is pydantic's tag of a member
+            node = next((_unannotated(m) for m in get_args(node) if part in _member_tags(m)), None)
+            continue
+        holder = node
+        parts.append(str(part))
+        node = _child(node, part)
+    is_model = isinstance(holder, type) and issubclass(holder, BaseModel)
+    return ".".join(parts) or "(top level)", holder if is_model else None
+
+
+def _unannotated(annotation):
+    return get_args(annotation)[0] if get_origin(annotation) is Annotated else annotation
+
+
+def _strip_optional(annotation):
+    """`X | None` -> X (pydantic puts no tag in the path for it); Annotated[...] -> its type."""
+    annotation = _unannotated(annotation)
+    if get_origin(annotation) in (Union, UnionType):
+        members = [m for m in get_args(annotation) if m is not type(None)]
+        if len(members) == 1:
+            return _strip_optional(members[0])
+    return annotation
+
+
+def _member_tags(member) -> set[str]:
+    """The tags naming a union member in an error's path: its Tag, or the value of its one-value Literal field
+    (UniformDist's dist: "uniform")."""
+    tags = {m.tag for m in getattr(member, "__metadata__", ()) if isinstance(m, Tag)}
+    model = _unannotated(member)
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        for field in model.model_fields.values():
+            if get_origin(field.annotation) is Literal and len(get_args(field.annotation)) == 1:
+                tags.add(get_args(field.annotation)[0])
+    return tags
+
+
+def _child(node, part):
+    """The annotation one key below `node`: a model's field, a list's item, a mapping's value (None: unknown)."""
+    if isinstance(node, type) and issubclass(node, BaseModel):
+        field = node.model_fields.get(part) if isinstance(part, str) else None
+        return field.annotation if field is not None else None
+    if get_origin(node) is list:
+        return get_args(node)[0]
+    if get_origin(node) is dict:
+        return get_args(node)[1]
+    return None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> MoEKDConfig:

@@ -1,8 +1,10 @@
 """`moekd validate` and `moekd config` through cli.main (no Ray, no MLflow)."""
 
+import argparse
+
 import pytest
 
-from moekd_ray.cli import main
+from moekd_ray.cli import build_parser, main
 
 
 @pytest.fixture(autouse=True)
@@ -49,6 +51,16 @@ def test_validate_error_is_short_and_has_no_traceback(tmp_path, capsys, text, ov
     assert len(captured.err.strip().splitlines()) <= 3  # a header and one line per problem
 
 
+def test_unknown_option_suggests_the_closest(tmp_path, capsys):
+    path = job(tmp_path, "data:\n  train_row: 100\n")
+    assert main(["validate", path]) == 2
+    assert capsys.readouterr().err == (f"moekd: error: {path}: unknown option data.train_row: did you mean "
+                                       "data.train_rows?\n")
+    assert main(["validate", job(tmp_path, ""), "experts.model.hidden_sise=64"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown option experts.model.hidden_sise: did you mean experts.model.hidden_size?" in err
+
+
 def test_debug_flag_raises(tmp_path):
     with pytest.raises(Exception, match="distill.temperature"):
         main(["--debug", "validate", job(tmp_path, "distill:\n  temperature: -1\n")])
@@ -79,3 +91,58 @@ def test_config_shows_the_effective_defaults(capsys):
         if ast.literal_eval(shown) != value:
             wrong.append(f"{key}: shows {shown}, default is {value!r}")
     assert not wrong, wrong
+
+
+def test_config_describes_every_option(capsys):
+    assert main(["config"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    bare = [line.split(" = ")[0] for line in lines if not line.split("  # ", 1)[1].strip()]
+    assert not bare, f"options without a description: {bare}"
+
+
+def _parsers(parser, name="moekd"):
+    """Every (sub)command's parser, by its command line: moekd, moekd run, ..., moekd registry promote."""
+    yield name, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub_name, sub in action.choices.items():
+                yield from _parsers(sub, f"{name} {sub_name}")
+
+
+def _help_entries(text: str) -> dict[str, str]:
+    """--help's option entries, each joined onto one line, by the option's first flag."""
+    entries, current = {}, None
+    for line in text.splitlines():
+        if line.startswith("  -"):  # an option's first line; its wrapped text is indented further
+            current = line.split()[0].rstrip(",")
+            entries[current] = line
+        elif current and line.startswith("   "):
+            entries[current] += line
+        else:
+            current = None
+    return {flag: " ".join(entry.split()) for flag, entry in entries.items()}
+
+
+def test_every_option_help_shows_its_default(capsys):
+    """Every option that takes a value and is not required says its default in --help; flags need none."""
+    missing, checked = [], 0
+    for command, parser in _parsers(build_parser()):
+        with pytest.raises(SystemExit):
+            main([*command.split()[1:], "--help"])
+        entries = _help_entries(capsys.readouterr().out)
+        for action in parser._actions:
+            if not action.option_strings or action.required or action.nargs == 0:  # positional, required, a flag
+                continue
+            checked += 1
+            entry = entries.get(action.option_strings[0], "")
+            wanted = "(default: " if action.default is None else f"(default: {action.default})"
+            if wanted not in entry:
+                missing.append(f"{command} {action.option_strings[0]}: {entry!r}")
+    assert checked > 15
+    assert not missing, missing
+
+
+def test_predict_help_shows_the_threshold_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["predict", "--help"])
+    assert _help_entries(capsys.readouterr().out)["--threshold"].endswith("(default: 0.5)")

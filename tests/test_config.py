@@ -2,10 +2,13 @@
 
 import re
 from pathlib import Path
+from typing import get_args
 
 import pytest
+from pydantic import BaseModel, ValidationError
 
-from moekd_ray.config import ArchConfig, ConfigError, MoEKDConfig, PretrainedConfig, load_config
+from moekd_ray.config import (ArchConfig, ChoiceDist, ConfigError, MoEKDConfig, NgramConfig, PretrainedConfig, Schedule,
+                              format_validation_error, load_config)
 
 REPO = Path(__file__).resolve().parents[1]
 JOB_FILES = sorted(REPO.glob("jobs/**/*.yaml"))
@@ -150,8 +153,76 @@ def test_per_expert_models_and_schedules(tmp_path):
         load_config(write(tmp_path, "experts:\n  k: 1\n  models: [{source: lstm}]\n"))
 
 
-def test_unknown_key_suggests_the_closest_one():
-    with pytest.raises(ConfigError, match=r"data\.train_row: unknown key, did you mean data\.train_rows\?"):
-        load_config(None, ["data.train_row=5"])
-    with pytest.raises(ConfigError, match=r"did you mean experts\.schedule\.warmup_ratio\?"):
-        load_config(None, ["experts.schedule.warmup=0.1"])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["data.train_row=5"], "unknown option data.train_row: did you mean data.train_rows?"),
+        (["dta.train_rows=5"], "unknown option dta: did you mean data?"),
+        (["experts.schedule.warmup=0.1"], "did you mean experts.schedule.warmup_ratio?"),
+        (["pretrain.schedule.keep_bestby=loss"], "did you mean pretrain.schedule.keep_best_by?"),  # a subclass
+        # a union member: the architecture when `source` is left out, else the member `source` names
+        (["experts.model.hidden_sise=64"], "unknown option experts.model.hidden_sise: did you mean "
+                                           "experts.model.hidden_size?"),
+        (["experts.model={source: pretrained, name_or_path: x, max_lenght: 9}"],
+         "did you mean experts.model.max_length?"),
+        (["experts.model={source: pretrain, max_lenght: 64}"], "unknown option experts.model.max_lenght: did you mean "
+                                                               "experts.model.max_length?"),
+        # list items, union members inside a list, an optional section, a mapping's values
+        (["experts.k=1", "experts.models=[{source: ngram, bucket: 64}]"], "unknown option experts.models.0.bucket: "
+                                                                           "did you mean experts.models.0.buckets?"),
+        (["experts.k=1", "experts.schedules=[{lrr: 0.1}]"], "did you mean experts.schedules.0.lr?"),
+        (["distill.student_arch={num_layer: 2}"], "did you mean distill.student_arch.num_layers?"),
+        (["tune.space={distill.alpha: {dist: uniform, low: 0, high: 1, hihg: 1}}"],
+         "unknown option tune.space.distill.alpha.hihg: did you mean tune.space.distill.alpha.high?"),
+        # nothing close: the options at that level
+        (["experts.model.zzz=1"], "unknown option experts.model.zzz: use one of source, vocab_size, hidden_size, "),
+        (["experts.model={source: pretrained, name_or_path: x, zzz: 1}"],
+         "unknown option experts.model.zzz: use one of source, name_or_path, max_length"),
+    ],
+)
+def test_unknown_key_suggests_the_closest_one(overrides, message):
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, overrides)
+    assert message in str(exc.value)
+    assert "\n" not in str(exc.value)
+
+
+def test_unknown_keys_in_a_yaml_file_are_all_named(tmp_path):
+    path = write(tmp_path, "data:\n  train_row: 100\nrouter:\n  epoch: 3\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    assert str(exc.value) == (f"{path}: unknown option data.train_row: did you mean data.train_rows?; "
+                              "unknown option router.epoch: did you mean router.epochs?")
+
+
+def test_errors_of_a_section_model_are_located_in_that_model():
+    """The student search validates ArchConfig alone: its keys are compared with ArchConfig's, not the top level's."""
+    with pytest.raises(ValidationError) as exc:
+        ArchConfig(hidden_sise=64)
+    assert format_validation_error(exc.value, "student", ArchConfig) == (
+        "student: unknown option hidden_sise: did you mean hidden_size?")
+
+
+def _models_in(annotation) -> list[type[BaseModel]]:
+    """The pydantic models an annotation can hold: itself, Optional/Union/discriminated-union members, list items,
+    dict values."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in get_args(annotation) for m in _models_in(arg)]
+
+
+def test_every_field_has_a_description():
+    """`moekd config` and the docs read these; walks every model reachable from MoEKDConfig."""
+    missing, todo, seen = [], [MoEKDConfig], set()
+    while todo:
+        model = todo.pop()
+        if model in seen:
+            continue
+        seen.add(model)
+        for name, field in model.model_fields.items():
+            if not (field.description or "").strip():
+                missing.append(f"{model.__name__}.{name}")
+            todo.extend(_models_in(field.annotation))
+    # the walk reached union members (experts.model), list items (experts.schedules) and dict values (tune.space)
+    assert {ArchConfig, NgramConfig, PretrainedConfig, ChoiceDist, Schedule} <= seen
+    assert not missing, f"fields without a description: {sorted(missing)}"

@@ -81,7 +81,7 @@ def run_student_trial(values: dict, base: dict, refs: dict) -> None:
         arch = trial_arch(values)
         mb, violation = constraint_violation(arch, s.max_size_mb)
     except ValidationError as err:  # e.g. heads x head_dim below the minimum width
-        mb, violation = 0.0, format_validation_error(err, "student")
+        mb, violation = 0.0, format_validation_error(err, "student", ArchConfig)
     if violation:  # reported with the worst objective values, never trained
         tune.report({"feasible": 0, "violation": violation, "size_mb": mb, "val_f1": 0.0, "latency_ms": 1e9,
                      "asr": 1.0, "student_dir": ""})
