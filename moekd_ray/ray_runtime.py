@@ -19,15 +19,19 @@ from ray.train.torch import TorchTrainer
 from moekd_ray.config import MoEKDConfig, ResourcesConfig
 from moekd_ray.errors import ConfigError
 
-# Train V2 polls workers every 2 s by default; on a small local run that is most of the fixed overhead.
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-
 
 def init_ray(cfg: MoEKDConfig) -> None:
     """Join the configured cluster (config, then $RAY_ADDRESS) or start a local one with its dashboard on 127.0.0.1."""
-    if ray.is_initialized():
-        return
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if ray.is_initialized():
+        joined = ray.get_runtime_context().gcs_address
+        if cfg.ray.address and cfg.ray.address not in (joined, "auto"):
+            raise ConfigError(f"ray.address={cfg.ray.address}, but this process is already connected to the Ray "
+                              f"cluster at {joined}; set ray.address={joined} or run in a new process")
+        return
+    # Train V2 polls workers every 2 s by default; on a small local run that is most of the fixed overhead. Read by
+    # the processes a local Ray starts from here (a cluster's own settings stay as its operator made them).
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     quiet = {"log_to_driver": True, "configure_logging": True, "logging_level": "WARNING"}
     if address:
         ray.init(address=address, **quiet)

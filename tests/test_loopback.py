@@ -19,3 +19,15 @@ def test_local_ray_dashboard_listens_on_loopback_only(ray_cluster):
     if (address := other_address()) is not None:
         with pytest.raises(OSError):
             socket.create_connection((address, int(port)), timeout=2).close()
+
+
+def test_a_second_cluster_address_is_refused_not_ignored(ray_cluster):
+    from moekd_ray.config import load_config
+    from moekd_ray.errors import ConfigError
+    from moekd_ray.ray_runtime import init_ray
+
+    joined = ray_cluster.get_runtime_context().gcs_address
+    init_ray(load_config(None, [f"ray.address={joined}"]))  # the cluster this process is in: fine
+    with pytest.raises(ConfigError, match=f"ray.address=127.0.0.1:1, but this process is already connected to the "
+                                          f"Ray cluster at {joined}"):
+        init_ray(load_config(None, ["ray.address=127.0.0.1:1"]))
