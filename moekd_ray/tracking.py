@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import tempfile
@@ -26,6 +27,9 @@ from moekd_ray.errors import TrackingError
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 SCORING_CODE = Path(__file__).with_name("scoring.py")  # logged beside it: a served model needs no moekd-ray
 SPOOL = "mlflow_spool.jsonl"  # in the run folder: MLflow writes made while the tracking server was down
+# Tags a run created, or a student model logged, by a Tracker write with that write's key, so that a replay of the
+# write finds what an earlier attempt made instead of making a second one.
+SPOOL_KEY = "moekd.spool_key"
 
 
 def _reachable(tracking_uri: str) -> bool:
@@ -132,19 +136,44 @@ def log_table(rows: list[dict], path: str) -> None:
 
 
 def log_student_model(model_dir: Path, tokenizer_dir: Path, config_tree: dict, registered_name: str | None,
-                      metrics: dict[str, float], tags: dict[str, str] | None = None) -> str:
+                      metrics: dict[str, float], tags: dict[str, str] | None = None, key: str | None = None) -> str:
     """Log the student as a pyfunc (C source strings -> P(vulnerable)) and register it with its evidence tags
     and model card (registry.py). Returns its model URI.
 
     The model is defined from code (pyfunc_model.py) and its weights are safetensors: nothing is pickled.
     The input column is unnamed, so a list of strings, a Series, a string and a `func` DataFrame all pass MLflow's
     schema check.
+
+    `key` (a Tracker write's) makes a repeat of the same write complete what an earlier attempt left: the student
+    logged under that key is reused and its registered version found, so no second model or version is made.
     """
+    run = mlflow.active_run()
+    run_id = run and run.info.run_id
+    client = mlflow.MlflowClient()
+    model_id = _keyed_student(client, run, key) if key and run else None
+    if model_id is None:
+        model_id = _log_pyfunc(model_dir, tokenizer_dir, config_tree, metrics, {SPOOL_KEY: key} if key else None)
+    if not registered_name:
+        return f"models:/{model_id}"
+    from moekd_ray.config import MoEKDConfig
+    from moekd_ray.registry import evidence_tags, record_evidence
+
+    version = _registered_version(client, registered_name, run_id, model_id)
+    if version is None:
+        version = mlflow.register_model(f"models:/{model_id}", registered_name).version
+    evidence = evidence_tags(MoEKDConfig.model_validate(config_tree), metrics, run_id)
+    record_evidence(client, registered_name, version, {**evidence, **(tags or {})})
+    return f"models:/{registered_name}/{version}"
+
+
+def _log_pyfunc(model_dir: Path, tokenizer_dir: Path, config_tree: dict, metrics: dict[str, float],
+                tags: dict | None) -> str:
+    """The student logged into the active run (not registered); its logged model id."""
     signature = ModelSignature(inputs=Schema([ColSpec("string")]), outputs=Schema([ColSpec("double", "probability")]))
     with tempfile.TemporaryDirectory() as tmp:
         cfg_path = Path(tmp) / "config.yaml"
         cfg_path.write_text(dump_yaml(config_tree))
-        info = mlflow.pyfunc.log_model(
+        return mlflow.pyfunc.log_model(
             name="student",
             python_model=str(PYFUNC_CODE),
             artifacts={"model": str(model_dir), "tokenizer": str(tokenizer_dir), "config": str(cfg_path)},
@@ -152,19 +181,28 @@ def log_student_model(model_dir: Path, tokenizer_dir: Path, config_tree: dict, r
             input_example=["int f(char *s) { char b[8]; strcpy(b, s); return 0; }"],
             code_paths=[str(SCORING_CODE)],
             pip_requirements=_requirements(),
-            registered_model_name=registered_name,
             metadata={"metrics": {k: round(v, 4) for k, v in metrics.items()}},
-        )
-    if registered_name:
-        from moekd_ray.config import MoEKDConfig
-        from moekd_ray.registry import evidence_tags, record_evidence
+            tags=tags,
+        ).model_id
 
-        version = info.registered_model_version
-        run = mlflow.active_run()
-        evidence = evidence_tags(MoEKDConfig.model_validate(config_tree), metrics, run and run.info.run_id)
-        record_evidence(mlflow.MlflowClient(), registered_name, version, {**evidence, **(tags or {})})
-        return f"models:/{registered_name}/{version}"
-    return info.model_uri
+
+def _keyed_student(client: mlflow.MlflowClient, run, key: str) -> str | None:
+    """The id of the student a write with this key logged completely into `run`, if one did. One whose upload was
+    cut short (not READY) is deleted, to be logged again."""
+    from mlflow.entities import LoggedModelStatus
+
+    models = client.search_logged_models([run.info.experiment_id], f"source_run_id = '{run.info.run_id}'")
+    for model in (m for m in models if m.tags.get(SPOOL_KEY) == key):
+        if model.status == LoggedModelStatus.READY:
+            return model.model_id
+        client.delete_logged_model(model.model_id)
+    return None
+
+
+def _registered_version(client: mlflow.MlflowClient, name: str, run_id: str | None, model_id: str) -> str | None:
+    """The version of `name` registered from this logged model, if there is one."""
+    versions = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'") if run_id else []
+    return next((v.version for v in versions if v.source == f"models:/{model_id}"), None)
 
 
 def _requirements() -> list[str]:
@@ -265,9 +303,10 @@ class Tracker:
     def log_student_model(self, model_dir: Path, tokenizer_dir: Path, config_tree: dict, registered_name: str | None,
                           metrics: dict[str, float], tags: dict[str, str] | None = None) -> str | None:
         """`log_student_model` into the innermost run; its model URI, or None when spooled (the replay registers it)."""
-        return self._write({"op": "model", "run": self.runs[-1], "model_dir": self._ref(model_dir),
-                            "tokenizer_dir": self._ref(tokenizer_dir), "config": config_tree,
-                            "registered_name": registered_name, "metrics": metrics, "tags": tags})
+        return self._write({"op": "model", "run": self.runs[-1], "key": f"model-{uuid.uuid4().hex[:12]}",
+                            "model_dir": self._ref(model_dir), "tokenizer_dir": self._ref(tokenizer_dir),
+                            "config": config_tree, "registered_name": registered_name, "metrics": metrics,
+                            "tags": tags})
 
     @contextlib.contextmanager
     def _open(self, run_id: str, end_time: int | None = None):
@@ -336,12 +375,21 @@ def _now() -> int:
     return int(time.time() * 1000)
 
 
-def _apply(client: mlflow.MlflowClient, op: dict, ids: dict[str, str], run_dir: Path | None):
+def _apply(client: mlflow.MlflowClient, op: dict, ids: dict[str, str], run_dir: Path | None, replay: bool = False):
     """One Tracker write, to MLflow; `ids` maps local keys of runs created by a replay to their MLflow run ids.
-    Returns the new run id for a run created, the model URI for a student logged."""
+    Returns the new run id for a run created, the model URI for a student logged.
+
+    A `replay` of a write that may have been applied already (by a replay killed before it saved its progress, or
+    by the live attempt whose answer was lost) leaves MLflow as one application would: a run is created, a metric
+    point logged, a student logged and registered only if not there yet. The other writes are idempotent as they
+    are: params (equal values), tags, artifacts (same path), run status."""
     kind, run = op["op"], ids.get(op.get("run"), op.get("run"))
     if kind == "create":
-        tags = dict(op["tags"])
+        found = replay and client.search_runs([op["experiment_id"]], f"tags.`{SPOOL_KEY}` = '{op['key']}'")
+        if found:
+            ids[op["key"]] = found[0].info.run_id
+            return ids[op["key"]]
+        tags = {**op["tags"], SPOOL_KEY: op["key"]}
         if op["parent"]:
             tags["mlflow.parentRunId"] = ids.get(op["parent"], op["parent"])
         ids[op["key"]] = client.create_run(op["experiment_id"], op["time"], tags, op["name"]).info.run_id
@@ -353,7 +401,11 @@ def _apply(client: mlflow.MlflowClient, op: dict, ids: dict[str, str], run_dir: 
     elif kind == "params":
         client.log_batch(run, params=[Param(k, v) for k, v in op["params"].items()])
     elif kind == "metrics":
-        client.log_batch(run, metrics=[Metric(k, v, op["time"], op["step"]) for k, v in op["metrics"].items()])
+        points = [Metric(k, v, op["time"], op["step"]) for k, v in op["metrics"].items()]
+        if replay:  # the same point logged twice would be two points of its history
+            points = [m for m in points if not _in_history(client, run, m)]
+        if points:
+            client.log_batch(run, metrics=points)
     elif kind == "tags":
         client.log_batch(run, tags=[RunTag(k, v) for k, v in op["tags"].items()])
     elif kind == "artifact":
@@ -367,7 +419,7 @@ def _apply(client: mlflow.MlflowClient, op: dict, ids: dict[str, str], run_dir: 
         mlflow.start_run(run_id=run)
         try:
             return log_student_model(Path(run_dir or "", op["model_dir"]), Path(run_dir or "", op["tokenizer_dir"]),
-                                     op["config"], op["registered_name"], op["metrics"], op["tags"])
+                                     op["config"], op["registered_name"], op["metrics"], op["tags"], op.get("key"))
         finally:
             with contextlib.suppress(mlflow.exceptions.MlflowException, OSError):
                 mlflow.end_run()  # FINISHED for now; the run's own "end" write comes later
@@ -376,11 +428,19 @@ def _apply(client: mlflow.MlflowClient, op: dict, ids: dict[str, str], run_dir: 
     return None
 
 
+def _in_history(client: mlflow.MlflowClient, run: str, point: Metric) -> bool:
+    return any((m.step, m.timestamp) == (point.step, point.timestamp)
+               and (m.value == point.value or math.isnan(m.value) and math.isnan(point.value))  # NaN != NaN
+               for m in client.get_metric_history(run, point.key))
+
+
 def replay_spool(run_dir: Path) -> tuple[str, int] | None:
     """Replay a run folder's pending spool, in order, at the current tracking URI: the runs created during the
     outage are created, and every write lands on the run it was meant for. Returns (the parent run's id, writes
     replayed), or None when nothing is pending. Progress is saved after each write, so a replay cut short continues
-    where it stopped; a finished spool is renamed mlflow_spool.replayed-<time>.jsonl, so replaying twice adds nothing."""
+    where it stopped; the write it stopped at is applied only if MLflow lacks it (`_apply`'s replay), so a kill at any
+    point applies no write twice. A finished spool is renamed mlflow_spool.replayed-<time>.jsonl, so replaying twice
+    adds nothing."""
     run_dir = Path(run_dir)
     spool, progress_file = run_dir / SPOOL, run_dir / "mlflow_spool.progress.json"
     if not spool.is_file():
@@ -397,7 +457,7 @@ def replay_spool(run_dir: Path) -> tuple[str, int] | None:
     client = mlflow.MlflowClient()
     for n in range(progress["done"], len(ops)):
         try:
-            _apply(client, ops[n], progress["ids"], run_dir)
+            _apply(client, ops[n], progress["ids"], run_dir, replay=True)
         except (mlflow.exceptions.MlflowException, OSError):
             uri = mlflow.get_tracking_uri()
             if not uri.startswith(("http://", "https://")) or _reachable(uri):

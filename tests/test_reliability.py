@@ -2,7 +2,7 @@
 epoch: Ray restarts the run (FailureConfig) and the workers resume from the previous epoch's checkpoint, not from
 step 0, and end where an uninterrupted run ends. A pipeline driver is SIGKILLed: `--resume` reuses what it
 finished. A tracking server dies mid-run: the run trains on, spooling its MLflow writes, and `moekd sync` completes
-its MLflow run."""
+its MLflow run, each write once even when the sync is killed and rerun."""
 
 from pathlib import Path
 
@@ -141,9 +141,10 @@ def test_killed_driver_resumes_without_retraining_experts(ray_cluster, tmp_path)
     assert metrics["seconds_experts"] < 20  # no Ray Train fit (each costs ~30 s here), only the logits pass
 
 
-def spool_a_run(run_dir, log):
+def spool_a_run(run_dir, log, experiment_id="0", student=None):
     """A parent run with one nested stage, written through a Tracker whose http server never answers: everything,
-    the runs' creation included, goes to the run folder's spool. Returns the spooled parent's local key."""
+    the runs' creation included, goes to the run folder's spool; `student` (log_student_model's arguments) is logged
+    into the parent last. Returns the spooled parent's local key."""
     import matplotlib.pyplot as plt
 
     from moekd_ray import tracking
@@ -153,7 +154,7 @@ def spool_a_run(run_dir, log):
     (run_dir / "tokenizers").mkdir(parents=True)
     (run_dir / "tokenizers" / "vocab.txt").write_text("artifact bytes stay in the run folder")
     (run_dir / "soft.bin").write_bytes(b"soft targets")
-    tracker = tracking.Tracker(run_dir, "0", log)
+    tracker = tracking.Tracker(run_dir, experiment_id, log)
     with tracker.run(None, "spooled") as run_id:
         tracker.set_tags({"moekd.run_dir": str(run_dir.resolve())})
         tracker.log_config({"experts": {"k": 2}})
@@ -165,6 +166,8 @@ def spool_a_run(run_dir, log):
             tracker.log_table([{"part": 0}], "partition.json")
             tracker.log_figure(plt.figure(), "confusion.png")
         tracker.log_metrics({"student.test_f1": 0.5})
+        if student:
+            tracker.log_student_model(*student)
     return run_id
 
 
@@ -192,11 +195,11 @@ def test_writes_spooled_in_an_outage_are_replayed_once(tmp_path, restore_trackin
 
     applied, real_apply = [], tracking._apply
 
-    def server_gone_after_five(client, op, ids, folder):
+    def server_gone_after_five(client, op, ids, folder, **kw):
         if len(applied) == 5:
             raise mlflow.exceptions.MlflowException("the store went away")
         applied.append(op["op"])
-        return real_apply(client, op, ids, folder)
+        return real_apply(client, op, ids, folder, **kw)
 
     monkeypatch.setattr(tracking, "_apply", server_gone_after_five)
     with pytest.raises(mlflow.exceptions.MlflowException):
@@ -343,3 +346,137 @@ def test_tracking_server_lost_mid_run(ray_cluster, tmp_path):
         assert snapshot() == after and len(client.search_model_versions("name = 'outage-student'")) == 1
     finally:
         end_group(server)
+
+
+# `moekd sync` that dies hard (os._exit, as a SIGKILL would leave it) at one point of the replay: after applying
+# spool line N and before saving its progress, or inside the student's write (before / right after registering it).
+SYNC_THAT_DIES = """
+import json, os, sys
+import mlflow
+from moekd_ray import tracking
+from moekd_ray.cli import main
+
+folder, uri, at = sys.argv[1:]
+apply, register = tracking._apply, mlflow.register_model
+if at.isdigit():
+    line = json.loads((tracking.Path(folder) / tracking.SPOOL).read_text().splitlines()[int(at)])
+
+    def apply_then_die(client, op, *args, **kw):
+        out = apply(client, op, *args, **kw)
+        if op == line:
+            os._exit(9)
+        return out
+
+    tracking._apply = apply_then_die
+elif at == "before-register":
+    mlflow.register_model = lambda *a, **kw: os._exit(9)
+else:  # after-register: the version exists, its evidence tags do not
+    mlflow.register_model = lambda *a, **kw: (register(*a, **kw), os._exit(9))
+sys.exit(main(["sync", folder, "--tracking-uri", uri]))
+"""
+
+
+def mlflow_state(client, experiment_id: str, model_name: str) -> dict:
+    """What a replay leaves in MLflow, comparable between two spools of the same writes: run ids (in tags too) as
+    run names, the spool keys and run folders left out, metric histories as (step, value) lists."""
+    runs = client.search_runs([experiment_id])
+    names = {r.info.run_id: r.info.run_name for r in runs}
+
+    def artifacts(run_id, path=None):
+        return sorted(x for a in client.list_artifacts(run_id, path)
+                      for x in (artifacts(run_id, a.path) if a.is_dir else [a.path]))
+
+    def tags(tags):
+        return {k: names.get(v, v) for k, v in tags.items() if k not in ("moekd.spool_key", "moekd.run_dir")}
+
+    return {
+        "runs": sorted((r.info.run_name, r.info.status, r.data.params, tags(r.data.tags), artifacts(r.info.run_id),
+                        {k: [(m.step, m.value) for m in client.get_metric_history(r.info.run_id, k)]
+                         for k in r.data.metrics}) for r in runs),
+        "versions": [(v.version, names.get(v.run_id), tags(v.tags))
+                     for v in client.search_model_versions(f"name = '{model_name}'")],
+        "logged models": len(client.search_logged_models([experiment_id])),
+    }
+
+
+def test_replay_killed_anywhere_applies_each_write_once(tmp_path, restore_tracking_uri):
+    """`moekd sync` is killed after applying a run creation, params, metrics, an artifact folder and the student's
+    write, each before its progress is saved, and inside the student's write before and after registering it; a
+    sync after each kill continues. Against a real `mlflow server`, the end state equals that of an uninterrupted
+    replay of the same writes: no run created twice, no metric point twice, one logged student, one version."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from moekd_ray import tracking
+    from moekd_ray.cli import main
+    from servers import LOOPBACK, ROOT, START_SERVER, end_group, free_port, save_tiny_student, start_group, wait_http
+
+    port = free_port()
+    uri = f"http://{LOOPBACK}:{port}"
+    server = start_group(["bash", str(START_SERVER)], tmp_path / "server.log",
+                         MOEKD_MLFLOW_DIR=str(tmp_path / "store"), MLFLOW_PORT=str(port))
+    try:
+        wait_http(f"{uri}/health", server, tmp_path / "server.log")
+        client = mlflow.MlflowClient(uri)
+        student = save_tiny_student(tmp_path / "student")
+        cfg = load_config(None, []).model_dump(mode="json")
+        folders = {}
+        for name in ("clean", "killed"):  # the same writes, spooled in an outage, for two experiments
+            folders[name] = tmp_path / name
+            experiment = client.create_experiment(name)
+            spool_a_run(folders[name], lambda _: None, experiment, (*student, cfg, f"{name}-student", {"f1": 0.5}))
+            (folders[name] / "config.yaml").write_text(f"mlflow:\n  tracking_uri: {uri}\n")
+
+        assert main(["sync", str(folders["clean"])]) == 0
+        lines = [json.loads(x) for x in (folders["killed"] / tracking.SPOOL).read_text().splitlines()]
+        first = {kind: next(n for n, op in enumerate(lines) if op["op"] == kind and (
+            kind != "artifact" or op["path"] == "tokenizers")) for kind in ("create", "params", "metrics", "artifact")}
+        model = next(n for n, op in enumerate(lines) if op["op"] == "model")
+        progress = folders["killed"] / "mlflow_spool.progress.json"
+        for at in [*sorted(first.values()), "before-register", "after-register", model]:
+            died = subprocess.run([sys.executable, "-c", SYNC_THAT_DIES, str(folders["killed"]), uri, str(at)],
+                                  cwd=ROOT, capture_output=True, text=True, timeout=600,
+                                  env={**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})
+            assert died.returncode == 9, (at, died.stdout + died.stderr[-3000:])
+            # the write it died in is the next one to replay
+            assert json.loads(progress.read_text())["done"] == (at if isinstance(at, int) else model), at
+        assert main(["sync", str(folders["killed"])]) == 0
+
+        clean, killed = (mlflow_state(client, client.get_experiment_by_name(name).experiment_id, f"{name}-student")
+                         for name in ("clean", "killed"))
+        assert len(clean["runs"]) == 3 and len(clean["versions"]) == 1 and clean["logged models"] == 1
+        assert killed == clean
+    finally:
+        end_group(server)
+
+
+def test_replay_killed_after_a_metrics_write_logs_no_point_twice(tmp_path, restore_tracking_uri, monkeypatch):
+    """A folder store (mlflow.tracking_uri may be one) keeps a point logged twice as two points, where a database
+    store drops the second: a sync killed right after a metrics write, rerun, must not log it again."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from moekd_ray import tracking
+    from moekd_ray.cli import main
+    from servers import ROOT
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 refuses a folder store without it
+    store, run_dir = f"file://{tmp_path / 'mlruns'}", tmp_path / "run"
+    spool_a_run(run_dir, lambda _: None)
+    (run_dir / "config.yaml").write_text(f"mlflow:\n  tracking_uri: {store}\n")
+    lines = [json.loads(x) for x in (run_dir / tracking.SPOOL).read_text().splitlines()]
+    at = next(n for n, op in enumerate(lines) if op["op"] == "metrics")
+    died = subprocess.run([sys.executable, "-c", SYNC_THAT_DIES, str(run_dir), store, str(at)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600, env=dict(os.environ))
+    assert died.returncode == 9, died.stdout + died.stderr[-3000:]
+    assert main(["sync", str(run_dir)]) == 0
+
+    client = mlflow.MlflowClient(store)
+    expert = client.search_runs(["0"], "attributes.run_name = 'expert_0'")
+    assert len(expert) == 1
+    history = client.get_metric_history(expert[0].info.run_id, "train_loss")
+    assert [(m.step, m.value) for m in history] == [(1, 0.7), (2, 0.5)]
