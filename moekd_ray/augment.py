@@ -14,9 +14,6 @@ function gets two). A copy is either
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
-
 import numpy as np
 
 from moekd_ray.attacks.identifiers import Identifiers
@@ -57,26 +54,6 @@ def renamed_variants(funcs: list[str], pool: list[str], ratio: float, seed: int,
             variants.append(ids.rename(dict(zip(ids.names, fresh))))
             source.append(i)
     return variants, np.asarray(source, dtype=np.int64)
-
-
-def adversarial_renamings(cfg, victim: str | Path, target: str, funcs: list[str], teacher: np.ndarray,
-                          pool: list[str], log=print) -> dict[int, str]:
-    """Attack-found renamings of the functions that get copies (seeded by `cfg.seed`), as {index: code}.
-
-    The victim (`attacks.victim.load_victim(victim, target)`, e.g. a run folder's "uniform" mean of its experts)
-    is attacked with `distill.augment_attack` for `distill.augment_budget` queries per function, the "true"
-    class being the soft targets' argmax; `attack.workers` Ray actors share the work."""
-    from moekd_ray.recipes.attack import attack_examples, format_summary, summarize  # the attack stage: Ray, MLflow
-
-    chosen = np.flatnonzero(copies_per_function(len(funcs), cfg.distill.augment_ratio, cfg.seed))
-    examples = [(int(i), funcs[i], int(teacher[i].argmax())) for i in chosen]
-    acfg = cfg.with_values({"attack.method": cfg.distill.augment_attack,
-                            "attack.query_budget": cfg.distill.augment_budget})
-    start = time.perf_counter()
-    rows = attack_examples(victim, target, acfg, examples, pool, log=lambda *_: None)
-    log(f"adversarial copies against the teachers ({target}): "
-        f"{format_summary(acfg.attack.method, summarize(rows, time.perf_counter() - start))}")
-    return {r["index"]: r["adversarial"] for r in rows if r["mapping"] != "{}"}
 
 
 def with_renamed_copies(enc: dict[str, np.ndarray], labels: np.ndarray, teacher: np.ndarray, funcs: list[str],

@@ -29,6 +29,7 @@ import torch
 
 from moekd_ray import ray_runtime, tracking
 from moekd_ray.attacks.identifiers import Identifiers, identifier_vocabulary
+from moekd_ray.augment import copies_per_function
 from moekd_ray.attacks.methods import ATTACKS, FLIP
 from moekd_ray.attacks.victim import BudgetedVictim, load_victim, resolve_victim
 from moekd_ray.config import AttackConfig, MoEKDConfig
@@ -256,3 +257,21 @@ def format_summary(method: str, s: dict) -> str:
             f"{s['skipped_no_identifiers']} without identifiers skipped); mean queries {s['mean_queries']:.1f}, "
             f"mean renamed {s['mean_renamed']:.2f}; accuracy {s['clean_accuracy']:.3f} -> robust "
             f"{s['robust_accuracy']:.3f}; {s['seconds']:.0f} s ({s['attacks_per_s']:.2f} attacks/s)")
+
+
+def adversarial_renamings(cfg, victim: str | Path, target: str, funcs: list[str], teacher: np.ndarray,
+                          pool: list[str], log=print) -> dict[int, str]:
+    """Attack-found renamings of the functions that get copies (seeded by `cfg.seed`), as {index: code}.
+
+    The victim (`attacks.victim.load_victim(victim, target)`, e.g. a run folder's "uniform" mean of its experts)
+    is attacked with `distill.augment_attack` for `distill.augment_budget` queries per function, the "true"
+    class being the soft targets' argmax; `attack.workers` Ray actors share the work."""
+    chosen = np.flatnonzero(copies_per_function(len(funcs), cfg.distill.augment_ratio, cfg.seed))
+    examples = [(int(i), funcs[i], int(teacher[i].argmax())) for i in chosen]
+    acfg = cfg.with_values({"attack.method": cfg.distill.augment_attack,
+                            "attack.query_budget": cfg.distill.augment_budget})
+    start = time.perf_counter()
+    rows = attack_examples(victim, target, acfg, examples, pool, log=lambda *_: None)
+    log(f"adversarial copies against the teachers ({target}): "
+        f"{format_summary(acfg.attack.method, summarize(rows, time.perf_counter() - start))}")
+    return {r["index"]: r["adversarial"] for r in rows if r["mapping"] != "{}"}

@@ -37,7 +37,7 @@ import ray.train
 import torch
 
 from moekd_ray import ray_runtime, tracking
-from moekd_ray.augment import adversarial_renamings, with_renamed_copies
+from moekd_ray.augment import with_renamed_copies
 from moekd_ray.config import METHODS, MoEKDConfig, dump_yaml
 from moekd_ray.errors import ConfigError
 from moekd_ray.data import dataset_hash, describe, load_devign
@@ -46,7 +46,7 @@ from moekd_ray.models import load_model, num_params, size_mb
 from moekd_ray.scoring import max_input_length
 from moekd_ray.partition import code_features, partition
 from moekd_ray.recipes.aggregate import expert_weights, fit_gate, load_soft_targets, save_soft_targets
-from moekd_ray.recipes.attack import attack_examples, format_summary, sample_examples, summarize
+from moekd_ray.recipes.attack import adversarial_renamings, attack_examples, format_summary, sample_examples, summarize
 from moekd_ray.recipes.distill import distill_trainer
 from moekd_ray.recipes.experts import expert_logits, expert_trainers
 from moekd_ray.recipes.pipeline import encode_for_experts, make_tokenizers

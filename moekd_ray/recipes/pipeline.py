@@ -20,7 +20,8 @@ from moekd_ray import console, progress, ray_runtime, tracking
 from moekd_ray.config import MoEKDConfig, NgramConfig, PretrainedConfig, dump_yaml, load_config
 from moekd_ray.errors import ConfigError
 from moekd_ray.attacks.identifiers import identifier_vocabulary
-from moekd_ray.augment import adversarial_renamings, with_renamed_copies
+from moekd_ray.augment import with_renamed_copies
+from moekd_ray.recipes.attack import adversarial_renamings, attack_model, format_summary, log_attack
 from moekd_ray.data import SPLITS, dataset_hash, describe, load_devign
 from moekd_ray.baseline import TfidfLR
 from moekd_ray.decision import decide_folder, decision_tags, load_decision, pick_threshold
@@ -190,8 +191,6 @@ def run_pipeline(cfg: MoEKDConfig, log=print, resume: str | None = None) -> Pipe
         student_row = next(r for r in rows if r["model"] == "student")
         tracker.log_metrics(headline_metrics(rows))  # on the parent run: runs sort and compare by these
         if cfg.attack.in_pipeline:
-            from moekd_ray.recipes.attack import attack_model, format_summary, log_attack
-
             with timer("attack"), tracker.stage(f"attack_{cfg.attack.method}"):
                 attack_rows, summary = attack_model(cfg, run_dir.resolve(), "student", "student", log)
                 log(format_summary(cfg.attack.method, summary))
