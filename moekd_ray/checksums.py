@@ -38,7 +38,8 @@ def _files(artifacts: dict[str, str]) -> dict[str, Path]:
     for name, location in sorted(artifacts.items()):
         root = Path(location)
         if root.is_dir():
-            found.update({f"{name}/{p.relative_to(root).as_posix()}": p for p in sorted(root.rglob("*")) if p.is_file()})
+            found.update({f"{name}/{p.relative_to(root).as_posix()}": p
+                          for p in sorted(root.rglob("*")) if p.is_file()})
         elif root.exists():
             found[name] = root
     return found
