@@ -34,6 +34,7 @@ from urllib.parse import quote
 from tree_sitter import Node, Query, QueryCursor
 
 from moekd_ray.c_parser import HEADERLESS, LANGUAGE, RETURN_TYPE, parse
+from moekd_ray.checksums import DamagedModel
 from moekd_ray.errors import ConfigError, DataError, TrackingError
 
 DEFAULT_MODEL = "models:/moekd-student@champion"
@@ -510,6 +511,8 @@ def load_model(uri: str, tracking_uri: str | None = None):
     try:
         with _quiet_loading():
             return mlflow.pyfunc.load_model(uri)
+    except DamagedModel as exc:  # (the file it names lies in a download folder: say which model it came from)
+        raise DamagedModel(f"--model {uri}: {exc}") from None
     except (mlflow.exceptions.MlflowException, OSError) as exc:
         reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"--model {uri}: cannot be loaded from {tracking_uri} ({reason}); "

@@ -3,7 +3,8 @@
 Input: C function sources as a list of strings, a single string, a pandas Series, or a DataFrame with a string
 column `func` (or a single column); over HTTP, {"inputs": [...]} or {"dataframe_split": ...}.
 Output: a DataFrame with `probability` = P(vulnerable) per function, in input order.
-Weights are safetensors and the tokenizer is a saved HF tokenizer: loading unpickles nothing.
+Weights are safetensors and the tokenizer is a saved HF tokenizer: loading unpickles nothing. Loading first checks
+every artifact file against the checksums recorded at registration (checksums.py): a damaged model is refused.
 """
 
 import mlflow
@@ -12,8 +13,10 @@ import pandas as pd
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 try:
+    from moekd_ray.checksums import verify
     from moekd_ray.scoring import Scorer
-except ImportError:  # served where moekd-ray is not installed: the copy logged with the model (code_paths)
+except ImportError:  # served where moekd-ray is not installed: the copies logged with the model (code_paths)
+    from checksums import verify
     from scoring import Scorer
 
 
@@ -44,6 +47,7 @@ def sources(model_input) -> list[str]:
 
 class StudentClassifier(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
+        verify(context.artifacts)  # before anything is read from them
         tokenizer = AutoTokenizer.from_pretrained(context.artifacts["tokenizer"])
         model = AutoModelForSequenceClassification.from_pretrained(context.artifacts["model"], use_safetensors=True)
         self.scorer = Scorer(model, tokenizer)

@@ -21,11 +21,13 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
+from moekd_ray.checksums import MANIFEST, write_manifest
 from moekd_ray.config import dump_yaml
 from moekd_ray.errors import TrackingError
 
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 SCORING_CODE = Path(__file__).with_name("scoring.py")  # logged beside it: a served model needs no moekd-ray
+CHECKSUMS_CODE = Path(__file__).with_name("checksums.py")  # likewise
 SPOOL = "mlflow_spool.jsonl"  # in the run folder: MLflow writes made while the tracking server was down
 # Tags a run created, or a student model logged, by a Tracker write with that write's key, so that a replay of the
 # write finds what an earlier attempt made instead of making a second one.
@@ -141,6 +143,7 @@ def log_student_model(model_dir: Path, tokenizer_dir: Path, config_tree: dict, r
     and model card (registry.py). Returns its model URI.
 
     The model is defined from code (pyfunc_model.py) and its weights are safetensors: nothing is pickled.
+    The sha256 of every artifact file is logged with it (checksums.py), and loading it checks them.
     The input column is unnamed, so a list of strings, a Series, a string and a `func` DataFrame all pass MLflow's
     schema check.
 
@@ -173,13 +176,15 @@ def _log_pyfunc(model_dir: Path, tokenizer_dir: Path, config_tree: dict, metrics
     with tempfile.TemporaryDirectory() as tmp:
         cfg_path = Path(tmp) / "config.yaml"
         cfg_path.write_text(dump_yaml(config_tree))
+        artifacts = {"model": str(model_dir), "tokenizer": str(tokenizer_dir), "config": str(cfg_path)}
+        write_manifest(artifacts, Path(tmp) / "checksums.json")
         return mlflow.pyfunc.log_model(
             name="student",
             python_model=str(PYFUNC_CODE),
-            artifacts={"model": str(model_dir), "tokenizer": str(tokenizer_dir), "config": str(cfg_path)},
+            artifacts={**artifacts, MANIFEST: str(Path(tmp) / "checksums.json")},
             signature=signature,
             input_example=["int f(char *s) { char b[8]; strcpy(b, s); return 0; }"],
-            code_paths=[str(SCORING_CODE)],
+            code_paths=[str(SCORING_CODE), str(CHECKSUMS_CODE)],
             pip_requirements=_requirements(),
             metadata={"metrics": {k: round(v, 4) for k, v in metrics.items()}},
             tags=tags,

@@ -103,7 +103,8 @@ def test_the_attacked_model_is_the_served_model(tmp_path, one_thread):
     assert np.ptp(served) > 0.05, served  # outputs that differ from function to function
     attacked = load_victim(folder, batch_size=5)(VARIED)
     assert np.array_equal(attacked.astype(np.float64), served)
-    # Served where moekd-ray is not installed: the model's own copy of the scorer (code_paths) is used.
+    # Served where moekd-ray is not installed: the model's own copies of the scorer and of the checksum check
+    # (code_paths) are used.
     script = ("import sys, json, mlflow, torch; torch.set_num_threads(1); sys.modules['moekd_ray'] = None; "
               f"m = mlflow.pyfunc.load_model({str(folder)!r}); "
               f"print(json.dumps(list(m.predict({VARIED!r})['probability'])))")

@@ -71,7 +71,7 @@ def test_versions_carry_their_evidence_and_model_card(versions):
 def test_versions_carry_signature_input_example_and_artifacts(versions, tmp_path):
     """What the MLflow UI shows of a version: its signature (an unnamed string column in, so a plain list of
     sources passes; `probability` out), an input example, and the student's tokenizer and resolved config as
-    artifacts."""
+    artifacts (and the checksums of every artifact file)."""
     cfg, uris = versions
     folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=uris[0], dst_path=str(tmp_path)))
     model = Model.load(str(folder))
@@ -83,7 +83,7 @@ def test_versions_carry_signature_input_example_and_artifacts(versions, tmp_path
     assert list(example) == [example[0]] and "strcpy" in example[0]  # a plain list of one source, as documented
     assert Model.load(uris[0]).signature == model.signature  # the same through the registry URI
     artifacts = model.flavors["python_function"]["artifacts"]
-    assert set(artifacts) == {"model", "tokenizer", "config"}
+    assert set(artifacts) == {"model", "tokenizer", "config", "checksums"}  # checksums: tests/test_damaged_model.py
     tokenizer = AutoTokenizer.from_pretrained(str(folder / artifacts["tokenizer"]["path"]))
     assert tokenizer("int f(void) { return 0; }")["input_ids"]
     assert (folder / artifacts["model"]["path"] / "model.safetensors").is_file()
