@@ -97,7 +97,7 @@ def test_moekd_run_console_is_short_and_its_mlflow_runs_readable(ray_cluster, tm
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     shown = done.stdout + done.stderr
     lines = [x for x in shown.replace("\r", "\n").split("\n") if x.strip()]  # status redraws count as lines too
-    final = shown.split("\n")
+    final = [x.rsplit("\r", 1)[-1] for x in shown.split("\n")]  # each line as it ends up on a terminal
     assert len(final) <= 41, shown  # the last "\n" leaves one empty piece
     table = final.index(next(x for x in final if x.startswith("model ")))
     assert all(len(x) <= 200 for x in lines if x not in final[table:]), shown
