@@ -55,11 +55,13 @@ class Result:
     failed: int = 0  # no 200 answer: HTTP error, timeout, broken connection
     wrong: int = 0  # a 200 answer that differs from the pyfunc's prediction
     seconds: float = 0.0  # from the first request sent to the last answer
+    start_seconds: float = 0.0  # from starting `mlflow models serve` to its first /ping answer
     latencies: list[float] = field(default_factory=list)  # seconds, of every 200 answer
     max_gap: float = 0.0  # the largest |P served - P pyfunc| seen in a readable answer
     rss_idle_mib: float = 0.0
     rss_peak_mib: float = 0.0
     listening: set[str] = field(default_factory=set)  # the addresses the server listened on
+    load_average: tuple[float, float] = (0.0, 0.0)  # this machine's 1-minute load average as the load starts, ends
     problems: list[str] = field(default_factory=list)  # what went wrong, first few
 
     def percentile_ms(self, q: float) -> float:
@@ -316,11 +318,13 @@ def benchmark(model_uri: str, tracking_uri: str, funcs: list[str], requests: int
     result, port = Result(), free_port()
     with tempfile.TemporaryDirectory() as tmp:
         log = log or Path(tmp) / "serve.log"
+        started = time.perf_counter()
         proc = start_server(model_uri, tracking_uri, port, workers, int(request_timeout_s), log)
         try:
             probs = reference(model_uri, funcs)  # while the server loads
             expected = [probs[r] for r in rows]
             wait_ping(port, proc, log, start_timeout_s)
+            result.start_seconds = time.perf_counter() - started
             result.listening = listening(proc.pid)
             if on_ready is not None:
                 on_ready(port, proc.pid)
@@ -329,12 +333,14 @@ def benchmark(model_uri: str, tracking_uri: str, funcs: list[str], requests: int
             if warmup.failed or warmup.wrong:
                 raise RuntimeError(f"the warm-up request failed: {warmup.problems[0]}\n{log.read_text()[-3000:]}")
             result.rss_idle_mib = tree_rss_bytes(proc.pid) / 2**20
+            before = os.getloadavg()[0]  # (other jobs on the machine weigh on the figures: say how many)
             sampler = PeakRss(proc.pid)
             sampler.start()
             try:
                 load(port, bodies, expected, concurrency, time_limit_s, request_timeout_s, tolerance, result)
             finally:
                 result.rss_peak_mib = sampler.stop() / 2**20
+                result.load_average = (before, os.getloadavg()[0])
         finally:
             stop_server(proc)
     return result
@@ -345,7 +351,8 @@ def report(r: Result, args: argparse.Namespace) -> str:
     lines = [
         f"{args.model}: {args.requests} requests of {args.batch} function(s) from {args.concurrency} clients, "
         f"{args.sample} {args.split} functions cycled, --format {args.format}, {args.workers} uvicorn worker(s)",
-        f"listening on: {', '.join(sorted(r.listening)) or 'unknown (no psutil)'}",
+        f"listening on: {', '.join(sorted(r.listening)) or 'unknown (no psutil)'}; answered /ping "
+        f"{r.start_seconds:.0f} s after starting",
         f"sent {r.sent} (not sent at the {args.time_limit:g} s limit: {r.not_sent}); answered {answered}; "
         f"failed {r.failed}; wrong {r.wrong} (largest |P served - P pyfunc|: {r.max_gap:.1e})",
         f"throughput: {answered / r.seconds:.2f} requests/s, {r.functions / r.seconds:.2f} functions/s "
@@ -354,7 +361,8 @@ def report(r: Result, args: argparse.Namespace) -> str:
         f"max {max(r.latencies, default=float('nan')) * 1e3:.0f} ms",
         f"server RSS (process tree): {r.rss_idle_mib:.0f} MiB idle after loading, {r.rss_peak_mib:.0f} MiB peak "
         "under load",
-        f"machine: {os.cpu_count()} CPUs, load average {' '.join(f'{x:.1f}' for x in os.getloadavg())} at the end",
+        f"machine: {os.cpu_count()} CPUs; 1-minute load average {r.load_average[0]:.1f} as the load started, "
+        f"{r.load_average[1]:.1f} as it ended",
     ]
     lines += [f"problem: {p}" for p in r.problems]
     return "\n".join(lines)
