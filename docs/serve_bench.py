@@ -36,7 +36,8 @@ import numpy as np
 
 from moekd_ray.config import DataConfig
 from moekd_ray.data import read_jsonl, resolve_data_dir, split_file, take_subset
-from moekd_ray.errors import ConfigError, DataError
+from moekd_ray.errors import ConfigError, DataError, TrackingError
+from moekd_ray.predict import load_model
 
 try:
     import psutil
@@ -108,13 +109,6 @@ def check_answer(body: bytes, expected: np.ndarray, tolerance: float) -> tuple[s
         return (f"probability differs at row {i} by {gap[i]:.2e}: {probs[i]:.9f} served, {expected[i]:.9f} "
                 "from the pyfunc"), float(gap[i])
     return None, float(gap.max())
-
-
-def reference(model_uri: str, funcs: list[str]) -> np.ndarray:
-    """The pyfunc's P(vulnerable) for each function, loaded and called as README's "Using the student" does."""
-    import mlflow
-
-    return mlflow.pyfunc.load_model(model_uri).predict(funcs)["probability"].to_numpy(dtype=np.float64)
 
 
 # ------------------------------------------------------------------------------------------ the server
@@ -306,13 +300,13 @@ def benchmark(model_uri: str, tracking_uri: str, funcs: list[str], requests: int
               on_ready=None) -> Result:
     """Serve `model_uri`, load it with the requests, stop it. `on_ready(port, pid)` is called once /ping answers
     (tests check what the server listens on)."""
-    import mlflow
-
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt}: must be one of {', '.join(FORMATS)}")
     if min(requests, concurrency, batch) < 1 or not funcs:
         raise ConfigError("--requests, --concurrency, --batch and --sample must each be at least 1")
-    mlflow.set_tracking_uri(tracking_uri)
+    # The pyfunc, loaded as README's "Using the student" does; a bad URI or store stops here, before any server starts
+    # (and before MLflow could create an empty sqlite store for the server).
+    model = load_model(model_uri, tracking_uri)
     rows = request_rows(len(funcs), requests, batch)
     bodies = [payload([funcs[j] for j in r], fmt) for r in rows]
     result, port = Result(), free_port()
@@ -321,7 +315,7 @@ def benchmark(model_uri: str, tracking_uri: str, funcs: list[str], requests: int
         started = time.perf_counter()
         proc = start_server(model_uri, tracking_uri, port, workers, int(request_timeout_s), log)
         try:
-            probs = reference(model_uri, funcs)  # while the server loads
+            probs = model.predict(funcs)["probability"].to_numpy(dtype=np.float64)  # while the server loads
             expected = [probs[r] for r in rows]
             wait_ping(port, proc, log, start_timeout_s)
             result.start_seconds = time.perf_counter() - started
@@ -391,7 +385,7 @@ def main() -> None:
         result = benchmark(args.model, args.tracking_uri, funcs, args.requests, args.concurrency, args.batch,
                            args.format, args.time_limit, args.request_timeout, args.start_timeout, args.workers,
                            args.tolerance)
-    except (ConfigError, DataError) as exc:
+    except (ConfigError, DataError, TrackingError, RuntimeError) as exc:
         sys.exit(f"serve_bench: error: {exc}")
     print(report(result, args))
     sys.exit(1 if result.failed or result.wrong or not result.latencies else 0)
