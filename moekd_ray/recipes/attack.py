@@ -27,7 +27,7 @@ import pandas as pd
 import ray
 import torch
 
-from moekd_ray import ray_runtime, tracking
+from moekd_ray import progress, ray_runtime, tracking
 from moekd_ray.attacks.identifiers import Identifiers, identifier_vocabulary
 from moekd_ray.augment import copies_per_function
 from moekd_ray.attacks.methods import ATTACKS, FLIP
@@ -101,22 +101,23 @@ def attack_examples(folder, target, cfg: MoEKDConfig, examples, pool, log=print)
     chunks = [examples[i : i + CHUNK] for i in range(0, len(examples), CHUNK)]
     rows: list[dict] = []
 
-    def progress():
+    def show():  # on the console's status line (the summary is the caller's line)
         done = [r for r in rows if r["status"] in ("success", "failed")]
         asr = sum(r["status"] == "success" for r in done) / max(len(done), 1)
-        log(f"attack {cfg.attack.method}: {len(rows)}/{len(examples)} functions, {len(done)} attacked, ASR {asr:.1%}")
+        progress.report(f"attack {cfg.attack.method}", len(rows), len(examples), "functions",
+                        f"{len(done)} attacked, ASR {asr:.1%}")
 
     if cfg.attack.workers == 1:
         worker = AttackWorker(*args)
         for chunk in chunks:
             rows += worker.attack(chunk)
-            progress()
+            show()
     else:
         actor = ray.remote(num_cpus=1)(AttackWorker)
         pool_ = ray.util.ActorPool([actor.remote(*args) for _ in range(cfg.attack.workers)])
         for result in pool_.map_unordered(lambda a, chunk: a.attack.remote(chunk), chunks):
             rows += result
-            progress()
+            show()
     return sorted(rows, key=lambda r: r["index"])
 
 

@@ -136,7 +136,8 @@ def run_benchmark(cfg: MoEKDConfig, log=print) -> BenchmarkResult:
                     copies[m] = {"renamed_copies": n, "attack_found_copies": len(adversarial or {})}
                 trainers.append(distill_trainer(
                     mcfg, {"train": train, "valid": enc["valid"]}, {"train": train_labels, "valid": labels["valid"]},
-                    teacher, f"{bench_dir.name}-{m}-s{seed}", ray_runtime.storage_path(cfg, bench_dir)))
+                    teacher, f"{bench_dir.name}-{m}-s{seed}", ray_runtime.storage_path(cfg, bench_dir),
+                    task=f"{m} seed {seed}"))
             results, _ = ray_runtime.fit_all(trainers)
             for (m, mcfg), result in zip(configs.items(), results):
                 tok, enc = encoded[m]

@@ -134,7 +134,7 @@ def distill_worker(config: dict) -> None:
 
     resumed_from = len(history)
     step = deepspeed_step(engine, config, sched, len(loader), resumed_from)
-    ticker = progress.Ticker("student", epochs * len(loader), enabled=ctx.get_world_rank() == 0)
+    ticker = progress.Ticker(config["task"], epochs * len(loader), enabled=ctx.get_world_rank() == 0)
     for epoch in range(resumed_from + 1, epochs + 1):
         if history and history[-1]["final"]:
             break  # stopped early before the restart
@@ -159,9 +159,10 @@ def distill_worker(config: dict) -> None:
 
 
 def distill_trainer(cfg: MoEKDConfig, enc: dict, labels: dict, teacher_probs: np.ndarray, name: str, storage: str,
-                    callbacks: list | None = None):
+                    callbacks: list | None = None, task: str = "student"):
     """The student's TorchTrainer (not yet fitted) on the transfer set (train split) with `teacher_probs` [N, 2]
-    softened at T. `enc`/`labels` values may be arrays or Ray ObjectRefs of them (Tune trials pass refs)."""
+    softened at T. `enc`/`labels` values may be arrays or Ray ObjectRefs of them (Tune trials pass refs). `task`:
+    its name on the console's status line."""
     train = {**enc["train"], "labels": labels["train"], "teacher": teacher_probs.astype(np.float32)}
     loop_config = {
         "arch": cfg.distill.arch().model_dump(),
@@ -176,6 +177,7 @@ def distill_trainer(cfg: MoEKDConfig, enc: dict, labels: dict, teacher_probs: np
         "train": ray.put(train),
         "valid": ray.put({**enc["valid"], "labels": labels["valid"]}),
         "name": "student",
+        "task": task,
         "fault_injection": cfg.ray.fault_injection,
         "fault_marker": str(Path(storage) / f"{name}.fault_injected"),
     }

@@ -36,7 +36,7 @@ from moekd_ray.metrics import axes, classification_metrics, finish
 from moekd_ray.models import build_model, load_model, num_params, size_mb
 from moekd_ray.recipes.attack import attack_trial_student, validation_sample
 from moekd_ray.recipes.distill import distill_trainer
-from moekd_ray.recipes.tune import source_run
+from moekd_ray.recipes.tune import TrialProgress, source_run
 from moekd_ray.tokenization import encode, train_bpe
 from moekd_ray.train_loop import latency_p50_ms, predict_logits, probs1
 
@@ -91,7 +91,8 @@ def run_student_trial(values: dict, base: dict, refs: dict) -> None:
     enc = {split: encode(tok, funcs[split], arch.max_length) for split in ("train", "valid")}
     tcfg = cfg.with_values({"distill.student_arch": arch.model_dump(), "distill.max_length": None})
     name = f"{refs['search_name']}-{tune.get_context().get_trial_id()}"
-    result = distill_trainer(tcfg, enc, labels, ray.get(refs["teacher"]), name, refs["storage"]).fit()
+    result = distill_trainer(tcfg, enc, labels, ray.get(refs["teacher"]), name, refs["storage"],
+                             task=f"trial {tune.get_context().get_trial_id()}").fit()
     last = ray_runtime.epoch_rows(result)[-1]
     folder = Path(refs["storage"]) / name / "student"
     outcome = attack_trial_student(result.checkpoint, folder, tok, cfg, refs["sample"], s.asr_attack, s.asr_budget)
@@ -124,7 +125,8 @@ def run_student_search(cfg: MoEKDConfig, log=print) -> StudentSearchResult:
     search = OptunaSearch(metric=list(OBJECTIVES), mode=list(OBJECTIVES.values()), seed=cfg.seed)
     trainable = tune.with_resources(tune.with_parameters(run_student_trial, base=cfg.model_dump(mode="json"),
                                                          refs=refs), {"cpu": ray_runtime.TRIAL_CPU})
-    tuner = tune.Tuner(trainable, param_space=space, run_config=tune.RunConfig(name=name, storage_path=storage),
+    tuner = tune.Tuner(trainable, param_space=space, run_config=tune.RunConfig(
+                           name=name, storage_path=storage, callbacks=[TrialProgress(s.num_samples)]),
                        tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(search, s.max_concurrent),
                                                    num_samples=s.num_samples))
     start = time.perf_counter()

@@ -32,7 +32,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from moekd_ray import ray_runtime, tracking
+from moekd_ray import progress, ray_runtime, tracking
 from moekd_ray.config import ChoiceDist, LogUniformDist, MoEKDConfig, load_config
 from moekd_ray.data import dataset_hash, load_devign
 from moekd_ray.errors import ConfigError
@@ -77,7 +77,8 @@ def run_trial(values: dict, base: dict, refs: dict) -> None:
     teacher = mixture_probs(torch.from_numpy(np.array(cache["expert_logits"])), weights, cfg.distill.temperature).numpy()
     name = f"{refs['search_name']}-{tune.get_context().get_trial_id()}"
     trainer = distill_trainer(cfg, ray.get(refs["enc"]), ray.get(refs["labels"]), teacher, name, refs["storage"],
-                              callbacks=[ObjectiveLater() if robust else TuneReportCallback()])
+                              callbacks=[ObjectiveLater() if robust else TuneReportCallback()],
+                              task=f"trial {tune.get_context().get_trial_id()}")
     result = trainer.fit()
     if robust:
         last = ray_runtime.epoch_rows(result)[-1]
@@ -135,8 +136,22 @@ def make_tuner(cfg: MoEKDConfig, trainable, name: str, storage: str) -> tune.Tun
         trainable,
         param_space=search_space(cfg),
         tune_config=tune.TuneConfig(scheduler=scheduler, search_alg=search, num_samples=t.num_samples, **by_tune),
-        run_config=tune.RunConfig(name=name, storage_path=storage),
+        run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=[TrialProgress(t.num_samples)]),
     )
+
+
+class TrialProgress(tune.Callback):
+    """Trials ended, on the console's status line (Tune's own trial table goes to the log file)."""
+
+    def __init__(self, total: int):
+        self.total, self.ended = total, 0
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.ended += 1
+        best = [t.last_result.get("val_f1") for t in trials if t.last_result.get("val_f1") is not None]
+        progress.report("trials", self.ended, self.total, "trials", f"best val F1 {max(best):.3f}" if best else "")
+
+    on_trial_error = on_trial_complete
 
 
 @dataclass
