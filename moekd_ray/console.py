@@ -184,8 +184,11 @@ class Console:
 def _stream_handlers() -> list[logging.StreamHandler]:
     loggers = [logging.getLogger()] + [lg for lg in logging.Logger.manager.loggerDict.values()
                                        if isinstance(lg, logging.Logger)]
+    # A handler whose stream is a read-only property (logging's last-resort handler) always writes to the
+    # current sys.stderr, the sink, anyway.
     return [h for lg in loggers for h in lg.handlers
-            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
+            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+            and not isinstance(getattr(type(h), "stream", None), property)]
 
 
 def _duration(seconds: float) -> str:
