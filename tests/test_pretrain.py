@@ -103,6 +103,7 @@ def pretrained(ray_cluster, tmp_path_factory):
         "name=pretrain-test", f"output_dir={tmp / 'runs'}", f"data.dir={data}", f"pretrain.arch={json.dumps(ENCODER)}",
         "pretrain.schedule.epochs=8", "pretrain.schedule.lr=5e-3", "pretrain.schedule.batch_size=16",
         "pretrain.holdout=0.1", "pretrain.resources.num_workers=2", "pretrain.resources.cpus_per_worker=0.9",
+        "ray.fault_injection=pretrain:30",  # rank 0 exits hard mid-epoch 3 (12 steps an epoch): Ray restarts it
         f"mlflow.tracking_uri=sqlite:///{tmp / 'mlruns.db'}",
         f"experts.models={json.dumps([{'source': 'pretrain'}, {'source': 'ngram', 'buckets': 1024}])}",
     ])
@@ -126,6 +127,9 @@ def test_pretraining_learns_the_code_and_is_logged(pretrained):
     print("held-out masked-LM loss", loss, "masked-token accuracy", accuracy)
     assert accuracy[-1] > accuracy[0] + 0.1 and accuracy[-1] > 0.25, accuracy  # measured: 0.10 -> 0.31
     assert runs[0].data.metrics["tokens_per_s"] > 0
+    # The killed worker's group restarted from the checkpoint of epoch 2 and finished the 8 epochs.
+    assert (encoder.parent / f"{encoder.parent.name}.fault_injected").read_text() == "killed at step 30"
+    assert runs[0].data.tags["moekd.resumed_from"] == "2"
     assert any("held out" in line for line in lines)
 
 
