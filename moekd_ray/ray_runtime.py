@@ -177,6 +177,17 @@ def report_epoch(metrics: dict, history: list[dict], save: Callable[[str], None]
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
+def saved_result(folder: Path):
+    """Driver side: the Ray Train run stored in `folder` as Ray recorded it, or None if it reported no checkpoint.
+    Its checkpoint is the latest one *reported*: a folder that a killed worker wrote but never reported is not
+    taken (it may be partly written; it is what a restart of that run redoes)."""
+    try:
+        result = ray.train.Result.from_path(str(folder))
+    except RuntimeError:  # no such folder, or nothing reported yet
+        return None
+    return result if result.checkpoint is not None else None
+
+
 def epoch_rows(result) -> list[dict]:
     """Driver side: the per-epoch metrics of a finished Ray Train run, from its latest checkpoint."""
     with result.checkpoint.as_directory() as folder:

@@ -62,9 +62,11 @@ def test_cross_fitted_experts_and_best_epoch(learned):
     cfg, result = learned
     import ray.train
 
-    from moekd_ray.recipes.pipeline import finished_experts
+    from moekd_ray.recipes.experts import by_expert, member_names
+    from moekd_ray.recipes.pipeline import finished_members
 
-    experts = finished_experts(cfg, result.run_dir)
+    finished = finished_members(cfg, result.run_dir)
+    experts = by_expert(cfg, [finished[m].checkpoint for names in member_names(cfg) for m in names])
     assert [len(m) for m in experts] == [2, 2]  # two fold models per expert
     for members in experts:
         for checkpoint in members:

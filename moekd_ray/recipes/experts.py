@@ -109,13 +109,15 @@ def member_names(cfg: MoEKDConfig) -> list[list[str]]:
 
 
 def expert_trainers(cfg: MoEKDConfig, enc: list[dict], labels: dict, parts: np.ndarray, name: str,
-                    storage: str) -> list:
-    """One TorchTrainer per expert and fold (not yet fitted), expert-major. enc[k] holds expert k's encoded splits
-    (its own tokenizer)."""
+                    storage: str, members: list[str] | None = None) -> list:
+    """One TorchTrainer per expert and fold (not yet fitted), expert-major; `members`: only those (by name, see
+    `member_names`). enc[k] holds expert k's encoded splits (its own tokenizer)."""
     trainers, folds = [], fold_of(len(labels["train"]), cfg.experts.folds, cfg.seed)
     for k, spec in enumerate(cfg.experts.specs()):
         valid = ray.put({**enc[k]["valid"], "labels": labels["valid"]})
         for f, member in enumerate(member_names(cfg)[k]):
+            if members is not None and member not in members:
+                continue
             keep = folds != f if cfg.experts.folds > 1 else None
             loop_config = {
                 "name": member,
@@ -134,12 +136,13 @@ def expert_trainers(cfg: MoEKDConfig, enc: list[dict], labels: dict, parts: np.n
     return trainers
 
 
-def train_experts(cfg: MoEKDConfig, enc: list[dict], labels: dict, parts: np.ndarray,
-                  run_dir: Path) -> tuple[list, list[float]]:
-    """Fit every expert (every fold model) concurrently; returns their Ray Train results (checkpoint + per-epoch
-    metrics) and the wall-clock time each run finished, flat and expert-major (see `member_names`)."""
+def train_experts(cfg: MoEKDConfig, enc: list[dict], labels: dict, parts: np.ndarray, run_dir: Path,
+                  members: list[str] | None = None) -> tuple[list, list[float]]:
+    """Fit every expert (every fold model; `members`: only those) concurrently; returns their Ray Train results
+    (checkpoint + per-epoch metrics) and the wall-clock time each run finished, flat and expert-major (see
+    `member_names`). A run that reported checkpoints before (an interrupted run, resumed) continues from its latest."""
     storage = ray_runtime.storage_path(cfg, run_dir)
-    return ray_runtime.fit_all(expert_trainers(cfg, enc, labels, parts, run_dir.name, storage))
+    return ray_runtime.fit_all(expert_trainers(cfg, enc, labels, parts, run_dir.name, storage, members))
 
 
 def by_expert(cfg: MoEKDConfig, flat: list) -> list[list]:

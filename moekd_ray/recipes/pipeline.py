@@ -7,14 +7,12 @@ evaluate -> register. One MLflow parent run, a nested run per stage and per expe
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
 import numpy as np
-import ray.train
 
 from moekd_ray import console, progress, ray_runtime, tracking
 from moekd_ray.config import MoEKDConfig, NgramConfig, PretrainedConfig, dump_yaml, load_config
@@ -107,21 +105,30 @@ def run_pipeline(cfg: MoEKDConfig, log=print, resume: str | None = None) -> Pipe
         soft_path = run_dir / "soft_targets.safetensors"
         targets = cached_soft_targets(soft_path, cfg, log) if resume else None
         with timer("experts"):
-            checkpoints = finished_experts(cfg, run_dir) if resume else None
-            if checkpoints is None:
-                results, finished_at = train_experts(cfg, enc_expert, labels, parts, run_dir)
-                members = [m for names in member_names(cfg) for m in names]
+            members = [m for names in member_names(cfg) for m in names]
+            results = finished_members(cfg, run_dir) if resume else {}
+            todo = [m for m in members if m not in results]
+            if todo:
+                if results:
+                    log(f"experts: {', '.join(results)} finished before the interruption (reused); training "
+                        f"{', '.join(todo)}, each from its latest reported checkpoint if it has one")
+                fitted, finished_at = train_experts(cfg, enc_expert, labels, parts, run_dir, todo)
+                finished = {m: ray_runtime.epoch_rows(r)[-1]["finished_at"] for m, r in results.items()}
+                results.update(zip(todo, fitted))
+                finished.update(zip(todo, finished_at))
+                # Every member's stage run (a killed driver logged none: they are logged once all have trained).
                 specs = [spec for spec in cfg.experts.specs() for _ in range(cfg.experts.folds)]
-                for member, spec, result, finished in zip(members, specs, results, finished_at):
-                    rows = ray_runtime.epoch_rows(result)
+                for member, spec in zip(members, specs):
+                    rows = ray_runtime.epoch_rows(results[member])
                     log(epoch_summary(member, rows))
-                    with tracker.stage(member, spec.model_dump(mode="json"), span=(rows[0]["started_at"], finished)):
+                    span = (rows[0]["started_at"], finished[member])  # the MLflow run spans the training
+                    with tracker.stage(member, spec.model_dump(mode="json"), span=span):
                         tracker.log_epochs(rows)
                         tracker.log_text(dump_yaml(spec.model_dump(mode="json")), "config.yaml")
                         tracker.log_table(rows, "epochs.json")
-                checkpoints = by_expert(cfg, [r.checkpoint for r in results])
             else:
                 timer.reused("experts")
+            checkpoints = by_expert(cfg, [results[m].checkpoint for m in members])
             if targets is None:
                 logits = expert_logits(cfg, checkpoints, enc_expert)
 
@@ -400,26 +407,16 @@ def saved_tokenizers(cfg: MoEKDConfig, run_dir: Path):
     return [toks[n] for n in names[:-1]], toks["student"]
 
 
-def finished_experts(cfg: MoEKDConfig, run_dir: Path) -> list[list] | None:
-    """Each expert's checkpoints (one per fold model) if every one finished training (all its epochs, or stopped
-    early); None if any must (re)train."""
-    checkpoints = []
-    for names in member_names(cfg):
-        members = []
-        for member in names:
-            done = None
-            for folder in sorted(p for p in run_dir.glob(f"ray/{run_dir.name}-{member}/checkpoint_*") if p.is_dir()):
-                try:
-                    history = json.loads((folder / ray_runtime.HISTORY_FILE).read_text())
-                except (OSError, ValueError):
-                    continue
-                if history and history[-1].get("final") and (folder / "model.safetensors").is_file():
-                    done = folder
-            if done is None:
-                return None
-            members.append(ray.train.Checkpoint.from_directory(str(done)))
-        checkpoints.append(members)
-    return checkpoints
+def finished_members(cfg: MoEKDConfig, run_dir: Path) -> dict:
+    """The Ray Train results, by member name (`member_names`), of the expert models whose run finished (all its
+    epochs, or stopped early), as Ray recorded them in the run's storage."""
+    storage = Path(ray_runtime.storage_path(cfg, run_dir))
+    done = {}
+    for member in (m for names in member_names(cfg) for m in names):
+        result = ray_runtime.saved_result(storage / f"{run_dir.name}-{member}")
+        if result is not None and ray_runtime.epoch_rows(result)[-1]["final"]:
+            done[member] = result
+    return done
 
 
 def cached_soft_targets(path: Path, cfg: MoEKDConfig, log) -> dict | None:
