@@ -172,7 +172,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.config}: valid (config digest {cfg.digest()}, {cfg.experts.k} experts, "
                   f"student {cfg.distill.student_arch and 'custom' or cfg.distill.student})")
             return 0
-        with Console(verbose=args.verbose) as console:
+        log_path = None if args.command == "run" else (  # `moekd run`: in its run folder, once it exists
+            Path(cfg.output_dir) / "logs" / f"{args.command}-{datetime.now():%Y%m%d-%H%M%S}.log")
+        with Console(verbose=args.verbose, log_when_working=log_path) as console:
             _run_driver(args, cfg, console)
         return 0
     except USER_ERRORS as exc:
@@ -183,12 +185,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run_driver(args, cfg: MoEKDConfig, console: Console) -> None:
-    """A long-running command, its output through the console. `moekd run` keeps its full log in its run folder;
-    the other drivers in <output_dir>/logs/."""
-    if args.command != "run":
-        path = Path(cfg.output_dir) / "logs" / f"{args.command}-{datetime.now():%Y%m%d-%H%M%S}.log"
-        console.attach_log(path)
-        console.say(f"full log: {path}")
+    """A long-running command, its output through the console."""
     if args.command == "pretrain":
         from moekd_ray.recipes.pretrain import pretrain_encoder
 

@@ -52,8 +52,12 @@ class _Sink(io.TextIOBase):
 
 
 class Console:
-    def __init__(self, verbose: bool = False, stream=None, redraw_every: float | None = None):
+    def __init__(self, verbose: bool = False, stream=None, redraw_every: float | None = None,
+                 log_when_working: Path | None = None):
+        """`log_when_working`: the log file to open once work starts (the first progress marker) or the command
+        ends well, so that a command refused by its checks writes nothing."""
         self.out = stream or sys.stdout
+        self.log_when_working = log_when_working
         self.verbose = verbose
         tty = getattr(self.out, "isatty", lambda: False)()
         # In place on a terminal; into a file or pipe a redraw is bytes, not a new line, but keep them rarer.
@@ -113,6 +117,7 @@ class Console:
 
     # ------------------------------------------------------------------ the status line
     def _update(self, fields: dict) -> None:
+        self._open_deferred_log()
         now = time.monotonic()
         if "stage" in fields:
             self.stage = f"[{fields['index']}/{fields['count']}] {fields['stage']}" if fields["stage"] else ""
@@ -148,6 +153,13 @@ class Console:
             self.shown = line
         self.drawn_at = now
 
+    def _open_deferred_log(self) -> None:
+        if self.log_when_working is not None and self.log_file is None:
+            path, self.log_when_working = self.log_when_working, None
+            self.attach_log(path)
+            self._clear()
+            self.out.write(f"full log: {path}\n")
+
     def _clear(self) -> None:
         if self.shown:
             self.out.write("\r" + " " * len(self.shown) + "\r")
@@ -167,10 +179,12 @@ class Console:
         _active = self
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         global _active
         real_out, real_err, handlers = self.saved
         with self.lock:
+            if exc_type is None:
+                self._open_deferred_log()
             self._clear()
             sys.stdout, sys.stderr = real_out, real_err
             for h, stream in handlers:
