@@ -92,10 +92,10 @@ def test_moekd_run_console_is_short_and_its_mlflow_runs_readable(ray_cluster, tm
             "mlflow": {"tracking_uri": f"sqlite:///{store}", "registered_model": "console-student"}}
     path = tmp_path / "console.yaml"
     path.write_text(yaml.safe_dump(tree))
-    done = subprocess.run([sys.executable, "-m", "moekd_ray.cli", "run", str(path)], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "moekd_ray.cli", "run", str(path)], capture_output=True,
                           timeout=800, env={**os.environ, "PYTHONWARNINGS": "default"})
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    shown = done.stdout + done.stderr
+    shown = (done.stdout + done.stderr).decode()  # bytes: text mode would turn the status line's "\r" into lines
+    assert done.returncode == 0, shown[-4000:]
     lines = [x for x in shown.replace("\r", "\n").split("\n") if x.strip()]  # status redraws count as lines too
     final = [x.rsplit("\r", 1)[-1] for x in shown.split("\n")]  # each line as it ends up on a terminal
     assert len(final) <= 41, shown  # the last "\n" leaves one empty piece
