@@ -21,7 +21,6 @@ import argparse
 import http.client
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -38,6 +37,7 @@ from moekd_ray.config import DataConfig
 from moekd_ray.data import read_jsonl, resolve_data_dir, split_file, take_subset
 from moekd_ray.errors import ConfigError, DataError, TrackingError
 from moekd_ray.predict import load_model
+from moekd_ray.process_group import end_group
 
 try:
     import psutil
@@ -143,26 +143,8 @@ def wait_ping(port: int, proc: subprocess.Popen, log: Path, timeout_s: float) ->
                        f"(--start-timeout):\n{log.read_text()[-3000:]}")
 
 
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 def stop_server(proc: subprocess.Popen) -> None:
-    """SIGTERM to the server's process group, SIGKILL if any of it is left after 20 s."""
-    for sig, grace_s in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
-        if not _group_alive(proc.pid):
-            return
-        os.killpg(proc.pid, sig)
-        deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline:
-            proc.poll()  # reap the leader: a zombie leader keeps the group alive
-            if not _group_alive(proc.pid):
-                return
-            time.sleep(0.2)
+    end_group(proc)
 
 
 def _proc_children() -> dict[int, list[int]]:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
+
+from moekd_ray import process_group
+
+group_alive, end_group = process_group.group_alive, process_group.end_group  # one copy, shared with docs/
 
 ROOT = Path(__file__).resolve().parents[1]
 START_SERVER = ROOT / "mlflow" / "start_server.sh"
@@ -42,29 +46,6 @@ def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = HE
         except OSError:
             time.sleep(0.5)
     raise AssertionError(f"no answer from {url} in {timeout_s} s:\n{log.read_text()[-3000:]}")
-
-
-def group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def end_group(proc: subprocess.Popen) -> None:
-    """End the process group this test started (mlflow starts uvicorn and helpers; a signal to mlflow alone
-    leaves helpers behind): SIGTERM, then SIGKILL if any member is left after 20 s."""
-    for sig, grace_s in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
-        if not group_alive(proc.pid):
-            return
-        os.killpg(proc.pid, sig)
-        deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline:
-            proc.poll()  # reap the leader: a zombie leader keeps the group alive
-            if not group_alive(proc.pid):
-                return
-            time.sleep(0.2)
 
 
 def start_group(cmd: list[str], log: Path, **env: str) -> subprocess.Popen:
@@ -126,3 +107,26 @@ def save_tiny_student(folder: Path, seed: int = 0, head_scale: float = 1.0) -> t
     model.save_pretrained(str(model_dir), safe_serialization=True)
     tokenizer.save_pretrained(str(tok_dir))
     return model_dir, tok_dir
+
+
+@contextlib.contextmanager
+def registered_tiny_student(folder: Path, name: str, **student):
+    """A tiny student (`save_tiny_student(folder, **student)`) logged with tracking.log_student_model and registered
+    as `name` v1 in a sqlite store of its own under `folder` (artifacts in `folder`/artifacts), which is the tracking
+    URI while inside. Yields (model URI, tracking URI, the student's model folder, its tokenizer folder)."""
+    import mlflow
+
+    from moekd_ray.tracking import log_student_model
+
+    model_dir, tok_dir = save_tiny_student(folder, **student)
+    tracking_uri = f"sqlite:///{folder}/mlruns.db"
+    old = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        # (an experiment of its own: the default one would put artifacts in ./mlruns of the working directory)
+        experiment = mlflow.create_experiment(name, artifact_location=(folder / "artifacts").as_uri())
+        with mlflow.start_run(experiment_id=experiment):
+            uri = log_student_model(model_dir, tok_dir, {}, name, {"test_f1": 0.5})
+        yield uri, tracking_uri, model_dir, tok_dir
+    finally:
+        mlflow.set_tracking_uri(old)

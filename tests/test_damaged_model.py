@@ -16,7 +16,7 @@ import pytest
 
 from moekd_ray.checksums import DamagedModel
 from moekd_ray.cli import main
-from servers import LOOPBACK, free_port, save_tiny_student, start_group, wait_http
+from servers import LOOPBACK, free_port, registered_tiny_student, start_group, wait_http
 
 NAME = "damaged-test"
 FUNCS = ["int f(char *buf, int n) { int k = 3; if (n > k) memcpy(buf, \"x\", n); return k; }",
@@ -29,20 +29,9 @@ def student(tmp_path, one_thread, monkeypatch):
     the store (what a damaged store would damage)."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("MOEKD_DEBUG", raising=False)
-    from moekd_ray.tracking import log_student_model
-
-    model_dir, tok_dir = save_tiny_student(tmp_path / "src", head_scale=1e4)
-    tracking_uri = f"sqlite:///{tmp_path}/mlruns.db"
-    old = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(tracking_uri)
-    try:
-        experiment = mlflow.create_experiment(NAME, artifact_location=(tmp_path / "store").as_uri())
-        with mlflow.start_run(experiment_id=experiment):
-            uri = log_student_model(model_dir, tok_dir, {}, NAME, {"test_f1": 0.5})
-        [files] = (tmp_path / "store").glob("models/*/artifacts/artifacts")
+    with registered_tiny_student(tmp_path, NAME, head_scale=1e4) as (uri, tracking_uri, model_dir, tok_dir):
+        [files] = (tmp_path / "artifacts").glob("models/*/artifacts/artifacts")
         yield SimpleNamespace(uri=uri, tracking_uri=tracking_uri, files=files, model_dir=model_dir, tok_dir=tok_dir)
-    finally:
-        mlflow.set_tracking_uri(old)
 
 
 def truncate_weights(files: Path) -> Path:

@@ -21,7 +21,7 @@ import pytest
 
 from moekd_ray.cli import main
 from moekd_ray.predict import extract_functions, predict
-from servers import save_tiny_student
+from servers import registered_tiny_student, save_tiny_student
 
 SCHEMA = Path(__file__).with_name("data") / "sarif-schema-2.1.0.json"
 # README, "Scanning code": the tiny test student's 1,000-function scan stays under 1.5 GiB (589 MiB alone; up to
@@ -43,24 +43,12 @@ def student(tmp_path_factory, one_thread):
     (alias @champion) in a sqlite store; also downloaded as a local model folder."""
     import mlflow
 
-    from moekd_ray.tracking import log_student_model
-
     tmp = tmp_path_factory.mktemp("predict_student")
-    model_dir, tok_dir = save_tiny_student(tmp)
-    tracking_uri = f"sqlite:///{tmp}/mlruns.db"
-    old = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(tracking_uri)
-    try:
-        # (an experiment of its own: the default one would put artifacts in ./mlruns of the working directory)
-        experiment = mlflow.create_experiment("predict-test", artifact_location=(tmp / "artifacts").as_uri())
-        with mlflow.start_run(experiment_id=experiment):
-            uri = log_student_model(model_dir, tok_dir, {}, "predict-test", {"test_f1": 0.5})
+    with registered_tiny_student(tmp, "predict-test") as (uri, tracking_uri, _, _):
         mlflow.MlflowClient().set_registered_model_alias("predict-test", "champion", "1")
         folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp / "local")))
         loaded = mlflow.pyfunc.load_model(uri)
         yield SimpleNamespace(uri=uri, tracking_uri=tracking_uri, folder=folder, model=loaded)
-    finally:
-        mlflow.set_tracking_uri(old)
 
 
 def direct(student, sources: list[str]) -> list[float]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from servers import LOOPBACK, group_alive, listening_addresses, save_tiny_student
+from servers import LOOPBACK, group_alive, listening_addresses, registered_tiny_student
 from synthetic import write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,23 +37,10 @@ def served(tmp_path_factory):
     Its output layer is scaled by 100: enough to spread its probabilities (by ~4e-4) far beyond the 1e-6 tolerance,
     not so much that it blows float rounding up past it. (This process keeps torch's default thread count, as the
     server does: scaled by 1e4, one thread here against two there already gave answers 9e-6 apart.)"""
-    import mlflow
-
-    from moekd_ray.tracking import log_student_model
-
     tmp = tmp_path_factory.mktemp("serving")
-    model_dir, tok_dir = save_tiny_student(tmp, head_scale=100)
-    tracking_uri = f"sqlite:///{tmp}/mlruns.db"
-    old = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(tracking_uri)
-    try:
-        experiment = mlflow.create_experiment("serve-test", artifact_location=(tmp / "artifacts").as_uri())
-        with mlflow.start_run(experiment_id=experiment):
-            uri = log_student_model(model_dir, tok_dir, {}, "serve-test", {"test_f1": 0.5})
+    with registered_tiny_student(tmp, "serve-test", head_scale=100) as (uri, tracking_uri, _, _):
         funcs = bench.sample_functions(str(write_dataset(tmp / "data", n_train=8, n_eval=40)), "test", 12, seed=0)
         yield uri, tracking_uri, funcs
-    finally:
-        mlflow.set_tracking_uri(old)
 
 
 def test_served_student_answers_concurrent_clients_exactly(served, tmp_path):
