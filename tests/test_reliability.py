@@ -305,22 +305,23 @@ def run_folder_of(log: Path) -> tuple[Path, str]:
 
 
 def test_driver_killed_mid_experts_and_mid_distillation_resumes(ray_cluster, drivers, tmp_path):
-    """`moekd run`'s driver is SIGKILLed in the middle of the experts stage (expert_0 has finished, expert_1 is
+    """`moekd run`'s driver is SIGKILLed in the middle of the experts stage (one expert has finished, the other is
     between checkpoints), and its `--resume` in the middle of distillation (the student between checkpoints); a
-    second `--resume` finishes the run on the same MLflow run. Reused: the tokenizers; expert_0 (its Ray Train run
-    is not started again), then both experts; the soft targets. Resumed from the latest checkpoint Ray registered:
-    expert_1's run, then the student's (the epochs after it are redone). Redone: encoding, partition, and what the
-    interrupted stages had not finished."""
+    second `--resume` finishes the run on the same MLflow run. Reused: the tokenizers; the finished expert (its Ray
+    Train run is not started again), then both experts; the soft targets. Resumed from the latest checkpoint Ray
+    registered: the other expert's run, then the student's (the epochs after it are redone). Redone: encoding,
+    partition, and what the interrupted stages had not finished."""
     import mlflow
     import yaml
 
     from moekd_ray.recipes.pipeline import run_pipeline
 
     tiny = yaml.safe_load(TINY)
-    experts_epochs, student_epochs = [1, 8], 4  # expert_1 runs long enough to be caught mid-run
+    # Whichever expert finishes first, the other is caught between checkpoints (their starts can be seconds apart).
+    experts_epochs, student_epochs = {"expert_0": 4, "expert_1": 8}, 4
     tree = {"name": "killed", "output_dir": str(tmp_path / "runs"), "data": {"train_rows": 128, "eval_rows": 32},
             "experts": {"k": 2, "model": tiny,
-                        "schedules": [{"epochs": e, "batch_size": 8} for e in experts_epochs]},
+                        "schedules": [{"epochs": e, "batch_size": 8} for e in experts_epochs.values()]},
             "router": {"epochs": 5}, "distill": {"student_arch": tiny,
                                                  "schedule": {"epochs": student_epochs, "batch_size": 16}},
             "ray": {"address": ray_cluster.get_runtime_context().gcs_address},
@@ -334,17 +335,17 @@ def test_driver_killed_mid_experts_and_mid_distillation_resumes(ray_cluster, dri
     folder, run_id = run_folder_of(log1)
     runs = {name: folder / "ray" / f"{folder.name}-{name}" for name in ("expert_0", "expert_1", "student")}
 
-    def expert_1_mid_run():
-        e0, e1 = reported(runs["expert_0"]), reported(runs["expert_1"])
-        assert not (e1 and e1["final"] and not (e0 and e0["final"])), "expert_1 finished before expert_0"
-        return e0 and e0["final"] and e1 and not e1["final"]
+    def one_finished_one_mid_run():
+        states = [reported(runs[name]) for name in experts_epochs]
+        return all(states) and sorted(s["final"] for s in states) == [0, 1]
 
-    kill_driver_when(driver, log1, expert_1_mid_run, "expert_0 finished and expert_1 mid-run")
-    expert_1_at = reported(runs["expert_1"])["epoch"]
-    assert 1 <= expert_1_at < experts_epochs[1]
+    kill_driver_when(driver, log1, one_finished_one_mid_run, "an expert finished and the other mid-run")
+    done, mid = sorted(experts_epochs, key=lambda name: -reported(runs[name])["final"])
+    mid_at = reported(runs[mid])["epoch"]
+    assert reported(runs[done])["final"] and 1 <= mid_at < experts_epochs[mid]
     assert "experts ran in" not in log1.read_text()
-    expert_0 = sorted(runs["expert_0"].rglob("*"))
-    stamps_0 = {p: p.stat().st_mtime_ns for p in expert_0}
+    finished_files = sorted(runs[done].rglob("*"))
+    stamps_done = {p: p.stat().st_mtime_ns for p in finished_files}
 
     # 2. resumed, and killed in the middle of distillation
     log2 = tmp_path / "driver2.log"
@@ -355,12 +356,12 @@ def test_driver_killed_mid_experts_and_mid_distillation_resumes(ray_cluster, dri
     student_at = reported(runs["student"])["epoch"]
     assert 1 <= student_at < student_epochs
     text = log2.read_text()
-    assert "expert_0 finished before the interruption (reused); training expert_1" in text, text[-3000:]
+    assert f"{done} finished before the interruption (reused); training {mid}" in text, text[-3000:]
     assert "tokenizers reused in" in text and " experts ran in " in text
-    assert sorted(runs["expert_0"].rglob("*")) == expert_0  # expert_0: no new checkpoint, nothing rewritten
-    assert {p: p.stat().st_mtime_ns for p in expert_0} == stamps_0
-    rows_1 = ray_runtime.epoch_rows(ray_runtime.saved_result(runs["expert_1"]))
-    assert [r["resumed_from"] for r in rows_1] == [0] * expert_1_at + [expert_1_at] * (experts_epochs[1] - expert_1_at)
+    assert sorted(runs[done].rglob("*")) == finished_files  # the finished expert: no new checkpoint, none rewritten
+    assert {p: p.stat().st_mtime_ns for p in finished_files} == stamps_done
+    mid_rows = ray_runtime.epoch_rows(ray_runtime.saved_result(runs[mid]))
+    assert [r["resumed_from"] for r in mid_rows] == [0] * mid_at + [mid_at] * (experts_epochs[mid] - mid_at)
     experts = sorted(p for name in ("expert_0", "expert_1") for p in runs[name].rglob("*"))
     stamps = {p: p.stat().st_mtime_ns for p in experts}
     assert (folder / "soft_targets.safetensors").is_file() and not (folder / "student").exists()
@@ -387,7 +388,7 @@ def test_driver_killed_mid_experts_and_mid_distillation_resumes(ray_cluster, dri
 
     # each expert logged once, by the driver that finished the stage; the student by the one that finished it
     assert sorted(r.info.run_name for r in children if r.info.run_name.startswith("expert_")) == ["expert_0", "expert_1"]
-    assert history("expert_0") == [0] and history("expert_1") == [r["resumed_from"] for r in rows_1]
+    assert history(done) == [0] * experts_epochs[done] and history(mid) == [r["resumed_from"] for r in mid_rows]
     assert history("distill") == [r["resumed_from"] for r in rows]
 
 
