@@ -383,13 +383,13 @@ def test_driver_killed_mid_experts_and_mid_distillation_resumes(ray_cluster, dri
     children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'")
     finished = {r.info.run_name: r.info.run_id for r in children if r.info.status == "FINISHED"}
 
-    def history(name, key="resumed_from"):
-        return [m.value for m in sorted(client.get_metric_history(finished[name], key), key=lambda m: m.step)]
+    def resumed_from(name):  # a Ray Train run's restart point is a tag of its MLflow run (its epochs are above)
+        return next(r for r in children if r.info.run_id == finished[name]).data.tags["moekd.resumed_from"]
 
     # each expert logged once, by the driver that finished the stage; the student by the one that finished it
     assert sorted(r.info.run_name for r in children if r.info.run_name.startswith("expert_")) == ["expert_0", "expert_1"]
-    assert history(done) == [0] * experts_epochs[done] and history(mid) == [r["resumed_from"] for r in mid_rows]
-    assert history("distill") == [r["resumed_from"] for r in rows]
+    assert resumed_from(done) == "0" and resumed_from(mid) == str(mid_rows[-1]["resumed_from"])
+    assert resumed_from("distill") == str(rows[-1]["resumed_from"])
 
 
 def spool_a_run(run_dir, log, experiment_id="0", student=None):
