@@ -352,6 +352,9 @@ class StageTimer:
         progress.stage(None)
         self.log(f"[{place}] {name} {self.status[name]} in {_duration(self.seconds[name])}")
 
+    def reused(self, name):
+        self.status[name] = "reused"
+
 
 def _duration(seconds: float) -> str:
     return f"{seconds:.1f} s" if seconds < 60 else f"{int(seconds // 60)} min {seconds % 60:.0f} s"
@@ -365,7 +368,8 @@ def headline_metrics(rows: list[dict]) -> dict[str, float]:
     picked = {"student": by_name["student"], "mixture": by_name["mixture"],
               "best_expert": max(experts, key=lambda r: r["valid_accuracy"]), "reference": by_name.get("tfidf-lr")}
     out = {f"{name}_{k}": row[k] for name, row in picked.items() if row for k in ("test_accuracy", "test_f1")}
-    out.update({"student_size_mb": by_name["student"]["size_mb"], "student_functions_per_s": by_name["student"]["functions_per_s"]})
+    student = by_name["student"]
+    out.update({"student_size_mb": student["size_mb"], "student_functions_per_s": student["functions_per_s"]})
     return out
 
 
@@ -374,9 +378,6 @@ def epoch_summary(name: str, rows: list[dict]) -> str:
     best = next((r for r in rows if r["epoch"] == rows[-1]["best_epoch"]), rows[-1])
     return (f"{name}: epoch {best['epoch']} of {len(rows)} kept, val acc {best['val_accuracy']:.3f} "
             f"f1 {best['val_f1']:.3f} auc {best['val_auc']:.3f}")
-
-    def reused(self, name):
-        self.status[name] = "reused"
 
 
 # ------------------------------------------------------------------------------------------------- resume
