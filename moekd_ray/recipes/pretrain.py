@@ -179,7 +179,8 @@ def pretrain_worker(config: dict) -> None:
         engine.load_checkpoint(str(restored / ray_runtime.DEEPSPEED_DIR), tag=DEEPSPEED_TAG)
     best_state = (RobertaForMaskedLM.from_pretrained(str(restored), use_safetensors=True).state_dict()
                   if restored and ctx.get_world_rank() == 0 else None)
-    best = BestEpoch(sched.keep_best_by, sched.patience, history)
+    # The reported rows name the held-out loss val_mlm_loss; BestEpoch compares val_loss (as it is updated below).
+    best = BestEpoch(sched.keep_best_by, sched.patience, [{**r, "val_loss": r["val_mlm_loss"]} for r in history])
     train, held_out = MaskedFunctions(corpus, **masked), MaskedFunctions(holdout, **masked)  # held out: epoch 0 masks
     loader = ray.train.torch.prepare_data_loader(DataLoader(
         train, batch_size=sched.batch_size, shuffle=True, generator=torch.Generator().manual_seed(config["seed"])))
