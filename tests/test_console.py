@@ -121,7 +121,9 @@ def test_moekd_run_console_is_short_and_its_mlflow_runs_readable(ray_cluster, tm
             with urllib.request.urlopen(request, timeout=30) as response:
                 return json.loads(response.read())
 
-        runs = post("runs/search", {"experiment_ids": ["0"], "max_results": 500})["runs"]
+        experiment = json.loads(urllib.request.urlopen(
+            f"{api}/experiments/get-by-name?experiment_name=moekd", timeout=30).read())["experiment"]["experiment_id"]
+        runs = post("runs/search", {"experiment_ids": [experiment], "max_results": 500})["runs"]
         tags = {r["info"]["run_id"]: {t["key"]: t["value"] for t in r["data"].get("tags", [])} for r in runs}
         metrics = {r["info"]["run_id"]: {m["key"]: m["value"] for m in r["data"].get("metrics", [])} for r in runs}
 
