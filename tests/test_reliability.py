@@ -587,7 +587,7 @@ def test_tracking_server_lost_mid_run(ray_cluster, tmp_path):
         assert {"tokenizers", "partition", "expert_0", "expert_1", "router", "distill", "evaluate"} <= set(children)
         assert all(r.info.status == "FINISHED" for r in children.values())
         assert len(client.get_metric_history(children["distill"].info.run_id, "train_loss")) == 2
-        assert {"confusion_student_test.png", "results.json"} <= {
+        assert {"model_comparison.png", "results.json"} <= {
             a.path for a in client.list_artifacts(children["evaluate"].info.run_id)}
         version = client.get_model_version("outage-student", "1")
         assert version.run_id == run_id and version.tags["moekd.source_run"] == run_id
