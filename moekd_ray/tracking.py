@@ -421,6 +421,8 @@ def _apply(client: mlflow.MlflowClient, op: dict, ids: dict[str, str], run_dir: 
     elif kind == "figure":
         client.log_figure(run, op["figure"], op["artifact_file"])
     elif kind == "model":  # mlflow.pyfunc.log_model logs into the active run
+        # start_run refuses a run of another experiment than the process's active one (set by an earlier command)
+        mlflow.set_experiment(experiment_id=client.get_run(run).info.experiment_id)
         mlflow.start_run(run_id=run)
         try:
             return log_student_model(Path(run_dir or "", op["model_dir"]), Path(run_dir or "", op["tokenizer_dir"]),

@@ -165,10 +165,15 @@ class WorkerKiller(threading.Thread):
         self.run_folder, self.epochs, self.random_kills, self.epoch_s = run_folder, epochs, random_kills, epoch_s
         self.rng, self.at_window = random.Random(seed), at_window
         self.restarts, self.delays, self.unreported, self.error = [], [], [], None
+        # Actors of earlier tests in this session's cluster may still be alive: never this run's.
+        self.stale = set(alive_pids("RayTrainWorker")) | set(alive_pids("TrainController"))
+
+    def workers(self) -> list[int]:
+        return [p for p in alive_pids("RayTrainWorker") if p not in self.stale]
 
     def run(self):
         try:
-            pid = wait_for(lambda: alive_pids("RayTrainWorker"), "the worker")[0]
+            pid = wait_for(self.workers, "the worker")[0]
             for _ in range(self.random_kills):
                 seen = checkpoint_folders(self.run_folder)
                 wait_for(lambda: checkpoint_folders(self.run_folder) != seen, "a checkpoint")
@@ -182,7 +187,7 @@ class WorkerKiller(threading.Thread):
             self.error = exc
 
     def kill_between_write_and_report(self, pid: int) -> None:
-        controller = alive_pids("TrainController")
+        controller = [p for p in alive_pids("TrainController") if p not in self.stale]
         assert len(controller) == 1, controller
         wait_for(lambda: (reported(self.run_folder) or {"epoch": 0})["epoch"] >= self.epochs - 2, "the reports")
         os.kill(controller[0], signal.SIGSTOP)
@@ -200,8 +205,7 @@ class WorkerKiller(threading.Thread):
 
     def restarted(self, old_pid: int) -> int:
         """The restarted worker's PID, once it is up; records the epoch it resumed from."""
-        pid = wait_for(lambda: [p for p in alive_pids("RayTrainWorker") if p != old_pid], "a restarted worker",
-                       poll_s=0.1)[0]
+        pid = wait_for(lambda: [p for p in self.workers() if p != old_pid], "a restarted worker", poll_s=0.1)[0]
         self.restarts.append((reported(self.run_folder) or {"epoch": 0})["epoch"])
         return pid
 
