@@ -98,6 +98,9 @@ def build_parser() -> Parser:
     p = sub.add_parser("benchmark", help="every distillation method side by side: accuracy, robustness, size, speed")
     p.add_argument("config", help="YAML config with a `benchmark:` section, e.g. jobs/benchmark_quick.yaml")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. benchmark.seeds=[0]")
+    p.add_argument("--resume", nargs="?", const="latest", metavar="FOLDER",
+                   help="continue an interrupted benchmark of this config (its folder; no value: the newest one): "
+                   "complete cells are reused, an incomplete one continues where it stopped (default: a new benchmark)")
     p = sub.add_parser("search-student", help="multi-objective search over the student architecture (Pareto front)")
     p.add_argument("config", help="YAML config with a `student_search:` section, e.g. jobs/student_search.yaml")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. student_search.from_run=<run id>")
@@ -201,7 +204,7 @@ def _run_driver(args, cfg: MoEKDConfig, console: Console) -> None:
     elif args.command == "benchmark":
         from moekd_ray.recipes.benchmark import run_benchmark
 
-        run_benchmark(cfg, log=console.say)
+        run_benchmark(cfg, log=console.say, resume=args.resume)
     else:
         from moekd_ray.recipes.pipeline import run_pipeline
 

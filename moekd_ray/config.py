@@ -464,6 +464,8 @@ class BenchmarkConfig(_Strict):
     )
     teacher_temperature: float = Field(10.0, gt=0, description="T of compressor and avatar (Compressor's 10).")
     ultra_student: str = Field("1.5mb", description=f"Preset of moekd-ultra: one of {sorted(STUDENT_PRESETS)}.")
+    ultra_student_arch: ArchConfig | None = Field(None, description="moekd-ultra's explicit architecture (about half "
+                                                  "the main student's size); overrides `ultra_student`.")
     avatar_student: ArchConfig = Field(default_factory=lambda: AVATAR_STUDENT.model_copy(),
                                        description="avatar's student architecture.")
     avatar_lr: float = Field(1e-3, gt=0, description="avatar's learning rate (AVATAR's).")
@@ -472,6 +474,12 @@ class BenchmarkConfig(_Strict):
     robust_adv_attack: Literal["mhm", "wir-random", "alert"] = Field(
         "wir-random", description="moekd-robust-adv's distill.augment_attack (its budget: distill.augment_budget).")
     attack_teacher: bool = Field(True, description="Also attack the single teacher (a reference row).")
+    teacher_expert: int = Field(0, ge=0, description="The single teacher (compressor, avatar) has this expert's model "
+                                "and schedule: the strongest single model is Compressor's setting (its CodeBERT).")
+    reference_tfidf: bool = Field(True, description="Fit the tfidf-lr baseline on the labelled part and attack it "
+                                  "too (a reference row: attacks need only a scorer).")
+    bootstrap: int = Field(2000, ge=100, description="Resamples of the paired bootstrap behind the confidence "
+                           "intervals of moekd minus compressor and avatar.")
     latency_functions: int = Field(100, ge=1, description="Functions timed one by one for the p50 latency.")
 
     @model_validator(mode="after")
@@ -562,6 +570,9 @@ class MoEKDConfig(_Strict):
                 raise ValueError(f"expert {k}: source pretrain reads at most pretrain.arch.max_length="
                                  f"{self.pretrain.arch.max_length} tokens, not {spec.max_length}; lower its max_length "
                                  "or raise pretrain.arch.max_length")
+        if self.benchmark.teacher_expert >= self.experts.k:
+            raise ValueError(f"benchmark.teacher_expert={self.benchmark.teacher_expert}: there are experts 0.."
+                             f"{self.experts.k - 1}; name one of them")
         if self.router.top_k is not None and self.router.top_k > self.experts.k:
             raise ValueError(f"router.top_k={self.router.top_k} exceeds experts.k={self.experts.k}; use top_k <= k")
         for key, dist in self.tune.space.items():

@@ -1,8 +1,10 @@
-"""A miniature `moekd benchmark` (2 methods, 1 seed, tiny data) end to end on the session's Ray cluster, DeepSpeed
-and an MLflow sqlite store: the table's shape, and every number in it traced back to a logged MLflow run."""
+"""A miniature `moekd benchmark` (3 methods, 1 seed, tiny data) end to end on the session's Ray cluster, DeepSpeed
+and an MLflow sqlite store, interrupted after its first student cell and resumed: the table's shape, every number in
+it traced back to a logged MLflow run, the cells finished before the interruption reused."""
 
 import json
 
+import mlflow
 import numpy as np
 import pandas as pd
 import pytest
@@ -13,7 +15,7 @@ from conftest import TINY_ARCH
 @pytest.fixture(scope="module")
 def mini_benchmark(ray_cluster, tmp_path_factory):
     from moekd_ray.config import load_config
-    from moekd_ray.recipes.benchmark import run_benchmark
+    from moekd_ray.recipes.benchmark import FaultInjected, run_benchmark
 
     tmp = tmp_path_factory.mktemp("benchmark")
     cfg = load_config(None, [
@@ -22,31 +24,43 @@ def mini_benchmark(ray_cluster, tmp_path_factory):
         "router.epochs=5", f"distill.student_arch={json.dumps(TINY_ARCH)}", "distill.schedule.epochs=1",
         "distill.resources.num_workers=1", "attack.n=6", "attack.query_budget=8", "attack.workers=1",
         "benchmark.methods=[compressor, moekd, moekd-robust-adv]", "distill.augment_budget=8", "benchmark.seeds=[0]", "benchmark.attacks=[mhm]",
-        "benchmark.latency_functions=3", f"mlflow.tracking_uri=sqlite:///{tmp / 'mlruns.db'}",
+        "benchmark.latency_functions=3", "benchmark.bootstrap=200", f"mlflow.tracking_uri=sqlite:///{tmp / 'mlruns.db'}",
+        "ray.fault_injection=benchmark:6",  # stops once after 6 cells: the 5 references and compressor
     ])
-    return cfg, run_benchmark(cfg, log=lambda *_: None)
+    with pytest.raises(FaultInjected):
+        run_benchmark(cfg, log=lambda *_: None)
+    client = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
+    before = {r.data.tags["moekd.bench.cell"]: (r.info.run_id, r.data.tags.get("moekd.bench.complete"))
+              for r in client.search_runs([client.get_experiment_by_name(cfg.mlflow.experiment).experiment_id])
+              if "moekd.bench.cell" in r.data.tags}
+    lines = []
+    result = run_benchmark(cfg, log=lines.append, resume="latest")
+    return cfg, result, before, lines
 
 
 def test_table_has_one_row_per_method_and_reference(mini_benchmark):
-    cfg, result = mini_benchmark
-    assert [r["method"] for r in result.rows] == ["compressor", "moekd", "moekd-robust-adv", "teacher", "mixture", "expert_0", "expert_1"]
+    cfg, result, *_ = mini_benchmark
+    assert [r["method"] for r in result.rows] == ["compressor", "moekd", "moekd-robust-adv", "teacher", "tfidf-lr",
+                                                  "mixture", "expert_0", "expert_1"]
     students = [r for r in result.rows if r["role"] == "student"]
     assert all(r["seeds"] == 1 for r in students)
-    for r in students + [next(r for r in result.rows if r["method"] == "teacher")]:
+    for r in students + [next(r for r in result.rows if r["method"] in ("teacher", "tfidf-lr"))]:
         assert 0 <= r["asr_mhm_mean"] <= 1 and r["mean_queries_mhm_mean"] <= cfg.attack.query_budget
     report = result.bench_dir / "report"
     csv = pd.read_csv(report / "benchmark.csv")
     assert list(csv["method"]) == [r["method"] for r in result.rows]
     md = (report / "benchmark.md").read_text().splitlines()
-    assert sum(line.startswith("| ") for line in md) == (1 + len(result.rows)) + (1 + 1)  # table, gains
-    for name in ("accuracy_vs_size.png", "asr_vs_size_mhm.png", "confusion_compressor.png", "confusion_moekd.png"):
+    # table, gains, differences (accuracy, F1, ASR mhm against compressor)
+    assert sum(line.startswith("| ") for line in md) == (1 + len(result.rows)) + (1 + 1) + (1 + 3)
+    for name in ("accuracy_vs_size.png", "asr_vs_size_mhm.png", "confusion_compressor.png", "confusion_moekd.png",
+                 "differences_ci.png"):
         assert (report / name).stat().st_size > 1000
 
 
 def test_robust_adv_student_learned_from_attack_found_copies(mini_benchmark):
     import mlflow
 
-    cfg, result = mini_benchmark
+    cfg, result, *_ = mini_benchmark
     row = next(r for r in result.rows if r["method"] == "moekd-robust-adv")
     run = mlflow.MlflowClient(cfg.mlflow.tracking_uri).get_run(row["run_ids"])
     assert run.data.params["augment_attack"] == cfg.benchmark.robust_adv_attack
@@ -56,7 +70,7 @@ def test_robust_adv_student_learned_from_attack_found_copies(mini_benchmark):
 def test_every_number_comes_from_a_logged_run(mini_benchmark):
     import mlflow
 
-    cfg, result = mini_benchmark
+    cfg, result, *_ = mini_benchmark
     client = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
     csv = pd.read_csv(result.bench_dir / "report" / "benchmark.csv")
     checked = 0
@@ -85,7 +99,7 @@ def test_logged_accuracy_is_the_students_real_accuracy(mini_benchmark):
     from moekd_ray.tokenization import encode, load_tokenizer
     from moekd_ray.train_loop import predict_logits, probs1
 
-    cfg, result = mini_benchmark
+    cfg, result, *_ = mini_benchmark
     client = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
     row = next(r for r in result.rows if r["method"] == "moekd")
     run = client.get_run(row["run_ids"])
@@ -102,7 +116,7 @@ def test_teachers_are_trained_once_per_setting(mini_benchmark):
     from moekd_ray.data import load_devign
     from moekd_ray.recipes.benchmark import split_transfer, train_teachers
 
-    cfg, result = mini_benchmark
+    cfg, result, *_ = mini_benchmark
     funcs, labels, projects = split_transfer(load_devign(cfg.data, cfg.seed), cfg.benchmark.labelled_fraction, cfg.seed)
     lines = []
     teachers = train_teachers(cfg, funcs, labels, projects, lines.append)
@@ -113,3 +127,41 @@ def test_teachers_are_trained_once_per_setting(mini_benchmark):
     from moekd_ray.recipes.benchmark import teachers_digest
 
     assert teachers_digest(other) != teachers_digest(cfg)
+
+
+def test_interrupted_benchmark_resumes_reusing_finished_cells(mini_benchmark):
+    cfg, result, before, lines = mini_benchmark
+    complete = {key for key, (_, done) in before.items() if done == "1"}
+    assert complete == {"expert_0", "expert_1", "mixture", "teacher", "tfidf-lr", "compressor/seed0"}
+    client = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
+    runs = client.search_runs([client.get_run(result.run_id).info.experiment_id],
+                              f"tags.mlflow.parentRunId = '{result.run_id}'")
+    cells = {}
+    for run in runs:
+        if "moekd.bench.cell" in run.data.tags:  # (the teachers' training has a run too)
+            cells.setdefault(run.data.tags["moekd.bench.cell"], []).append(run)
+    assert all(len(group) == 1 for group in cells.values())  # one run per cell, none duplicated by the resume
+    assert all(group[0].data.tags["moekd.bench.complete"] == "1" for group in cells.values())
+    for key in complete:  # reused as they were
+        assert cells[key][0].info.run_id == before[key][0]
+        assert f"{key.split('/')[0]}: reused" in "\n".join(lines) or key == "compressor/seed0"
+    assert any("students, seed 0: none distilled concurrently; moekd, moekd-robust-adv saved before" in line
+               for line in lines)
+    sessions = json.loads((result.bench_dir / "sessions.json").read_text())
+    parent = client.get_run(result.run_id)
+    assert len(sessions) == 2 and parent.data.metrics["sessions"] == 2
+    assert parent.data.metrics["wall_seconds"] == pytest.approx(sum(sessions))
+
+
+def test_moekd_differences_come_with_bootstrap_intervals(mini_benchmark):
+    cfg, result, *_ = mini_benchmark
+    by = {r["method"]: r for r in result.rows}
+    found = {(d["against"], d["metric"]): d for d in result.differences}
+    assert set(found) == {("compressor", m) for m in ("test_accuracy", "test_f1", "asr_mhm")}
+    accuracy = found[("compressor", "test_accuracy")]
+    assert accuracy["difference"] == pytest.approx(
+        by["moekd"]["test_accuracy_mean"] - by["compressor"]["test_accuracy_mean"], abs=1e-9)
+    asr = found[("compressor", "asr_mhm")]
+    assert asr["difference"] == pytest.approx(by["moekd"]["asr_mhm_mean"] - by["compressor"]["asr_mhm_mean"], abs=1e-9)
+    for d in result.differences:
+        assert -1 <= d["low"] <= d["difference"] <= d["high"] <= 1

@@ -162,3 +162,21 @@ def test_tfidf_lr_reference_fits_a_token_rule():
     ref = TfidfLR().fit(funcs[:80], labels[:80], funcs[80:100], labels[80:100])
     assert ((ref.predict_proba(funcs[100:]) >= 0.5) == labels[100:]).mean() == 1.0
     assert ref.num_params > 0 and ref.c in (0.1, 0.3, 1.0, 3.0)
+
+
+def test_saved_tfidf_lr_scores_as_fitted_and_can_be_attacked(tmp_path):
+    """Saved without pickle and loaded as a scorer (the benchmark attacks it): the same probabilities, and ALERT
+    finds substitutes for it by spelling (it has no embedding table)."""
+    from moekd_ray.attacks.victim import load_victim
+
+    funcs = [f"int f{i}(int *buf, int len) {{ {'memcpy(buf, src, len)' if i % 2 else 'strncpy(buf, src, 4)'}; "
+             f"return len + {i}; }}" for i in range(120)]
+    labels = np.arange(120) % 2
+    ref = TfidfLR().fit(funcs[:80], labels[:80], funcs[80:100], labels[80:100])
+    ref.save(tmp_path)
+    assert not any(p.suffix in (".pkl", ".pickle", ".joblib") for p in tmp_path.iterdir())
+    victim = load_victim(tmp_path)
+    np.testing.assert_allclose(victim(funcs[100:]), ref.predict_proba(funcs[100:]), rtol=0, atol=1e-12)
+    vectors = victim.embed_names(["length", "len", "buffer"])
+    cosine = vectors @ vectors.T / np.outer(np.linalg.norm(vectors, axis=1), np.linalg.norm(vectors, axis=1))
+    assert cosine[0, 1] > cosine[0, 2]  # "length" is spelled closer to "len" than to "buffer"

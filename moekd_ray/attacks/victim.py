@@ -7,6 +7,7 @@ A victim is named by one string, so that every Ray worker can load it itself:
   <model folder>                                        config.json + model.safetensors, tokenizer files beside
                                                         them or in `tokenizer`
   <folder of expert_<k>/ model folders>                 `target` uniform or expert_<k> (the benchmark's teachers)
+  <tfidf-lr folder>                                     a saved tfidf-lr reference (baseline.TfidfLR.save)
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from moekd_ray.baseline import SAVED as TFIDF_SAVED, SavedTfidfLR
 from moekd_ray.errors import ConfigError
 from moekd_ray.models import load_model
 from moekd_ray.scoring import Scorer
@@ -131,6 +133,8 @@ def load_victim(folder: str | Path, target: str = "student", batch_size: int = 6
         if re.fullmatch(r"expert_\d+", target) and (folder / target).is_dir():
             return load_victim(folder / target, batch_size=batch_size)
         raise ConfigError(f"--target {target}: {folder} has uniform and expert_0..expert_{k - 1}")
+    if (folder / TFIDF_SAVED).is_file():
+        return SavedTfidfLR(folder)
     if (folder / "model.safetensors").is_file():
         tok = folder / "tokenizer" if (folder / "tokenizer").is_dir() else folder
         return Classifier(load_model(folder), load_tokenizer(tok), batch_size=batch_size)

@@ -1,27 +1,35 @@
 """`moekd benchmark`: MoEKD next to Compressor- and AVATAR-style single-teacher distillation, on the same footing.
 
     moekd benchmark jobs/benchmark_quick.yaml      # smoke comparison, under 20 minutes on 2 CPU cores
-    moekd benchmark jobs/benchmark_cpu.yaml        # the BENCHMARKS.md table
+    moekd benchmark jobs/benchmark_full.yaml       # the BENCHMARKS.md table (hours; stop it and `--resume` it)
 
 Top to bottom (`run_benchmark`):
 1. data: train is split (seeded) into a labelled part the teachers learn from and a transfer part the students
    learn from through the teachers' soft targets only, as in Compressor; every figure is on the test split.
 2. teachers, once, cached by a hash of what they depend on: the K experts on a partition of the labelled part and
-   one single teacher of the first expert's architecture on all of it (K+1 Ray Train runs at once); their logits.
+   one single teacher of expert `benchmark.teacher_expert`'s model on all of it (K+1 Ray Train runs at once).
 3. the router, on the labelled part (`recipes.aggregate.fit_gate`).
-4. per seed, every method's soft targets on the transfer set and its student, distilled with DeepSpeed
+4. the reference cells: each expert, the routed mixture, the single teacher and the tfidf-lr baseline (fitted on
+   the labelled part); the single teacher and tfidf-lr are attacked too.
+5. per seed, every method's soft targets on the transfer set and its student, distilled with DeepSpeed
    (`recipes.distill.distill_trainer`); a seed's students are fitted concurrently. moekd-robust's transfer set
    also holds identifier-renamed copies of its functions (`augment.py`), drawn from the attacks' vocabulary;
    moekd-robust-adv's copies are the renamings an attack finds against the plain mean of the experts.
-5. each student and each teacher: test metrics, parameters, MB, throughput, p50 latency; each student and the
-   single teacher: every attack of `benchmark.attacks` on the same seeded functions with the same query budget.
-6. the table is read back from the MLflow runs just logged (mean ± std over seeds) and written as markdown and
-   CSV, with plots: accuracy vs size, ASR vs size, a confusion matrix per method.
+   Each student cell: test metrics, parameters, MB, throughput, p50 latency, every attack of `benchmark.attacks`
+   on the same seeded functions with the same query budget.
+6. the table is read back from the MLflow runs (mean ± std over seeds), with paired bootstrap confidence
+   intervals of moekd minus compressor and avatar, and written as markdown and CSV with plots.
 No method sees labels of the transfer set (alpha is 0 for all), and all use `distill.schedule.epochs`.
-"""
 
+Every cell ((method, seed), or a reference model) is one nested MLflow run under the benchmark's run, tagged
+complete when all of it is logged. `--resume` reopens the benchmark's run: complete cells are reused as they are,
+an incomplete cell continues where it stopped (a student already saved is not distilled again, an unfinished
+distillation resumes from its checkpoint, an attack already logged is not rerun), so an interrupted run of several
+hours ends with the table an uninterrupted run gives.
+"""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
@@ -38,10 +46,11 @@ import torch
 
 from moekd_ray import ray_runtime, tracking
 from moekd_ray.augment import with_renamed_copies
-from moekd_ray.config import METHODS, MoEKDConfig, dump_yaml
+from moekd_ray.baseline import SavedTfidfLR, TfidfLR
+from moekd_ray.config import METHODS, MoEKDConfig, dump_yaml, load_config
 from moekd_ray.errors import ConfigError
 from moekd_ray.data import dataset_hash, describe, load_devign
-from moekd_ray.metrics import classification_metrics, confusion_matrix_figure, points_figure
+from moekd_ray.metrics import axes, classification_metrics, confusion_matrix_figure, finish, points_figure
 from moekd_ray.models import load_model, num_params, size_mb
 from moekd_ray.scoring import max_input_length
 from moekd_ray.partition import code_features, partition
@@ -50,14 +59,16 @@ from moekd_ray.recipes.attack import adversarial_renamings, attack_examples, for
 from moekd_ray.recipes.distill import distill_trainer
 from moekd_ray.recipes.experts import expert_logits, expert_trainers
 from moekd_ray.recipes.pipeline import encode_for_experts, make_tokenizers
+from moekd_ray.recipes.pretrain import with_pretrained_encoder
 from moekd_ray.router import mixture_probs
 from moekd_ray.tokenization import encode, load_tokenizer, train_bpe
 from moekd_ray.train_loop import latency_p50_ms, predict_logits, probs1, throughput
 
 PROTOCOL_SPLITS = ("train", "transfer", "valid", "test")  # Compressor's protocol: "train" = the labelled half
 SINGLE_TEACHER = ("compressor", "avatar")  # methods distilled from the single teacher; the rest from the experts
-METRICS = ("test_accuracy", "test_precision", "test_recall", "test_f1", "params", "size_mb", "functions_per_s",
-           "latency_p50_ms", "seconds_train")
+METRICS = ("test_accuracy", "test_precision", "test_recall", "test_f1", "test_vulnerable_share", "params", "size_mb",
+           "functions_per_s", "latency_p50_ms", "seconds_train")
+PREDICTIONS = "predictions/test.json"  # each model's test P(vulnerable), logged in its cell
 ATTACK_METRICS = ("asr", "mean_queries", "robust_accuracy")
 
 
@@ -66,49 +77,70 @@ class BenchmarkResult:
     bench_dir: Path
     run_id: str
     rows: list[dict]  # the table: one row per method or reference model, means and stds
+    differences: list[dict]  # moekd minus compressor / avatar with bootstrap confidence intervals
 
 
-def run_benchmark(cfg: MoEKDConfig, log=print) -> BenchmarkResult:
+class FaultInjected(RuntimeError):
+    """Testing (ray.fault_injection = "benchmark:<n>"): the driver stops once after n complete cells."""
+
+
+def run_benchmark(cfg: MoEKDConfig, log=print, resume: str | None = None) -> BenchmarkResult:
     b = cfg.benchmark
     if cfg.experts.folds != 1:
         raise ConfigError(f"experts.folds={cfg.experts.folds}: the benchmark's students learn from a held-out transfer "
                           "set instead of cross-fitted targets; set experts.folds=1")
     experiment_id = tracking.connect(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)  # fail before any work
-    bench_dir = Path(cfg.output_dir) / f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}-{cfg.digest()}"
-    bench_dir.mkdir(parents=True)
-    (bench_dir / "config.yaml").write_text(dump_yaml(cfg.model_dump(mode="json")))
+    bench_dir, parent_id = resume_target(cfg, resume) if resume else (new_bench_dir(cfg), None)
     data = load_devign(cfg.data, cfg.seed)
     log(f"data: {describe(data)}")
     funcs, labels, projects = split_transfer(data, b.labelled_fraction, cfg.seed)
     log(f"labelled part {len(labels['train'])} functions (teachers), transfer set {len(labels['transfer'])} (students)")
     ray_runtime.init_ray(cfg)
+    tcfg = with_pretrained_encoder(cfg, log, data)  # `source: pretrain` experts: the encoder's folder
     examples, pool = sample_examples(cfg)  # one seeded sample, the same for every model and attack
+    clock = SessionClock(bench_dir)
 
-    with mlflow.start_run(run_name=cfg.name, experiment_id=experiment_id) as parent:
-        mlflow.set_tags({"moekd.benchmark": "1", "moekd.config_digest": cfg.digest(),
-                         "moekd.data_hash": dataset_hash(data), "moekd.run_dir": str(bench_dir.resolve())})
-        tracking.log_config(cfg.model_dump(mode="json"))
-        teachers = train_teachers(cfg, funcs, labels, projects, log)
+    with mlflow.start_run(run_id=parent_id) if parent_id else mlflow.start_run(
+            run_name=cfg.name, experiment_id=experiment_id) as parent:
+        if parent_id:
+            log(f"== resuming benchmark {bench_dir} (MLflow run {parent_id})")
+        else:
+            mlflow.set_tags({"moekd.benchmark": "1", "moekd.config_digest": results_digest(cfg),
+                             "moekd.data_hash": dataset_hash(data), "moekd.run_dir": str(bench_dir.resolve())})
+            tracking.log_config(cfg.model_dump(mode="json"))
+            (bench_dir / "mlflow_run_id").write_text(parent.info.run_id)
+        cells = Cells(parent.info.run_id, cfg.ray.fault_injection, bench_dir, clock)
+        teachers = train_teachers(tcfg, funcs, labels, projects, log)
         start = time.perf_counter()
         features = {s: code_features(funcs[s], cfg.partition.hash_features) for s in PROTOCOL_SPLITS}
-        gates = fit_gate(cfg, features, teachers.logits["experts"], labels, log=log)
+        gates = fit_gate(tcfg, features, teachers.logits["experts"], labels, log=log)
         router_seconds = time.perf_counter() - start
 
-        log("== teachers (references)")
-        for name, row in evaluate_teachers(cfg, teachers, gates, funcs, labels, router_seconds).items():
-            with tracking.stage_run(name):
-                mlflow.set_tags({"moekd.bench.method": name, "moekd.bench.role": "teacher"})
-                mlflow.log_metrics(row)
-                log(f"{name}: test acc {row['test_accuracy']:.3f} f1 {row['test_f1']:.3f}, {row['size_mb']:.2f} MB")
-                if name == "teacher" and b.attack_teacher:
-                    attack_all(cfg, teachers.folder / "teacher", examples, pool, log)
+        log("== references: the teachers and tfidf-lr")
+        references = ([f"expert_{k}" for k in range(cfg.experts.k)] + ["mixture", "teacher"]
+                      + (["tfidf-lr"] if b.reference_tfidf else []))
+        for name in references:
+            if cells.complete(name):
+                log(f"{name}: reused (complete before the interruption)")
+                continue
+            role = "reference" if name == "tfidf-lr" else "teacher"
+            with cells.open(name, name, {"moekd.bench.method": name, "moekd.bench.role": role}) as logged:
+                folder = teachers.folder / name if name != "tfidf-lr" else bench_dir / "references" / "tfidf-lr"
+                if "test_accuracy" not in logged:
+                    row, probs = evaluate_reference(tcfg, name, teachers, gates, funcs, labels, router_seconds, folder)
+                    log_evaluation(row, probs, labels["test"], f"{name}, test", bench_dir / "report" / f"confusion_{name}.png")
+                    log(f"{name}: test acc {row['test_accuracy']:.3f} f1 {row['test_f1']:.3f}, {row['size_mb']:.2f} MB")
+                if name == "tfidf-lr" or (name == "teacher" and b.attack_teacher):
+                    attack_all(cfg, folder, examples, pool, logged, log)
 
         tokenizers = {}  # students of the same vocabulary and length share one BPE
-        adversarial_copies: dict[str, dict[int, str]] = {}
         for seed in b.seeds:
-            log(f"== students, seed {seed}: {', '.join(b.methods)} (distilled concurrently)")
-            configs = {m: method_config(cfg, m, seed) for m in b.methods}
-            encoded, trainers, copies = {}, [], {}
+            todo = [m for m in b.methods if not cells.complete(f"{m}/seed{seed}")]
+            if not todo:
+                log(f"== students, seed {seed}: all reused (complete before the interruption)")
+                continue
+            configs = {m: method_config(cfg, m, seed) for m in todo}
+            encoded, trainers, copies = {}, {}, {}
             for m, mcfg in configs.items():
                 arch = mcfg.distill.arch()
                 key = (arch.vocab_size, arch.max_length)
@@ -116,6 +148,8 @@ def run_benchmark(cfg: MoEKDConfig, log=print) -> BenchmarkResult:
                     tok = train_bpe(funcs["train"] + funcs["transfer"], arch.vocab_size, arch.max_length)
                     tokenizers[key] = (tok, {s: encode(tok, funcs[s], arch.max_length) for s in PROTOCOL_SPLITS[1:]})
                 encoded[m] = tokenizers[key]
+                if (student_folder(bench_dir, m, seed) / "model.safetensors").is_file():
+                    continue  # distilled and saved before the interruption
                 tok, enc = encoded[m]
                 train, train_labels = enc["transfer"], labels["transfer"]
                 teacher = method_targets(mcfg, m, teachers.logits, gates)
@@ -123,49 +157,168 @@ def run_benchmark(cfg: MoEKDConfig, log=print) -> BenchmarkResult:
                     adversarial, copy_seed = None, seed
                     if mcfg.distill.augment_attack != "random":
                         # Attack-found copies depend on the teachers only: found once, the same for every seed.
-                        if m not in adversarial_copies:
-                            adversarial_copies[m] = adversarial_renamings(
-                                mcfg.with_values({"seed": cfg.seed}), teachers.folder, "uniform", funcs["transfer"],
-                                teacher, pool, log)
-                        adversarial, copy_seed = adversarial_copies[m], cfg.seed
+                        adversarial = adversarial_copies(mcfg.with_values({"seed": cfg.seed}), m, teachers.folder,
+                                                         funcs["transfer"], teacher, pool, bench_dir, log)
+                        copy_seed = cfg.seed
                     train, train_labels, teacher, n = with_renamed_copies(
                         train, train_labels, teacher, funcs["transfer"], tok, arch.max_length, pool,
                         mcfg.distill.augment_ratio, copy_seed, adversarial)
                     log(f"{m}: {n:,} identifier-renamed copies ({len(adversarial or {}):,} attack-found) join the "
                         f"{len(labels['transfer']):,} transfer functions")
                     copies[m] = {"renamed_copies": n, "attack_found_copies": len(adversarial or {})}
-                trainers.append(distill_trainer(
+                trainers[m] = distill_trainer(
                     mcfg, {"train": train, "valid": enc["valid"]}, {"train": train_labels, "valid": labels["valid"]},
                     teacher, f"{bench_dir.name}-{m}-s{seed}", ray_runtime.storage_path(cfg, bench_dir),
-                    task=f"{m} seed {seed}"))
-            results, _ = ray_runtime.fit_all(trainers)
-            for (m, mcfg), result in zip(configs.items(), results):
-                tok, enc = encoded[m]
-                folder = bench_dir / "students" / f"{m}-s{seed}"
+                    task=f"{m} seed {seed}")
+            saved = [m for m in todo if m not in trainers]
+            log(f"== students, seed {seed}: {', '.join(trainers) or 'none'} distilled concurrently"
+                + (f"; {', '.join(saved)} saved before the interruption" if saved else ""))
+            # An unfinished distillation resumes from its latest reported checkpoint (same run name and storage).
+            results, _ = ray_runtime.fit_all(list(trainers.values())) if trainers else ([], [])
+            for m, result in zip(trainers, results):
+                folder = student_folder(bench_dir, m, seed)
                 ray_runtime.copy_atomically(result.checkpoint, folder)
-                tok.save_pretrained(str(folder / "tokenizer"))
-                epochs = ray_runtime.epoch_rows(result)
-                with tracking.stage_run(f"{m}/seed{seed}", mcfg.distill.model_dump(mode="json")):
-                    mlflow.set_tags({"moekd.bench.method": m, "moekd.bench.role": "student",
-                                     "moekd.bench.seed": str(seed), "moekd.bench.student_dir": str(folder.resolve())})
-                    tracking.log_epochs(epochs)
-                    mlflow.log_metrics(copies.get(m, {}))
-                    row, probs = evaluate_model(cfg, load_model(folder), enc["test"], labels["test"],
-                                                sum(r["train_seconds"] for r in epochs))
-                    mlflow.log_metrics(row)
-                    fig = confusion_matrix_figure(labels["test"], probs, 0.5, f"{m}, seed {seed}, test")
-                    if seed == b.seeds[0]:
-                        (bench_dir / "report").mkdir(exist_ok=True)
-                        fig.savefig(bench_dir / "report" / f"confusion_{m}.png", dpi=120)
-                    tracking.log_figure(fig, "confusion_test.png")
-                    log(f"{m} seed {seed}: test acc {row['test_accuracy']:.3f} f1 {row['test_f1']:.3f}, "
-                        f"{row['size_mb']:.2f} MB, distilled in {row['seconds_train']:.0f} s")
-                    attack_all(cfg, folder, examples, pool, log)
+                encoded[m][0].save_pretrained(str(folder / "tokenizer"))
+                (folder / "distill.json").write_text(json.dumps({"epochs": ray_runtime.epoch_rows(result),
+                                                                  **copies.get(m, {})}))
+            for m, mcfg in configs.items():
+                folder = student_folder(bench_dir, m, seed)
+                saved = json.loads((folder / "distill.json").read_text())
+                tags = {"moekd.bench.method": m, "moekd.bench.role": "student", "moekd.bench.seed": str(seed),
+                        "moekd.bench.student_dir": str(folder.resolve())}
+                with cells.open(f"{m}/seed{seed}", f"{m}/seed{seed}", tags,
+                                mcfg.distill.model_dump(mode="json")) as logged:
+                    if "test_accuracy" not in logged:
+                        tracking.log_epochs(saved["epochs"])
+                        mlflow.log_metrics({k: v for k, v in saved.items() if k != "epochs"})
+                        row, probs = evaluate_model(cfg, load_model(folder), encoded[m][1]["test"], labels["test"],
+                                                    sum(r["train_seconds"] for r in saved["epochs"]))
+                        figure = bench_dir / "report" / f"confusion_{m}.png" if seed == b.seeds[0] else None
+                        log_evaluation(row, probs, labels["test"], f"{m}, seed {seed}, test", figure)
+                        log(f"{m} seed {seed}: test acc {row['test_accuracy']:.3f} f1 {row['test_f1']:.3f}, "
+                            f"{row['test_vulnerable_share']:.0%} called vulnerable, {row['size_mb']:.2f} MB, "
+                            f"distilled in {row['seconds_train']:.0f} s")
+                    attack_all(cfg, folder, examples, pool, logged, log)
 
-        rows = benchmark_table(mlflow.MlflowClient(), parent.info.run_id, b.attacks)
-        write_outputs(rows, bench_dir, cfg, log)
+        client = mlflow.MlflowClient()
+        rows = benchmark_table(client, parent.info.run_id, b.attacks)
+        differences = difference_intervals(rows, labels["test"], b.attacks, b.bootstrap, cfg.seed)
+        wall = clock.total()
+        mlflow.log_metrics({"wall_seconds": wall, "sessions": len(clock.sessions)})
+        write_outputs(rows, differences, bench_dir, cfg, wall, len(clock.sessions), log)
         mlflow.log_artifacts(str(bench_dir / "report"), "report")
-        return BenchmarkResult(bench_dir, parent.info.run_id, rows)
+        return BenchmarkResult(bench_dir, parent.info.run_id, rows, differences)
+
+
+# ------------------------------------------------------------------------------------------------ resume
+def results_digest(cfg: MoEKDConfig) -> str:
+    """Hash of what the benchmark computes: the config without its `ray` section (where and how it runs)."""
+    tree = cfg.model_dump(mode="json")
+    tree.pop("ray")
+    return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def new_bench_dir(cfg: MoEKDConfig) -> Path:
+    bench_dir = Path(cfg.output_dir) / f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}-{results_digest(cfg)}"
+    bench_dir.mkdir(parents=True)
+    (bench_dir / "config.yaml").write_text(dump_yaml(cfg.model_dump(mode="json")))
+    return bench_dir
+
+
+def resume_target(cfg: MoEKDConfig, spec: str) -> tuple[Path, str]:
+    """The benchmark folder and MLflow run to continue: `spec` is its folder, or "latest" (the newest folder of
+    this config under output_dir). It must have been started with this config (the `ray` section aside)."""
+    digest = results_digest(cfg)
+    if spec == "latest":
+        found = sorted(Path(cfg.output_dir).glob(f"{cfg.name}-*-{digest}"), key=lambda p: p.name)
+        if not found:
+            raise ConfigError(f"--resume: no benchmark of this config ({cfg.name}-*-{digest}) under {cfg.output_dir}; "
+                              "run it without --resume first, or name its folder: --resume <folder>")
+        spec = str(found[-1])
+    folder = Path(spec)
+    if not (folder / "mlflow_run_id").is_file():
+        raise ConfigError(f"--resume {spec}: not a benchmark folder (no mlflow_run_id in it); name the folder the "
+                          "benchmark printed, or use --resume without a value for the newest one")
+    saved = results_digest(load_config(folder / "config.yaml"))
+    if saved != digest:
+        raise ConfigError(f"--resume {spec}: that benchmark used config {saved}, this one is {digest}; resume it "
+                          f"with its own config: moekd benchmark {folder / 'config.yaml'} --resume {spec}")
+    return folder, (folder / "mlflow_run_id").read_text().strip()
+
+
+class SessionClock:
+    """Wall time over every session of a benchmark (a resumed one adds a session), kept in sessions.json."""
+
+    def __init__(self, bench_dir: Path):
+        self.path, self.start = bench_dir / "sessions.json", time.perf_counter()
+        self.sessions = json.loads(self.path.read_text()) if self.path.is_file() else []
+        self.sessions.append(0.0)
+
+    def save(self) -> None:
+        self.sessions[-1] = time.perf_counter() - self.start
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.sessions))
+        tmp.replace(self.path)
+
+    def total(self) -> float:
+        self.save()
+        return float(sum(self.sessions))
+
+
+class Cells:
+    """The benchmark's cells, one nested MLflow run each under its run, found by their `moekd.bench.cell` tag.
+    `open` starts a cell's run, or reopens an incomplete one and says which metrics it already holds (those
+    steps are skipped); the run is tagged complete when the block ends."""
+
+    def __init__(self, parent_id: str, fault_injection: str | None, bench_dir: Path, clock: SessionClock):
+        self.client, self.clock = mlflow.MlflowClient(), clock
+        experiment = self.client.get_run(parent_id).info.experiment_id
+        runs = self.client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent_id}'", max_results=10_000)
+        self.runs = {r.data.tags["moekd.bench.cell"]: r for r in runs if "moekd.bench.cell" in r.data.tags}
+        run, _, at = (fault_injection or "").rpartition(":")
+        self.stop_after = int(at) if run == "benchmark" else None
+        self.fault_marker = bench_dir / "fault_injected"
+        self.completed = 0
+
+    def complete(self, key: str) -> bool:
+        run = self.runs.get(key)
+        return run is not None and run.data.tags.get("moekd.bench.complete") == "1"
+
+    @contextlib.contextmanager
+    def open(self, key: str, name: str, tags: dict, params: dict | None = None):
+        run = self.runs.get(key)
+        if run is not None:
+            with mlflow.start_run(run_id=run.info.run_id, nested=True):
+                yield set(self.client.get_run(run.info.run_id).data.metrics)
+                mlflow.set_tag("moekd.bench.complete", "1")
+        else:
+            with tracking.stage_run(name, params):
+                mlflow.set_tags({**tags, "moekd.bench.cell": key})
+                yield set()
+                mlflow.set_tag("moekd.bench.complete", "1")
+        self.clock.save()
+        self.completed += 1
+        if self.completed == self.stop_after and not self.fault_marker.exists():
+            self.fault_marker.touch()
+            raise FaultInjected(f"fault injection: the benchmark stopped after {self.completed} cells")
+
+
+def student_folder(bench_dir: Path, method: str, seed: int) -> Path:
+    return bench_dir / "students" / f"{method}-s{seed}"
+
+
+def adversarial_copies(cfg: MoEKDConfig, method: str, teachers_folder: Path, funcs: list[str], teacher: np.ndarray,
+                       pool: list[str], bench_dir: Path, log) -> dict[int, str]:
+    """The renamings an attack finds against the plain mean of the experts (`adversarial_renamings`), found once
+    per benchmark and kept in its folder (they take a while and depend on the teachers only)."""
+    path = bench_dir / f"adversarial_copies-{method}.json"
+    if path.is_file():
+        return {int(i): code for i, code in json.loads(path.read_text()).items()}
+    found = adversarial_renamings(cfg, teachers_folder, "uniform", funcs, teacher, pool, log)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({str(i): code for i, code in found.items()}))
+    tmp.replace(path)
+    return found
 
 
 # ------------------------------------------------------------------------------------------------- data
@@ -196,15 +349,18 @@ class Teachers:
 
 
 def teacher_config(cfg: MoEKDConfig) -> MoEKDConfig:
-    """The single teacher: one expert of the first expert's model, on the whole labelled part."""
+    """The single teacher: one expert of expert `benchmark.teacher_expert`'s model and schedule, on the whole
+    labelled part."""
+    k = cfg.benchmark.teacher_expert
     return cfg.with_values({"experts.k": 1, "experts.models": None, "experts.schedules": None, "router.top_k": None,
-                            "experts.model": cfg.experts.specs()[0].model_dump(mode="json"),
-                            "experts.schedule": cfg.experts.schedule_of(0).model_dump(mode="json")})
+                            "benchmark.teacher_expert": 0, "experts.model": cfg.experts.specs()[k].model_dump(mode="json"),
+                            "experts.schedule": cfg.experts.schedule_of(k).model_dump(mode="json")})
 
 
 def teachers_digest(cfg: MoEKDConfig) -> str:
     keys = {k: cfg.model_dump(mode="json")[k] for k in ("seed", "data", "partition", "experts")}
     keys["labelled_fraction"] = cfg.benchmark.labelled_fraction
+    keys["teacher_expert"] = cfg.benchmark.teacher_expert
     return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -231,18 +387,19 @@ def train_teachers(cfg: MoEKDConfig, funcs: dict, labels: dict, projects: dict, 
     parts = partition(funcs["train"], projects["train"], cfg.partition.strategy.value, cfg.experts.k, cfg.seed,
                       cfg.partition.hash_features)
     tcfg, storage = teacher_config(cfg), ray_runtime.storage_path(cfg, folder)
+    k = cfg.benchmark.teacher_expert
     trainers = (expert_trainers(cfg, enc, labels, parts, "experts", storage)
-                + expert_trainers(tcfg, enc[:1], labels, np.zeros_like(parts), "teacher", storage))
+                + expert_trainers(tcfg, enc[k : k + 1], labels, np.zeros_like(parts), "teacher", storage))
     with tracking.stage_run("teachers", cfg.experts.model_dump(mode="json")):
         results, _ = ray_runtime.fit_all(trainers)
         names = [f"expert_{k}" for k in range(cfg.experts.k)] + ["teacher"]
-        for name, result, tok in zip(names, results, expert_toks + expert_toks[:1]):
+        for name, result, tok in zip(names, results, expert_toks + expert_toks[k : k + 1]):
             ray_runtime.copy_atomically(result.checkpoint, folder / name)
             tok.save_pretrained(str(folder / name / "tokenizer"))
             tracking.log_epochs(ray_runtime.epoch_rows(result), prefix=f"{name}.")
         checkpoints = [ray.train.Checkpoint.from_directory(str(folder / n)) for n in names]
         logits = {"experts": expert_logits(cfg, [[c] for c in checkpoints[:-1]], enc),
-                  "teacher": expert_logits(tcfg, [checkpoints[-1:]], enc[:1])}
+                  "teacher": expert_logits(tcfg, [checkpoints[-1:]], enc[k : k + 1])}
         info = {"seconds_train": time.perf_counter() - start, "reused": 0}
         mlflow.log_metrics(info)
     save_soft_targets({s: {n: logits[n][s] for n in logits} for s in PROTOCOL_SPLITS}, logits_file,
@@ -252,28 +409,51 @@ def train_teachers(cfg: MoEKDConfig, funcs: dict, labels: dict, projects: dict, 
     return Teachers(folder, logits, info)
 
 
-def evaluate_teachers(cfg: MoEKDConfig, teachers: Teachers, gates: dict, funcs: dict, labels: dict,
-                      router_seconds: float) -> dict[str, dict]:
-    """The reference rows: the single teacher, each expert and the routed mixture of the experts."""
-    rows = {}
-    names = [f"expert_{k}" for k in range(cfg.experts.k)] + ["teacher"]
-    for k, name in enumerate(names):
-        z = teachers.logits["teacher"]["test"][:, 0] if name == "teacher" else teachers.logits["experts"]["test"][:, k]
-        model = load_model(teachers.folder / name)
-        enc = encode(load_tokenizer(teachers.folder / name / "tokenizer"), funcs["test"], max_input_length(model))
-        rows[name], _ = evaluate_model(cfg, model, enc, labels["test"], teachers.info["seconds_train"], probs1(z))
-    experts = [rows[n] for n in names[:-1]]
-    w = torch.from_numpy(expert_weights(cfg, gates["test"]))
-    mix = mixture_probs(torch.from_numpy(np.array(teachers.logits["experts"]["test"])), w).numpy()[:, 1]
-    rows["mixture"] = {
-        **{f"test_{k}": v for k, v in classification_metrics(labels["test"], mix).items()},
-        "params": sum(r["params"] for r in experts), "size_mb": sum(r["size_mb"] for r in experts),
-        # The mixture runs every expert; the router's cost is negligible next to them.
-        "functions_per_s": 1.0 / sum(1.0 / r["functions_per_s"] for r in experts),
-        "latency_p50_ms": sum(r["latency_p50_ms"] for r in experts),
-        "seconds_train": teachers.info["seconds_train"] + router_seconds,
-    }
-    return rows
+def evaluate_reference(cfg: MoEKDConfig, name: str, teachers: Teachers, gates: dict, funcs: dict, labels: dict,
+                       router_seconds: float, folder: Path) -> tuple[dict, np.ndarray]:
+    """A reference row: an expert, the single teacher, the routed mixture of the experts, or tfidf-lr (fitted
+    here on the labelled part, C chosen on valid, and saved into `folder` for the attacks)."""
+    if name == "tfidf-lr":
+        start = time.perf_counter()
+        TfidfLR(cfg.seed).fit(funcs["train"], labels["train"], funcs["valid"], labels["valid"]).save(folder)
+        seconds_train = time.perf_counter() - start
+        model = SavedTfidfLR(folder)
+        start = time.perf_counter()
+        probs = model(funcs["test"])
+        rate = len(funcs["test"]) / (time.perf_counter() - start)
+        row = {f"test_{k}": v for k, v in classification_metrics(labels["test"], probs).items()}
+        row.update({"params": model.num_params, "size_mb": model.num_params * 4 / 1e6, "seconds_train": seconds_train,
+                    "functions_per_s": rate,
+                    "latency_p50_ms": single_call_p50_ms(model, funcs["test"][: cfg.benchmark.latency_functions])})
+        return row, probs
+    if name == "mixture":
+        experts = [evaluate_reference(cfg, f"expert_{k}", teachers, gates, funcs, labels, router_seconds,
+                                      teachers.folder / f"expert_{k}")[0] for k in range(cfg.experts.k)]
+        w = torch.from_numpy(expert_weights(cfg, gates["test"]))
+        mix = mixture_probs(torch.from_numpy(np.array(teachers.logits["experts"]["test"])), w).numpy()[:, 1]
+        return {
+            **{f"test_{k}": v for k, v in classification_metrics(labels["test"], mix).items()},
+            "params": sum(r["params"] for r in experts), "size_mb": sum(r["size_mb"] for r in experts),
+            # The mixture runs every expert; the router's cost is negligible next to them.
+            "functions_per_s": 1.0 / sum(1.0 / r["functions_per_s"] for r in experts),
+            "latency_p50_ms": sum(r["latency_p50_ms"] for r in experts),
+            "seconds_train": teachers.info["seconds_train"] + router_seconds,
+        }, mix
+    z = teachers.logits["teacher"]["test"][:, 0] if name == "teacher" else \
+        teachers.logits["experts"]["test"][:, int(name.removeprefix("expert_"))]
+    model = load_model(folder)
+    enc = encode(load_tokenizer(folder / "tokenizer"), funcs["test"], max_input_length(model))
+    return evaluate_model(cfg, model, enc, labels["test"], teachers.info["seconds_train"], probs1(z))
+
+
+def single_call_p50_ms(model, funcs: list[str]) -> float:
+    """Median ms of scoring one function alone (train_loop.latency_p50_ms for models that take source text)."""
+    times = []
+    for func in funcs:
+        start = time.perf_counter()
+        model([func])
+        times.append(1000 * (time.perf_counter() - start))
+    return float(np.median(times))
 
 
 # ---------------------------------------------------------------------------------------------- students
@@ -291,6 +471,8 @@ def method_config(cfg: MoEKDConfig, method: str, seed: int) -> MoEKDConfig:
         values["router.kind"] = "uniform"
     elif method == "moekd-ultra":
         values.update({"distill.student": b.ultra_student, "distill.student_arch": None})
+        if b.ultra_student_arch:  # its own length, as avatar's
+            values.update({"distill.student_arch": b.ultra_student_arch.model_dump(), "distill.max_length": None})
     elif method in ("moekd-robust", "moekd-robust-adv"):
         values["distill.augment_ratio"] = b.robust_augment_ratio
         values["distill.augment_attack"] = "random" if method == "moekd-robust" else b.robust_adv_attack
@@ -321,14 +503,32 @@ def evaluate_model(cfg: MoEKDConfig, model, enc_test: dict, labels: np.ndarray, 
     return row, probs
 
 
-def attack_all(cfg: MoEKDConfig, folder: Path, examples: list, pool: list[str], log) -> None:
-    """Every attack of benchmark.attacks on the model in `folder`; metrics `<metric>_<attack>` in the active run."""
+def log_evaluation(row: dict, probs: np.ndarray, labels: np.ndarray, title: str, figure: Path | None) -> None:
+    """A model's test row (plus the share it calls vulnerable), its test P(vulnerable) (the bootstrap's input) and
+    its confusion matrix, into the active run; the figure also into the report when `figure` names a file."""
+    row["test_vulnerable_share"] = float((np.asarray(probs) >= 0.5).mean())
+    mlflow.log_metrics(row)
+    mlflow.log_dict({"p_vulnerable": [round(float(p), 6) for p in probs]}, PREDICTIONS)
+    fig = confusion_matrix_figure(labels, probs, 0.5, title)
+    if figure is not None:
+        figure.parent.mkdir(exist_ok=True)
+        fig.savefig(figure, dpi=120)
+    tracking.log_figure(fig, "confusion_test.png")
+
+
+def attack_all(cfg: MoEKDConfig, folder: Path, examples: list, pool: list[str], logged: set[str], log) -> None:
+    """Every attack of benchmark.attacks not yet `logged` on the model in `folder`: metrics `<metric>_<attack>` and
+    each example's outcome (attacks/<attack>.json, the bootstrap's input) in the active run."""
     for method in cfg.benchmark.attacks:
+        if f"asr_{method}" in logged:
+            continue
         acfg = cfg.with_values({"attack.method": method})
         start = time.perf_counter()
         rows = attack_examples(folder, "student", acfg, examples, pool, log=lambda *_: None)
         summary = summarize(rows, time.perf_counter() - start)
         log(f"  {folder.name}: {format_summary(method, summary)}")
+        mlflow.log_dict({k: [r[k] for r in rows] for k in ("index", "label", "status", "queries")},
+                        f"attacks/{method}.json")
         mlflow.log_metrics({f"{k}_{method}": float(v) for k, v in summary.items()})
 
 
@@ -342,7 +542,7 @@ def benchmark_table(client, parent_run_id: str, attacks: list[str]) -> list[dict
     by_method: dict[str, list] = {}
     for run in runs:
         method = run.data.tags.get("moekd.bench.method")
-        if method:
+        if method and run.data.tags.get("moekd.bench.complete") == "1":
             by_method.setdefault(method, []).append(run)
     rows = []
     for method, group in by_method.items():
@@ -355,8 +555,8 @@ def benchmark_table(client, parent_run_id: str, attacks: list[str]) -> list[dict
                 row[f"{name}_mean"] = float(np.mean(values))
                 row[f"{name}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
         rows.append(row)
-    # Students in METHODS order, then the references: teacher, mixture, experts.
-    order = [*METHODS, "teacher", "mixture", *(f"expert_{k}" for k in range(len(rows)))]
+    # Students in METHODS order, then the references: teacher, tfidf-lr, mixture, experts.
+    order = [*METHODS, "teacher", "tfidf-lr", "mixture", *(f"expert_{k}" for k in range(len(rows)))]
     return sorted(rows, key=lambda r: order.index(r["method"]))
 
 
@@ -380,6 +580,82 @@ def relative_gains(rows: list[dict], attacks: list[str]) -> list[dict]:
     return out
 
 
+def difference_intervals(rows: list[dict], labels: np.ndarray, attacks: list[str], resamples: int,
+                         seed: int) -> list[dict]:
+    """moekd minus compressor and minus avatar (each method's metric averaged over its seeds) with 95% paired
+    bootstrap intervals: the test functions (accuracy, F1) or the attacked sample (each attack's ASR) are resampled
+    once per draw for every model, so the interval is that of the difference on this data. Read back from the
+    per-function outputs logged in each student's run."""
+    by = {r["method"]: r for r in rows}
+    if "moekd" not in by:
+        return []
+    labels = np.asarray(labels).astype(bool)
+    rng = np.random.default_rng([seed, 7])
+    test_draws = rng.integers(len(labels), size=(resamples, len(labels)))
+    outputs = {m: [logged_outputs(run_id, attacks) for run_id in by[m]["run_ids"].split()]
+               for m in ("moekd", "compressor", "avatar") if m in by}
+    n_attacked = len(outputs["moekd"][0][1][attacks[0]]["status"]) if attacks else 0
+    attack_draws = rng.integers(n_attacked, size=(resamples, n_attacked)) if attacks else None
+
+    def test_metrics(method: str, draws: np.ndarray) -> dict[str, np.ndarray]:
+        pred = np.stack([probs >= 0.5 for probs, _ in outputs[method]])[:, draws]  # [seeds, draws, functions]
+        truth = labels[draws]
+        tp = (pred & truth).sum(-1)
+        fp, fn = (pred & ~truth).sum(-1), (~pred & truth).sum(-1)
+        return {"test_accuracy": (pred == truth).mean(-1).mean(0),
+                "test_f1": (2 * tp / np.maximum(2 * tp + fp + fn, 1)).mean(0)}
+
+    def asr(method: str, attack: str, draws: np.ndarray) -> np.ndarray:
+        status = np.stack([np.asarray(a[attack]["status"]) for _, a in outputs[method]])[:, draws]
+        success = (status == "success").sum(-1)
+        return (success / np.maximum(success + (status == "failed").sum(-1), 1)).mean(0)
+
+    full_test, full_attack = np.arange(len(labels))[None], np.arange(n_attacked)[None]
+    out = []
+    for base in ("compressor", "avatar"):
+        if base not in outputs:
+            continue
+        pairs = {k: (v, test_metrics(base, test_draws)[k], test_metrics("moekd", full_test)[k][0]
+                     - test_metrics(base, full_test)[k][0]) for k, v in test_metrics("moekd", test_draws).items()}
+        for a in attacks:
+            pairs[f"asr_{a}"] = (asr("moekd", a, attack_draws), asr(base, a, attack_draws),
+                                 asr("moekd", a, full_attack)[0] - asr(base, a, full_attack)[0])
+        for metric, (ours, theirs, point) in pairs.items():
+            low, high = np.quantile(ours - theirs, [0.025, 0.975])
+            out.append({"against": base, "metric": metric, "difference": float(point), "low": float(low),
+                        "high": float(high)})
+    return out
+
+
+def logged_outputs(run_id: str, attacks: list[str]) -> tuple[np.ndarray, dict]:
+    """A cell's test P(vulnerable) and each attack's per-example outcomes, as logged in its run."""
+    probs = np.asarray(mlflow.artifacts.load_dict(f"runs:/{run_id}/{PREDICTIONS}")["p_vulnerable"])
+    return probs, {a: mlflow.artifacts.load_dict(f"runs:/{run_id}/attacks/{a}.json") for a in attacks}
+
+
+def differences_markdown(differences: list[dict]) -> str:
+    lines = ["| moekd minus | metric | difference | 95% CI | significant |", "|---|---|---|---|---|"]
+    for d in differences:
+        significant = "yes" if d["low"] > 0 or d["high"] < 0 else "no"
+        lines.append(f"| {d['against']} | {d['metric']} | {d['difference']:+.3f} | [{d['low']:+.3f}, {d['high']:+.3f}] "
+                     f"| {significant} |")
+    return "\n".join(lines)
+
+
+def differences_figure(differences: list[dict]):
+    """moekd minus each single-teacher method per metric, with its 95% bootstrap interval."""
+    fig, ax = axes((6, 0.35 * len(differences) + 1.2))
+    names = [f"{d['metric']} vs {d['against']}" for d in differences]
+    y = np.arange(len(differences))
+    point = np.array([d["difference"] for d in differences])
+    err = np.array([[d["difference"] - d["low"] for d in differences], [d["high"] - d["difference"] for d in differences]])
+    ax.errorbar(point, y, xerr=err, fmt="o", capsize=3)
+    ax.axvline(0, color="grey", lw=0.8)
+    ax.set_yticks(y, names, fontsize=7)
+    return finish(fig, ax, "moekd minus the other method (ASR: lower is more robust)", "",
+                  "differences with 95% paired bootstrap intervals")
+
+
 def _cell(row: dict, name: str, fmt: str = ".3f") -> str:
     if f"{name}_mean" not in row:
         return "-"
@@ -388,14 +664,15 @@ def _cell(row: dict, name: str, fmt: str = ".3f") -> str:
 
 
 def markdown_table(rows: list[dict], attacks: list[str]) -> str:
-    head = ["method", "seeds", "test acc", "precision", "recall", "F1"]
+    head = ["method", "seeds", "test acc", "precision", "recall", "F1", "% vulnerable"]
     for a in attacks:
         head += [f"ASR {a}", f"queries {a}", f"robust acc {a}"]
     head += ["params", "MB", "functions/s", "p50 ms", "train s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["method"] if r["role"] == "student" else f"*{r['method']}* (teacher)", str(r["seeds"] or "-")]
+        cells = [r["method"] if r["role"] == "student" else f"*{r['method']}* ({r['role']})", str(r["seeds"] or "-")]
         cells += [_cell(r, n) for n in ("test_accuracy", "test_precision", "test_recall", "test_f1")]
+        cells.append(f"{100 * r['test_vulnerable_share_mean']:.0f}" if "test_vulnerable_share_mean" in r else "-")
         for a in attacks:
             cells += [_cell(r, f"asr_{a}"), _cell(r, f"mean_queries_{a}", ".1f"), _cell(r, f"robust_accuracy_{a}")]
         cells += [f"{r['params_mean']:,.0f}", f"{r['size_mb_mean']:.2f}", _cell(r, "functions_per_s", ".0f"),
@@ -404,8 +681,10 @@ def markdown_table(rows: list[dict], attacks: list[str]) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(rows: list[dict], bench_dir: Path, cfg: MoEKDConfig, log) -> None:
-    """report/: benchmark.md, benchmark.csv, gains.csv and the plots (also logged to the parent run)."""
+def write_outputs(rows: list[dict], differences: list[dict], bench_dir: Path, cfg: MoEKDConfig, wall: float,
+                  sessions: int, log) -> None:
+    """report/: benchmark.md, benchmark.csv, gains.csv, differences.csv and the plots (also logged to the parent
+    run)."""
     attacks = cfg.benchmark.attacks
     report = bench_dir / "report"
     report.mkdir(exist_ok=True)
@@ -419,6 +698,12 @@ def write_outputs(rows: list[dict], bench_dir: Path, cfg: MoEKDConfig, log) -> N
                  + "---|" * (len(keys) + 1) + "\n"
                  + "\n".join(f"| {g['against']} | " + " | ".join(f"{g.get(k, float('nan')):+.1f}" for k in keys) + " |"
                              for g in gains))
+    if differences:
+        pd.DataFrame(differences).to_csv(report / "differences.csv", index=False)
+        text += ("\n\nmoekd minus the single-teacher methods (students averaged over seeds), 95% paired bootstrap "
+                 f"intervals over test functions / attacked functions, {cfg.benchmark.bootstrap} resamples:\n\n"
+                 + differences_markdown(differences))
+    text += f"\n\nwall time {wall / 60:.1f} min over {sessions} session(s)"
     (report / "benchmark.md").write_text(text + "\n")
     log(text)
     students = [r for r in rows if r["role"] == "student"]
@@ -429,6 +714,8 @@ def write_outputs(rows: list[dict], bench_dir: Path, cfg: MoEKDConfig, log) -> N
         figures[f"asr_vs_size_{a}.png"] = points_figure(
             {r["method"]: (r["size_mb_mean"], r[f"asr_{a}_mean"], r[f"asr_{a}_std"]) for r in students
              if f"asr_{a}_mean" in r}, "size (MB)", f"ASR ({a})", f"attack success rate vs size, {a}")
+    if differences:
+        figures["differences_ci.png"] = differences_figure(differences)
     import matplotlib.pyplot as plt
 
     for name, fig in figures.items():
