@@ -4,7 +4,7 @@
     python -m moekd_ray.bench --train-rows 1200 --epochs 2 --max-length 256
 
 One process, one Ray (moekd_ray.ray_runtime.init_ray), real Devign rows (moekd_ray.data), the pipeline's expert
-tokenizer and partition, and the pipeline's own expert trainers (moekd_ray.recipes.experts.expert_trainers). Order: one
+tokenizer and partition, and the pipeline's own expert trainers (moekd_ray.stages.experts.expert_trainers). Order: one
 unmeasured warm-up fit (the session's first fit pays one-time costs), concurrent fits, sequential fits, plain loop.
 The plain loop repeats the worker's per-epoch work (train_epoch, validation, save_pretrained) in this process, at
 the worker's thread count, so "Ray wall - plain wall" is Ray's fixed cost per fit.
@@ -30,8 +30,7 @@ from moekd_ray.data import SPLITS, describe, load_devign
 from moekd_ray.metrics import classification_metrics
 from moekd_ray.models import build_model, num_params
 from moekd_ray.partition import partition, partition_table
-from moekd_ray.recipes.experts import expert_trainers, part_arrays
-from moekd_ray.recipes.pipeline import encode_for_experts, make_tokenizers
+from moekd_ray.stages.experts import encode_for_experts, expert_trainers, make_tokenizers, part_arrays
 from moekd_ray.train_loop import make_loader, predict_logits, probs1, torch_step, train_epoch, weighted_ce
 
 

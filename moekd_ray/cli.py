@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run_driver(args, cfg: MoEKDConfig, console: Console) -> None:
     """A long-running command, its output through the console."""
     if args.command == "pretrain":
-        from moekd_ray.recipes.pretrain import pretrain_encoder
+        from moekd_ray.stages.pretrain import pretrain_encoder
 
         pretrain_encoder(cfg, log=console.say)
     elif args.command == "tune":

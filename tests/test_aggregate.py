@@ -6,7 +6,7 @@ import torch
 
 from moekd_ray.config import load_config
 from moekd_ray.partition import code_features
-from moekd_ray.recipes.aggregate import aggregate, fit_gate, load_soft_targets, save_soft_targets
+from moekd_ray.stages.aggregate import aggregate, fit_gate, load_soft_targets, save_soft_targets
 
 FUNCS = [f"int f{i}(int a) {{ return a {'+' if i % 2 else '*'} {i}; }}" for i in range(40)]
 

@@ -58,7 +58,7 @@ def run(method, model, budget=60, seed=0):
     victim = BudgetedVictim(counted, label=1, budget=budget)
     pool_vectors = model.embed_names(POOL)
     pool_vectors = pool_vectors / np.linalg.norm(pool_vectors, axis=1, keepdims=True)
-    p0 = float(model([CODE])[0])  # the clean prediction, not charged (as in recipes/attack.py)
+    p0 = float(model([CODE])[0])  # the clean prediction, not charged (as in attacks/workers.py)
     out = ATTACKS[method](victim, ids, p0, POOL, np.random.default_rng(seed), candidates=8, population=6,
                           pool_vectors=pool_vectors, embed=model.embed_names)
     assert counted.scored == victim.queries  # the wrapper's count is what the model saw
@@ -88,7 +88,7 @@ def test_mhm_spends_exactly_its_budget_when_it_cannot_flip():
 
 
 def test_summary_table_is_aligned():
-    from moekd_ray.recipes.attack import summary_table
+    from moekd_ray.attacks.workers import summary_table
 
     table = summary_table("mhm", {"functions": 200, "attacked": 87, "skipped_misclassified": 100,
                                   "skipped_no_identifiers": 13, "asr": 0.3448, "mean_queries": 123.45,
@@ -125,7 +125,8 @@ def attack_cfg(tiny_pipeline):
 
 
 def test_parallel_attack_equals_serial_and_is_logged(attack_cfg, tmp_path):
-    from moekd_ray.recipes.attack import run_attack, summary_table
+    from moekd_ray.attacks.workers import summary_table
+    from moekd_ray.recipes.attack import run_attack
 
     cfg, result = attack_cfg
     serial = run_attack(cfg.with_values({"attack.workers": 1}), result.run_id, log=lambda *_: None)

@@ -165,3 +165,19 @@ def test_moekd_differences_come_with_bootstrap_intervals(mini_benchmark):
     assert asr["difference"] == pytest.approx(by["moekd"]["asr_mhm_mean"] - by["compressor"]["asr_mhm_mean"], abs=1e-9)
     for d in result.differences:
         assert -1 <= d["low"] <= d["difference"] <= d["high"] <= 1
+
+
+def test_benchmark_scores_as_predict_and_the_attacks_do(mini_benchmark):
+    """The per-function probabilities the benchmark logged (its table and bootstrap read them) are the ones the one
+    scorer gives for the same student folder: the scorer `moekd predict`, the pyfunc and the attacks use."""
+    from moekd_ray.attacks.victim import load_victim
+    from moekd_ray.data import load_devign
+
+    cfg, result, *_ = mini_benchmark
+    test = list(load_devign(cfg.data, cfg.seed)["test"]["func"])
+    client = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
+    for method in ("compressor", "moekd", "tfidf-lr"):
+        run = client.get_run(next(r for r in result.rows if r["method"] == method)["run_ids"])
+        logged = np.asarray(mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/predictions/test.json")["p_vulnerable"])
+        folder = run.data.tags.get("moekd.bench.student_dir") or result.bench_dir / "references" / "tfidf-lr"
+        np.testing.assert_allclose(logged, load_victim(folder)(test), rtol=0, atol=2e-6)

@@ -1,5 +1,5 @@
-"""Imports flow one way: the CLI and the benchmark scripts (drivers) -> recipes/ -> components. Read from the
-source (ast), imports inside functions included, so a cycle cannot hide behind a late import."""
+"""Imports flow one way: the CLI and the benchmark scripts -> recipes/ (drivers) -> stages/ -> components. Read
+from the source (ast), imports inside functions included, so a cycle cannot hide behind a late import."""
 
 import ast
 from pathlib import Path
@@ -30,12 +30,19 @@ def is_recipe(name: str) -> bool:
     return name.startswith("moekd_ray.recipes")
 
 
-def test_components_import_no_recipe_and_no_driver():
+def layer(name: str) -> int:
+    """3: the CLI and scripts, 2: recipes (drivers), 1: stages, 0: components."""
+    if name in DRIVERS:
+        return 3
+    return 2 if is_recipe(name) else 1 if name.startswith("moekd_ray.stages") else 0
+
+
+def test_imports_only_go_down_the_layers():
+    """No component imports a stage, recipe or driver; no stage imports a recipe or driver; no recipe a driver."""
     graph = module_imports()
-    wrong = {(m, d) for m, deps in graph.items() if not is_recipe(m) and m not in DRIVERS
-             for d in deps if is_recipe(d) or d in DRIVERS}
-    assert not wrong, f"components importing recipes or drivers: {sorted(wrong)}"
-    assert not {(m, d) for m, deps in graph.items() if is_recipe(m) for d in deps if d in DRIVERS}
+    wrong = sorted((m, d) for m, deps in graph.items() for d in deps if layer(d) > layer(m))
+    assert not wrong, f"imports going up a layer: {wrong}"
+    assert {layer(m) for m in graph} == {0, 1, 2, 3}  # every layer is there
 
 
 def test_no_import_cycle():

@@ -62,7 +62,7 @@ def test_cross_fitted_experts_and_best_epoch(learned):
     cfg, result = learned
     import ray.train
 
-    from moekd_ray.recipes.experts import by_expert, member_names
+    from moekd_ray.stages.experts import by_expert, member_names
     from moekd_ray.recipes.pipeline import finished_members
 
     finished = finished_members(cfg, result.run_dir)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from moekd_ray.models import load_model
-from moekd_ray.recipes.aggregate import load_soft_targets
+from moekd_ray.stages.aggregate import load_soft_targets
 from moekd_ray.tokenization import load_tokenizer
 
 

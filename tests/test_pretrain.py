@@ -12,7 +12,7 @@ import torch
 from moekd_ray.cli import main
 from moekd_ray.config import load_config
 from moekd_ray.errors import ConfigError
-from moekd_ray.recipes.pretrain import (IGNORE, MaskedFunctions, build_corpus, encoder_folder, mlm_loss,
+from moekd_ray.stages.pretrain import (IGNORE, MaskedFunctions, build_corpus, encoder_folder, mlm_loss,
                                        predicted_logits)
 from moekd_ray.tokenization import SPECIALS
 from synthetic import write_dataset
@@ -107,7 +107,7 @@ def pretrained(ray_cluster, tmp_path_factory):
         f"mlflow.tracking_uri=sqlite:///{tmp / 'mlruns.db'}",
         f"experts.models={json.dumps([{'source': 'pretrain'}, {'source': 'ngram', 'buckets': 1024}])}",
     ])
-    from moekd_ray.recipes.pretrain import pretrain_encoder
+    from moekd_ray.stages.pretrain import pretrain_encoder
 
     lines = []
     return cfg, pretrain_encoder(cfg, lines.append), lines
@@ -138,7 +138,7 @@ def test_second_pretrain_reuses_the_encoder_and_experts_start_from_it(pretrained
 
     from moekd_ray.config import PretrainedConfig
     from moekd_ray.models import build_model
-    from moekd_ray.recipes.pretrain import pretrain_encoder, with_pretrained_encoder
+    from moekd_ray.stages.pretrain import pretrain_encoder, with_pretrained_encoder
 
     cfg, encoder, _ = pretrained
     stamp = (encoder / "model.safetensors").stat().st_mtime_ns

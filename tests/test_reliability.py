@@ -23,8 +23,8 @@ import torch
 from moekd_ray import ray_runtime
 from moekd_ray.config import load_config
 from moekd_ray.models import load_model
-from moekd_ray.recipes.distill import distill_student
-from moekd_ray.recipes.experts import train_experts
+from moekd_ray.stages.distill import distill_student
+from moekd_ray.stages.experts import train_experts
 
 TINY = '{"vocab_size": 300, "hidden_size": 32, "num_layers": 1, "num_heads": 2, "ffn_size": 64, "max_length": 32}'
 

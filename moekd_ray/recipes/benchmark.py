@@ -8,11 +8,11 @@ Top to bottom (`run_benchmark`):
    learn from through the teachers' soft targets only, as in Compressor; every figure is on the test split.
 2. teachers, once, cached by a hash of what they depend on: the K experts on a partition of the labelled part and
    one single teacher of expert `benchmark.teacher_expert`'s model on all of it (K+1 Ray Train runs at once).
-3. the router, on the labelled part (`recipes.aggregate.fit_gate`).
+3. the router, on the labelled part (`stages.aggregate.fit_gate`).
 4. the reference cells: each expert, the routed mixture, the single teacher and the tfidf-lr baseline (fitted on
    the labelled part); the single teacher and tfidf-lr are attacked too.
 5. per seed, every method's soft targets on the transfer set and its student, distilled with DeepSpeed
-   (`recipes.distill.distill_trainer`); a seed's students are fitted concurrently. moekd-robust's transfer set
+   (`stages.distill.distill_trainer`); a seed's students are fitted concurrently. moekd-robust's transfer set
    also holds identifier-renamed copies of its functions (`augment.py`), drawn from the attacks' vocabulary;
    moekd-robust-adv's copies are the renamings an attack finds against the plain mean of the experts.
    Each student cell: test metrics, parameters, MB, throughput, p50 latency, every attack of `benchmark.attacks`
@@ -54,12 +54,11 @@ from moekd_ray.metrics import axes, classification_metrics, confusion_matrix_fig
 from moekd_ray.models import load_model, num_params, size_mb
 from moekd_ray.scoring import max_input_length
 from moekd_ray.partition import code_features, partition
-from moekd_ray.recipes.aggregate import expert_weights, fit_gate, load_soft_targets, save_soft_targets
-from moekd_ray.recipes.attack import adversarial_renamings, attack_examples, format_summary, sample_examples, summarize
-from moekd_ray.recipes.distill import distill_trainer
-from moekd_ray.recipes.experts import expert_logits, expert_trainers
-from moekd_ray.recipes.pipeline import encode_for_experts, make_tokenizers
-from moekd_ray.recipes.pretrain import with_pretrained_encoder
+from moekd_ray.stages.aggregate import fit_gate, load_soft_targets, save_soft_targets, soft_targets
+from moekd_ray.attacks.workers import adversarial_renamings, attack_examples, format_summary, sample_examples, summarize
+from moekd_ray.stages.distill import distill_trainer
+from moekd_ray.stages.experts import encode_for_experts, expert_logits, expert_trainers, make_tokenizers
+from moekd_ray.stages.pretrain import with_pretrained_encoder
 from moekd_ray.router import mixture_probs
 from moekd_ray.tokenization import encode, load_tokenizer, train_bpe
 from moekd_ray.train_loop import latency_p50_ms, predict_logits, probs1, throughput
@@ -429,8 +428,7 @@ def evaluate_reference(cfg: MoEKDConfig, name: str, teachers: Teachers, gates: d
     if name == "mixture":
         experts = [evaluate_reference(cfg, f"expert_{k}", teachers, gates, funcs, labels, router_seconds,
                                       teachers.folder / f"expert_{k}")[0] for k in range(cfg.experts.k)]
-        w = torch.from_numpy(expert_weights(cfg, gates["test"]))
-        mix = mixture_probs(torch.from_numpy(np.array(teachers.logits["experts"]["test"])), w).numpy()[:, 1]
+        mix = soft_targets(cfg, teachers.logits["experts"]["test"], gates["test"], 1.0)[:, 1]
         return {
             **{f"test_{k}": v for k, v in classification_metrics(labels["test"], mix).items()},
             "params": sum(r["params"] for r in experts), "size_mb": sum(r["size_mb"] for r in experts),
@@ -483,11 +481,8 @@ def method_targets(mcfg: MoEKDConfig, method: str, logits: dict, gates: dict) ->
     """The method's teacher distribution on the transfer set, softened at its T: [N, 2]."""
     if method in SINGLE_TEACHER:
         z = logits["teacher"]["transfer"]
-        w = np.ones(z.shape[:2], dtype=np.float32)
-    else:
-        z = logits["experts"]["transfer"]
-        w = expert_weights(mcfg, gates["transfer"])
-    return mixture_probs(torch.from_numpy(np.array(z)), torch.from_numpy(w), mcfg.distill.temperature).numpy()
+        return mixture_probs(torch.from_numpy(np.array(z)), torch.ones(z.shape[:2]), mcfg.distill.temperature).numpy()
+    return soft_targets(mcfg, logits["experts"]["transfer"], gates["transfer"])
 
 
 def evaluate_model(cfg: MoEKDConfig, model, enc_test: dict, labels: np.ndarray, seconds_train: float,

@@ -15,22 +15,23 @@ from pathlib import Path
 import numpy as np
 
 from moekd_ray import console, progress, ray_runtime, tracking
-from moekd_ray.config import MoEKDConfig, NgramConfig, PretrainedConfig, dump_yaml, load_config
+from moekd_ray.config import MoEKDConfig, PretrainedConfig, dump_yaml, load_config
 from moekd_ray.errors import ConfigError
 from moekd_ray.attacks.identifiers import identifier_vocabulary
 from moekd_ray.augment import with_renamed_copies
-from moekd_ray.recipes.attack import adversarial_renamings, attack_model, format_summary, log_attack
+from moekd_ray.attacks.workers import adversarial_renamings, format_summary
+from moekd_ray.recipes.attack import attack_model, log_attack
 from moekd_ray.data import SPLITS, dataset_hash, describe, load_devign
 from moekd_ray.baseline import TfidfLR
 from moekd_ray.decision import decide_folder, decision_tags, load_decision, pick_threshold
 from moekd_ray.metrics import classification_metrics, comparison_figure, confusion_matrix_figure, degenerate
 from moekd_ray.models import build_model, load_model, num_params, size_mb
 from moekd_ray.partition import code_features, partition, partition_table
-from moekd_ray.recipes.aggregate import aggregate, fit_gate, load_soft_targets, save_soft_targets
-from moekd_ray.recipes.distill import distill_student
-from moekd_ray.recipes.experts import by_expert, expert_logits, member_names, train_experts
-from moekd_ray.recipes.pretrain import with_pretrained_encoder
-from moekd_ray.tokenization import NgramHasher, encode, load_tokenizer, train_bpe
+from moekd_ray.stages.aggregate import aggregate, fit_gate, load_soft_targets, save_soft_targets
+from moekd_ray.stages.distill import distill_student
+from moekd_ray.stages.experts import by_expert, encode_for_experts, expert_logits, make_tokenizers, member_names, train_experts
+from moekd_ray.stages.pretrain import with_pretrained_encoder
+from moekd_ray.tokenization import encode, load_tokenizer
 from moekd_ray.train_loop import predict_logits, probs1, throughput
 
 
@@ -221,40 +222,6 @@ def run_pipeline(cfg: MoEKDConfig, log=print, resume: str | None = None) -> Pipe
             log(f"warning: {name} is degenerate: it {why}")
         log(f"student model: {model_uri or 'registered by `moekd sync` (the tracking server is unreachable)'}")
         return PipelineResult(run_dir, run_id, model_uri, rows, timer.seconds)
-
-
-def make_tokenizers(cfg: MoEKDConfig, train_funcs: list[str], run_dir: Path):
-    """Experts: their checkpoint's tokenizer, the n-gram hasher, else a BPE on the training code; student: a small
-    BPE. All saved.
-    Returns (one tokenizer per expert, student tokenizer); experts with the same spec share one object."""
-    by_spec = {}
-    for spec in cfg.experts.specs():
-        key = spec.model_dump_json()
-        if key not in by_spec:
-            if isinstance(spec, PretrainedConfig):
-                by_spec[key] = load_tokenizer(spec.name_or_path)
-            elif isinstance(spec, NgramConfig):
-                by_spec[key] = NgramHasher(spec.buckets, spec.ngram, spec.max_length)
-            else:
-                by_spec[key] = train_bpe(train_funcs, spec.vocab_size, spec.max_length)
-    expert_toks = [by_spec[spec.model_dump_json()] for spec in cfg.experts.specs()]
-    for k, tok in enumerate(expert_toks):
-        tok.save_pretrained(str(run_dir / "tokenizers" / f"expert_{k}"))
-    arch = cfg.distill.arch()
-    student_tok = train_bpe(train_funcs, arch.vocab_size, arch.max_length)
-    student_tok.save_pretrained(str(run_dir / "tokenizers" / "student"))
-    return expert_toks, student_tok
-
-
-def encode_for_experts(cfg: MoEKDConfig, expert_toks: list, funcs: dict[str, list[str]]) -> list[dict]:
-    """Expert k's encoded splits; experts sharing a tokenizer and length share one encoding."""
-    encoded, out = {}, []
-    for spec, tok in zip(cfg.experts.specs(), expert_toks):
-        key = (id(tok), spec.max_length)
-        if key not in encoded:
-            encoded[key] = {s: encode(tok, texts, spec.max_length) for s, texts in funcs.items()}
-        out.append(encoded[key])
-    return out
 
 
 def evaluate_all(cfg, checkpoints, targets, student, enc_expert, enc_student, labels) -> tuple[list[dict], dict]:

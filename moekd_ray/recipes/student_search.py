@@ -5,7 +5,7 @@
 Ray Tune with Optuna's multi-objective TPE sampler samples layers, heads x head width, FFN, vocabulary and length
 (`student_search`); each trial checks the constraints first (hidden = heads x head_dim holds by construction; a
 student above `max_size_mb` is reported infeasible and never trained), then distils the student from the source
-run's cached aggregated soft targets (one Ray Train + DeepSpeed run, `recipes.distill.distill_trainer`) and
+run's cached aggregated soft targets (one Ray Train + DeepSpeed run, `stages.distill.distill_trainer`) and
 measures four objectives: validation F1 (max), size in MB (min), p50 latency of one function on one CPU thread
 (min) and the attack success rate of `asr_attack` on a fixed seeded sample of validation functions (min).
 The driver then computes the Pareto front over the feasible trials, logs every trial (nested MLflow runs), the
@@ -30,12 +30,12 @@ from ray.tune.search.optuna import OptunaSearch
 
 from moekd_ray import ray_runtime, tracking
 from moekd_ray.config import ArchConfig, MoEKDConfig, format_validation_error
-from moekd_ray.data import dataset_hash
+from moekd_ray.data import SPLITS, dataset_hash
 from moekd_ray.decision import decide_folder, decision_tags
 from moekd_ray.metrics import axes, classification_metrics, finish
 from moekd_ray.models import build_model, load_model, num_params, size_mb
-from moekd_ray.recipes.attack import attack_trial_student, validation_sample
-from moekd_ray.recipes.distill import distill_trainer
+from moekd_ray.attacks.workers import attack_trial_student, validation_sample
+from moekd_ray.stages.distill import distill_trainer
 from moekd_ray.recipes.tune import TrialProgress, source_run
 from moekd_ray.tokenization import encode, train_bpe
 from moekd_ray.train_loop import latency_p50_ms, predict_logits, probs1
@@ -109,7 +109,7 @@ def run_student_search(cfg: MoEKDConfig, log=print) -> StudentSearchResult:
     ray_runtime.init_ray(cfg)
     ray_runtime.check_trial_fits(cfg, cfg.distill.resources, "distill.resources")
     src = source_run(cfg, s.from_run, "student_search.from_run", log)
-    funcs = {split: list(src.data[split]["func"]) for split in ("train", "valid", "test")}
+    funcs = {split: list(src.data[split]["func"]) for split in SPLITS}
     tokenizers = {v: train_bpe(funcs["train"], v, max(s.max_length)) for v in s.vocab_size}
     name = f"student-search-{cfg.name}-{cfg.digest()}"
     storage = cfg.ray.storage_path or str((Path(cfg.output_dir) / "student_search").resolve())

@@ -4,8 +4,8 @@
 
 Experts are trained once: the search starts from a finished pipeline run (`tune.from_run`, an MLflow run id; else
 the pipeline runs first) and reuses its cached expert logits and gate logits. A trial re-weights them at its router
-temperature (`recipes.aggregate.expert_weights`), softens the mixture at its T, and distils one student in a Ray
-Train TorchTrainer with DeepSpeed (`recipes.distill.distill_trainer`), whose per-epoch metrics reach Tune through
+temperature (`stages.aggregate.expert_weights`), softens the mixture at its T, and distils one student in a Ray
+Train TorchTrainer with DeepSpeed (`stages.distill.distill_trainer`), whose per-epoch metrics reach Tune through
 `TuneReportCallback` (Train V2: the function trainable builds and fits the trainer). Trials are logged to MLflow
 from the driver after the search, so concurrent trials never write to a SQLite store at once.
 
@@ -25,7 +25,6 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import ray
-import torch
 from ray import tune
 from ray.train import Checkpoint
 from ray.tune.integration.ray_train import TuneReportCallback
@@ -34,15 +33,14 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from moekd_ray import progress, ray_runtime, tracking
 from moekd_ray.config import ChoiceDist, LogUniformDist, MoEKDConfig, load_config
-from moekd_ray.data import dataset_hash, load_devign
+from moekd_ray.data import SPLITS, dataset_hash, load_devign
 from moekd_ray.errors import ConfigError
 from moekd_ray.decision import decide_folder, decision_tags
 from moekd_ray.metrics import classification_metrics, scatter_figure
 from moekd_ray.models import load_model, num_params, size_mb
-from moekd_ray.recipes.aggregate import expert_weights, load_soft_targets
-from moekd_ray.recipes.attack import attack_trial_student, validation_sample
-from moekd_ray.recipes.distill import distill_trainer
-from moekd_ray.router import mixture_probs
+from moekd_ray.stages.aggregate import load_soft_targets, soft_targets
+from moekd_ray.attacks.workers import attack_trial_student, validation_sample
+from moekd_ray.stages.distill import distill_trainer
 from moekd_ray.tokenization import encode, train_bpe
 from moekd_ray.train_loop import predict_logits, probs1
 
@@ -73,8 +71,7 @@ def run_trial(values: dict, base: dict, refs: dict) -> None:
     cfg = MoEKDConfig.model_validate(base).with_values(values)
     robust = cfg.tune.metric == ROBUST
     cache = ray.get(refs["cache"])
-    weights = torch.from_numpy(expert_weights(cfg, cache["gate_logits"]))
-    teacher = mixture_probs(torch.from_numpy(np.array(cache["expert_logits"])), weights, cfg.distill.temperature).numpy()
+    teacher = soft_targets(cfg, cache["expert_logits"], cache["gate_logits"])
     name = f"{refs['search_name']}-{tune.get_context().get_trial_id()}"
     trainer = distill_trainer(cfg, ray.get(refs["enc"]), ray.get(refs["labels"]), teacher, name, refs["storage"],
                               callbacks=[ObjectiveLater() if robust else TuneReportCallback()],
@@ -188,7 +185,7 @@ def source_run(cfg: MoEKDConfig, from_run: str | None, option: str, log) -> Sour
         raise ConfigError(f"{run_dir / 'soft_targets.safetensors'}: {exc}; rerun that pipeline with --resume "
                           "to rebuild it") from None
     data = load_devign(run_cfg.data, run_cfg.seed)
-    labels = {s: np.asarray(data[s]["target"], dtype=np.int64) for s in ("train", "valid", "test")}
+    labels = {s: np.asarray(data[s]["target"], dtype=np.int64) for s in SPLITS}
     if not np.array_equal(labels["train"], cache["train"]["labels"]):
         raise ConfigError(f"{run_dir}: its cached logits do not match the data found now; point data.dir at the "
                           "data that run used")

@@ -51,20 +51,28 @@ def expert_weights(cfg: MoEKDConfig, gates: np.ndarray) -> np.ndarray:
     return route(g, cfg.router.temperature, cfg.router.top_k).numpy()
 
 
+def soft_targets(cfg: MoEKDConfig, expert_logits: np.ndarray, gates: np.ndarray,
+                 temperature: float | None = None) -> np.ndarray:
+    """The experts' distributions [N, K, 2] mixed by the router's weights for `gates` [N, K], softened at
+    `temperature` (default: the distillation's T): [N, 2]. The one place soft targets are made."""
+    z = torch.from_numpy(np.array(expert_logits)).float()  # a copy: arrays from the Ray object store are read-only
+    w = torch.from_numpy(expert_weights(cfg, gates)).float()
+    t = cfg.distill.temperature if temperature is None else temperature
+    return mixture_probs(z, w, t).numpy()
+
+
 def aggregate(cfg: MoEKDConfig, logits: dict[str, np.ndarray], gates: dict[str, np.ndarray],
               labels: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
     """Per split: expert_logits [N,K,2], gate_logits [N,K], weights [N,K], mixture_probs (T=1) and
     soft_targets (at the distillation temperature) [N,2], labels [N]."""
     out = {}
     for split in logits:
-        z = torch.from_numpy(logits[split]).float()
-        w = torch.from_numpy(expert_weights(cfg, gates[split])).float()
         out[split] = {
             "expert_logits": logits[split].astype(np.float32),
             "gate_logits": gates[split].astype(np.float32),
-            "weights": w.numpy(),
-            "mixture_probs": mixture_probs(z, w, 1.0).numpy(),
-            "soft_targets": mixture_probs(z, w, cfg.distill.temperature).numpy(),
+            "weights": torch.from_numpy(expert_weights(cfg, gates[split])).float().numpy(),
+            "mixture_probs": soft_targets(cfg, logits[split], gates[split], 1.0),
+            "soft_targets": soft_targets(cfg, logits[split], gates[split]),
             "labels": labels[split].astype(np.int64),
         }
     return out

@@ -31,7 +31,7 @@ from moekd_ray.config import ArchConfig, MoEKDConfig, PretrainedConfig, Pretrain
 from moekd_ray.data import load_devign
 from moekd_ray.errors import ConfigError
 from moekd_ray.models import roberta_config
-from moekd_ray.recipes.distill import (DEEPSPEED_TAG, deepspeed_config, deepspeed_step, gathered_state,
+from moekd_ray.stages.distill import (DEEPSPEED_TAG, deepspeed_config, deepspeed_step, gathered_state,
                                       save_deepspeed, start_deepspeed)
 from moekd_ray.tokenization import SPECIALS, encode, train_bpe
 from moekd_ray.train_loop import BestEpoch, model_device, model_inputs, start_epoch, train_epoch, trim_padding

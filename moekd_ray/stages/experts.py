@@ -18,15 +18,51 @@ import torch
 from pydantic import TypeAdapter
 
 from moekd_ray import progress, ray_runtime
-from moekd_ray.config import ModelSource, MoEKDConfig, Schedule
+from moekd_ray.config import ModelSource, MoEKDConfig, NgramConfig, PretrainedConfig, Schedule
 from moekd_ray.metrics import validation_metrics
 from moekd_ray.models import build_model, load_model
+from moekd_ray.tokenization import NgramHasher, encode, load_tokenizer, train_bpe
 from moekd_ray.train_loop import (BestEpoch, make_loader, predict_logits, scheduled, start_epoch, torch_step,
                                   train_epoch, weighted_ce)
 
 
 def unwrap(model):
     return model.module if hasattr(model, "module") else model
+
+
+def make_tokenizers(cfg: MoEKDConfig, train_funcs: list[str], run_dir: Path):
+    """Experts: their checkpoint's tokenizer, the n-gram hasher, else a BPE on the training code; student: a small
+    BPE. All saved.
+    Returns (one tokenizer per expert, student tokenizer); experts with the same spec share one object."""
+    by_spec = {}
+    for spec in cfg.experts.specs():
+        key = spec.model_dump_json()
+        if key not in by_spec:
+            if isinstance(spec, PretrainedConfig):
+                by_spec[key] = load_tokenizer(spec.name_or_path)
+            elif isinstance(spec, NgramConfig):
+                by_spec[key] = NgramHasher(spec.buckets, spec.ngram, spec.max_length)
+            else:
+                by_spec[key] = train_bpe(train_funcs, spec.vocab_size, spec.max_length)
+    expert_toks = [by_spec[spec.model_dump_json()] for spec in cfg.experts.specs()]
+    for k, tok in enumerate(expert_toks):
+        tok.save_pretrained(str(run_dir / "tokenizers" / f"expert_{k}"))
+    arch = cfg.distill.arch()
+    student_tok = train_bpe(train_funcs, arch.vocab_size, arch.max_length)
+    student_tok.save_pretrained(str(run_dir / "tokenizers" / "student"))
+    return expert_toks, student_tok
+
+
+def encode_for_experts(cfg: MoEKDConfig, expert_toks: list, funcs: dict[str, list[str]]) -> list[dict]:
+    """Expert k's encoded splits; experts sharing a tokenizer and length share one encoding."""
+    encoded, out = {}, []
+    for spec, tok in zip(cfg.experts.specs(), expert_toks):
+        key = (id(tok), spec.max_length)
+        if key not in encoded:
+            encoded[key] = {s: encode(tok, texts, spec.max_length) for s, texts in funcs.items()}
+        out.append(encoded[key])
+    return out
+
 
 
 def expert_worker(config: dict) -> None:

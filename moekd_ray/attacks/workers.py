@@ -1,0 +1,215 @@
+"""The attack stage: identifier-renaming attacks (attacks/methods.py) on many functions, in parallel.
+
+A seeded sample of `attack.n` functions of `attack.split` is classified once; functions the model gets wrong, or
+that have no renamable identifier, are skipped (and counted); every other function is attacked with
+`attack.query_budget` queries. `attack.workers` Ray actors each load the model once and attack chunks of examples;
+each example has its own seeded generator, so a parallel run gives the serial run's adversarial examples.
+Metrics follow ALERT: attack success rate over attacked functions, mean queries, mean renamed identifiers,
+robust accuracy (correct and not flipped, over all sampled functions).
+
+Used by `moekd attack` (recipes/attack.py), the pipeline's last stage, the benchmark, tune's robust objective and
+the robust students' attack-found copies (`adversarial_renamings`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+
+from moekd_ray import progress, ray_runtime
+from moekd_ray.attacks.identifiers import Identifiers, identifier_vocabulary
+from moekd_ray.attacks.methods import ATTACKS, FLIP
+from moekd_ray.attacks.victim import BudgetedVictim, load_victim
+from moekd_ray.augment import copies_per_function
+from moekd_ray.config import AttackConfig, MoEKDConfig
+from moekd_ray.data import load_devign
+
+CHUNK = 4  # examples per actor call: small enough for a live progress line, large enough to amortise the call
+
+
+@contextlib.contextmanager
+def _one_thread():
+    # One torch thread per attacking worker: the workers are the parallelism, and the scores stay bit-identical
+    # between a serial and a parallel run.
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+class AttackWorker:
+    """Loads the victim once; attacks examples. Used directly (serial) and as a Ray actor (parallel)."""
+
+    def __init__(self, folder: str, target: str, attack: dict, pool: list[str], seed: int, batch_size: int):
+        self.cfg, self.pool, self.seed = AttackConfig.model_validate(attack), pool, seed
+        with _one_thread():
+            self.model = load_victim(folder, target, batch_size)
+            self.pool_vectors = None
+            if self.cfg.method == "alert":
+                v = self.model.embed_names(pool)
+                self.pool_vectors = v / np.linalg.norm(v, axis=1, keepdims=True)
+
+    def attack(self, examples: list[tuple[int, str, int]]) -> list[dict]:
+        with _one_thread():
+            p_vuln = self.model([func for _, func, _ in examples])  # the clean prediction is not charged
+            return [self._one(i, func, label, float(p)) for (i, func, label), p in zip(examples, p_vuln)]
+
+    def _one(self, index: int, func: str, label: int, p_vuln: float) -> dict:
+        p0 = p_vuln if label == 1 else 1.0 - p_vuln
+        row = {"index": index, "label": label, "p_true": p0, "status": "", "queries": 0, "renamed": 0,
+               "p_true_adv": p0, "seconds": 0.0, "mapping": "{}", "original": func, "adversarial": func}
+        if p0 < FLIP:
+            return {**row, "status": "skipped_misclassified"}
+        ids = Identifiers(func, include_function_name=self.cfg.include_function_name)
+        if not ids.names:
+            return {**row, "status": "skipped_no_identifiers"}
+        victim = BudgetedVictim(self.model, label, self.cfg.query_budget)
+        start = time.perf_counter()
+        out = ATTACKS[self.cfg.method](
+            victim, ids, p0, self.pool, np.random.default_rng([self.seed, index]), candidates=self.cfg.candidates,
+            population=self.cfg.population, pool_vectors=self.pool_vectors, embed=self.model.embed_names,
+        )
+        return {**row, "status": "success" if out.success else "failed", "queries": victim.queries,
+                "renamed": len(out.mapping), "p_true_adv": out.p_true, "seconds": time.perf_counter() - start,
+                "mapping": json.dumps(out.mapping), "adversarial": out.code}
+
+
+def attack_examples(folder, target, cfg: MoEKDConfig, examples, pool, log=print) -> list[dict]:
+    """Every example's outcome row, from `attack.workers` Ray actors (or in this process when workers = 1)."""
+    args = (str(folder), target, cfg.attack.model_dump(mode="json"), pool, cfg.seed, cfg.eval.batch_size)
+    chunks = [examples[i : i + CHUNK] for i in range(0, len(examples), CHUNK)]
+    rows: list[dict] = []
+
+    def show():  # on the console's status line (the summary is the caller's line)
+        done = [r for r in rows if r["status"] in ("success", "failed")]
+        asr = sum(r["status"] == "success" for r in done) / max(len(done), 1)
+        progress.report(f"attack {cfg.attack.method}", len(rows), len(examples), "functions",
+                        f"{len(done)} attacked, ASR {asr:.1%}")
+
+    if cfg.attack.workers == 1:
+        worker = AttackWorker(*args)
+        for chunk in chunks:
+            rows += worker.attack(chunk)
+            show()
+    else:
+        actor = ray.remote(num_cpus=1)(AttackWorker)
+        pool_ = ray.util.ActorPool([actor.remote(*args) for _ in range(cfg.attack.workers)])
+        for result in pool_.map_unordered(lambda a, chunk: a.attack.remote(chunk), chunks):
+            rows += result
+            show()
+    return sorted(rows, key=lambda r: r["index"])
+
+
+def summarize(rows: list[dict], seconds: float) -> dict:
+    attacked = [r for r in rows if r["status"] in ("success", "failed")]
+    success = [r for r in attacked if r["status"] == "success"]
+    correct = [r for r in rows if r["status"] != "skipped_misclassified"]
+    return {
+        "functions": len(rows),
+        "attacked": len(attacked),
+        "skipped_misclassified": sum(r["status"] == "skipped_misclassified" for r in rows),
+        "skipped_no_identifiers": sum(r["status"] == "skipped_no_identifiers" for r in rows),
+        "asr": len(success) / max(len(attacked), 1),
+        "mean_queries": float(np.mean([r["queries"] for r in attacked])) if attacked else 0.0,
+        "mean_renamed": float(np.mean([r["renamed"] for r in success])) if success else 0.0,
+        "clean_accuracy": len(correct) / max(len(rows), 1),
+        "robust_accuracy": (len(correct) - len(success)) / max(len(rows), 1),
+        "seconds": seconds,
+        "attacks_per_s": len(attacked) / seconds if seconds else 0.0,
+    }
+
+
+def asr_by_budget(rows: list[dict], budget: int, points: int = 12) -> tuple[list[int], list[float]]:
+    """ASR had the budget been b: a success counts when it needed at most b queries (one run gives the curve)."""
+    attacked = [r for r in rows if r["status"] in ("success", "failed")]
+    budgets = sorted({max(1, int(round(b))) for b in np.linspace(1, budget, points)})
+    asr = [sum(r["status"] == "success" and r["queries"] <= b for r in attacked) / max(len(attacked), 1)
+           for b in budgets]
+    return budgets, asr
+
+
+def sample_examples(cfg: MoEKDConfig) -> tuple[list[tuple[int, str, int]], list[str]]:
+    """The seeded sample of (row index, function, label) to attack, and the substitute pool from training code."""
+    data = load_devign(cfg.data, cfg.seed)
+    split = data[cfg.attack.split]
+    rng = np.random.default_rng(cfg.seed)
+    idx = sorted(rng.choice(len(split), size=min(cfg.attack.n, len(split)), replace=False).tolist())
+    examples = [(i, split[i]["func"], int(split[i]["target"])) for i in idx]
+    train = data["train"]["func"]
+    pool = identifier_vocabulary(list(train[: cfg.attack.vocab_rows]), max_size=cfg.attack.vocab_size)
+    return examples, pool
+
+
+def validation_sample(cfg: MoEKDConfig, funcs: dict[str, list[str]], valid_labels, n: int) -> dict:
+    """What every trial of a search attacks its student on: one seeded sample of `n` validation functions (the
+    same for every trial, so trials' ASRs compare) and the substitute pool from training code."""
+    rng = np.random.default_rng(cfg.seed)
+    picked = sorted(rng.choice(len(funcs["valid"]), size=min(n, len(funcs["valid"])), replace=False).tolist())
+    return {"examples": [(i, funcs["valid"][i], int(valid_labels[i])) for i in picked],
+            "pool": identifier_vocabulary(funcs["train"][: cfg.attack.vocab_rows], max_size=cfg.attack.vocab_size)}
+
+
+def attack_trial_student(checkpoint, folder: Path, tokenizer, cfg: MoEKDConfig, sample: dict, method: str,
+                         budget: int) -> dict:
+    """A search trial's student: its checkpoint and tokenizer into `folder` (a loadable student), attacked with
+    `method` at `budget` queries a function on `validation_sample`'s examples in this process; the summary."""
+    ray_runtime.copy_atomically(checkpoint, folder)
+    tokenizer.save_pretrained(str(folder / "tokenizer"))
+    attack = cfg.attack.model_copy(update={"method": method, "query_budget": budget})
+    worker = AttackWorker(str(folder), "student", attack.model_dump(mode="json"), sample["pool"], cfg.seed,
+                          cfg.eval.batch_size)
+    start = time.perf_counter()
+    return summarize(worker.attack(sample["examples"]), time.perf_counter() - start)
+
+
+def summary_table(method: str, s: dict) -> str:
+    """The summary as an aligned two-column table: what `moekd attack` prints last."""
+    rows = [
+        ("attack", method),
+        ("functions sampled", str(s["functions"])),
+        ("attacked", str(s["attacked"])),
+        ("skipped: misclassified", str(s["skipped_misclassified"])),
+        ("skipped: no identifiers", str(s["skipped_no_identifiers"])),
+        ("ASR", f"{s['asr']:.1%}"),
+        ("mean queries", f"{s['mean_queries']:.1f}"),
+        ("mean renamed", f"{s['mean_renamed']:.2f}"),
+        ("accuracy -> robust", f"{s['clean_accuracy']:.3f} -> {s['robust_accuracy']:.3f}"),
+        ("seconds", f"{s['seconds']:.1f}"),
+        ("attacks/s", f"{s['attacks_per_s']:.2f}"),
+    ]
+    key_w, value_w = max(len(k) for k, _ in rows), max(len(v) for _, v in rows)
+    return "\n".join(f"{k:<{key_w}}  {v:>{value_w}}" for k, v in rows)
+
+
+def format_summary(method: str, s: dict) -> str:
+    return (f"{method}: ASR {s['asr']:.1%} of {s['attacked']} attacked ({s['skipped_misclassified']} misclassified, "
+            f"{s['skipped_no_identifiers']} without identifiers skipped); mean queries {s['mean_queries']:.1f}, "
+            f"mean renamed {s['mean_renamed']:.2f}; accuracy {s['clean_accuracy']:.3f} -> robust "
+            f"{s['robust_accuracy']:.3f}; {s['seconds']:.0f} s ({s['attacks_per_s']:.2f} attacks/s)")
+
+
+def adversarial_renamings(cfg, victim: str | Path, target: str, funcs: list[str], teacher: np.ndarray,
+                          pool: list[str], log=print) -> dict[int, str]:
+    """Attack-found renamings of the functions that get copies (seeded by `cfg.seed`), as {index: code}.
+
+    The victim (`attacks.victim.load_victim(victim, target)`, e.g. a run folder's "uniform" mean of its experts)
+    is attacked with `distill.augment_attack` for `distill.augment_budget` queries per function, the "true"
+    class being the soft targets' argmax; `attack.workers` Ray actors share the work."""
+    chosen = np.flatnonzero(copies_per_function(len(funcs), cfg.distill.augment_ratio, cfg.seed))
+    examples = [(int(i), funcs[i], int(teacher[i].argmax())) for i in chosen]
+    acfg = cfg.with_values({"attack.method": cfg.distill.augment_attack,
+                            "attack.query_budget": cfg.distill.augment_budget})
+    start = time.perf_counter()
+    rows = attack_examples(victim, target, acfg, examples, pool, log=lambda *_: None)
+    log(f"adversarial copies against the teachers ({target}): "
+        f"{format_summary(acfg.attack.method, summarize(rows, time.perf_counter() - start))}")
+    return {r["index"]: r["adversarial"] for r in rows if r["mapping"] != "{}"}
+
