@@ -14,32 +14,19 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
-HOST = "127.0.0.1"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
+from moekd_ray import process_group
+from moekd_ray.process_group import LOOPBACK as HOST, free_port
 
 
 def wait_http(url: str, proc: subprocess.Popen, timeout_s: float = 600) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            urllib.request.urlopen(url, timeout=2).read()
-            return
-        except OSError:
-            time.sleep(0.5)
-    raise SystemExit(f"mlflow_screenshots: the MLflow server did not answer {url} in {timeout_s:.0f} s")
+    if process_group.wait_http(url, proc, timeout_s) is None:
+        raise SystemExit(f"mlflow_screenshots: the MLflow server did not answer {url} in {timeout_s:.0f} s")
 
 
 def api(base: str, endpoint: str, body: dict | None = None, query: dict | None = None) -> dict:

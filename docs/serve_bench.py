@@ -21,7 +21,6 @@ import argparse
 import http.client
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,14 +36,13 @@ from moekd_ray.config import DataConfig
 from moekd_ray.data import read_jsonl, resolve_data_dir, split_file, take_subset
 from moekd_ray.errors import ConfigError, DataError, TrackingError
 from moekd_ray.predict import load_model
-from moekd_ray.process_group import end_group
+from moekd_ray.process_group import LOOPBACK, end_group, free_port
 
 try:
     import psutil
 except ImportError:  # /proc instead (Linux)
     psutil = None
 
-LOOPBACK = "127.0.0.1"
 FORMATS = ("inputs", "dataframe_split")  # the MLflow scoring protocols this model's unnamed string column accepts
 
 
@@ -112,12 +110,6 @@ def check_answer(body: bytes, expected: np.ndarray, tolerance: float) -> tuple[s
 
 
 # ------------------------------------------------------------------------------------------ the server
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
-
 
 def start_server(model_uri: str, tracking_uri: str, port: int, workers: int, timeout_s: int,
                  log: Path) -> subprocess.Popen:

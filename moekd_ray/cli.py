@@ -228,13 +228,11 @@ def _attack(args) -> int:
 
 
 def _registry(args) -> int:
-    from mlflow import MlflowClient
-
     from moekd_ray import registry, tracking
 
     cfg = load_config(args.config, args.overrides)
     tracking.connect(cfg.mlflow.tracking_uri)
-    client = MlflowClient()
+    client = tracking.client()
     if args.action == "list":
         print(registry.format_versions(registry.list_versions(client, args.name)))
         return 0

@@ -378,6 +378,9 @@ def _default_space() -> dict:
     }
 
 
+ROBUST_ATTACK_N = 30  # tune.attack_n of a robust_f1 search that does not set it
+
+
 class TuneConfig(_Strict):
     from_run: str | None = Field(
         None, description="MLflow run id of a finished pipeline run whose experts and router trials reuse "
@@ -402,7 +405,7 @@ class TuneConfig(_Strict):
     )
     attack_n: int | None = Field(
         None, ge=1, description="robust_f1 only: validation functions attacked per trial, one seeded sample shared "
-        "by every trial (unset: 30).",
+        f"by every trial (unset: {ROBUST_ATTACK_N}, written into the resolved config).",
     )
     register_best: bool = Field(True, description="Register the best trial's student in the model registry.")
 
@@ -415,6 +418,8 @@ class TuneConfig(_Strict):
                                      "set metric: robust_f1 or drop it")
         elif self.robustness_weight is None:
             raise ValueError("metric robust_f1 needs robustness_weight (w in val_f1 - w x ASR), e.g. 0.5")
+        elif self.attack_n is None:
+            self.attack_n = ROBUST_ATTACK_N
         return self
 
 

@@ -135,7 +135,7 @@ class Console:
         for task, t in self.tasks.items():
             share = t["done"] / max(t["total"], 1)
             rate = (t["done"] - t["first_done"]) / max(t["at"] - t["first_at"], 1e-9)
-            eta = f" ETA {_duration((t['total'] - t['done']) / rate)}" if rate > 0 else ""
+            eta = f" ETA {duration((t['total'] - t['done']) / rate, compact=True)}" if rate > 0 else ""
             note = f" {t['note']}" if t["note"] else ""
             parts.append(f"{task}{note} {share:.0%}{eta}")
         line = " | ".join(parts)
@@ -205,7 +205,10 @@ def _stream_handlers() -> list[logging.StreamHandler]:
             and not isinstance(getattr(type(h), "stream", None), property)]
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float, compact: bool = False) -> str:
+    """"4 min 11 s" for moekd's lines; compact ("4m11s") for the status line's ETAs."""
+    if not compact:
+        return f"{seconds:.1f} s" if seconds < 60 else f"{int(seconds // 60)} min {seconds % 60:.0f} s"
     seconds = int(seconds)
     if seconds < 60:
         return f"{seconds}s"

@@ -479,7 +479,7 @@ def _indent(text: str, n: int) -> str:
 def load_model(uri: str, tracking_uri: str | None = None):
     """The pyfunc student at ``uri``: a local folder holding an MLmodel file, or a models:/ (runs:/, ...) URI
     resolved against ``tracking_uri`` (default $MLFLOW_TRACKING_URI, else the project's sqlite:///mlruns.db)."""
-    import mlflow
+    from moekd_ray.registry import MlflowException, load_pyfunc
 
     if "://" not in uri and not uri.startswith(("models:/", "runs:/")):
         folder = Path(uri)
@@ -490,10 +490,10 @@ def load_model(uri: str, tracking_uri: str | None = None):
             raise ConfigError(f"--model {uri}: this folder has no MLmodel file; give the folder of a logged "
                               "pyfunc model (the one holding MLmodel) or models:/<name>/<version>")
         with _quiet_loading():
-            return mlflow.pyfunc.load_model(str(folder))
+            return load_pyfunc(str(folder))
     if uri.startswith("file:"):
         with _quiet_loading():
-            return mlflow.pyfunc.load_model(uri)
+            return load_pyfunc(uri)
 
     from moekd_ray.config import MLflowConfig
     from moekd_ray.tracking import connect
@@ -510,10 +510,10 @@ def load_model(uri: str, tracking_uri: str | None = None):
         raise TrackingError(f"{exc}; for moekd predict: --tracking-uri URI, or --model <local model folder>") from None
     try:
         with _quiet_loading():
-            return mlflow.pyfunc.load_model(uri)
+            return load_pyfunc(uri)
     except DamagedModel as exc:  # (the file it names lies in a download folder: say which model it came from)
         raise DamagedModel(f"--model {uri}: {exc}") from None
-    except (mlflow.exceptions.MlflowException, OSError) as exc:
+    except (MlflowException, OSError) as exc:
         reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"--model {uri}: cannot be loaded from {tracking_uri} ({reason}); "
                           f"{_registered_models(tracking_uri)}") from None
@@ -550,10 +550,10 @@ def _quiet_loading():
 
 def _registered_models(tracking_uri: str) -> str:
     """The registered models of the current store, for an error message: what exists and how to list it."""
-    import mlflow
+    from moekd_ray.registry import registered_models
 
     try:
-        models = mlflow.MlflowClient().search_registered_models(max_results=20)
+        models = registered_models(20)
     except Exception:  # noqa: BLE001 (only decorates an error message)
         models = None
     how = f"list them with `moekd registry list mlflow.tracking_uri={tracking_uri}`"

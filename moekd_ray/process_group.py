@@ -1,12 +1,35 @@
-"""Ending a process group that moekd or its tests started (`mlflow server`, `mlflow models serve`): mlflow starts
-uvicorn and helper processes, and a signal to mlflow alone leaves them behind."""
+"""Servers that moekd's tests and benchmark scripts start (`mlflow server`, `mlflow models serve`): a free loopback
+port, waiting for the first answer, and ending the whole process group (mlflow starts uvicorn and helper
+processes, and a signal to mlflow alone leaves them behind)."""
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import time
+import urllib.request
+
+LOOPBACK = "127.0.0.1"  # servers bind here by default: nothing outside the machine reaches them
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, proc: subprocess.Popen, timeout_s: float) -> str | None:
+    """The body of the first successful GET of `url`; None if `proc` exits or `timeout_s` passes first."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                return response.read().decode()
+        except OSError:
+            time.sleep(0.5)
+    return None
 
 
 def group_alive(pgid: int) -> bool:

@@ -1,4 +1,5 @@
-"""The students in the MLflow model registry: their evidence, a listing, and gated promotion through aliases.
+"""The students in the MLflow model registry: loading them, their evidence, a listing, and gated promotion through
+aliases.
 
 Evidence lives in model-version tags (what an auditor reads in the UI or with `moekd registry list`):
   metric.<name>        test_accuracy, test_f1, size_mb, params, ... and asr_<attack> once `moekd attack` ran
@@ -25,6 +26,27 @@ PROMOTION = "promotion."
 
 class PromotionRefused(ConfigError):
     pass
+
+
+# -------------------------------------------------------------------------------------------------- loading
+def load_pyfunc(uri: str):
+    """A logged or registered student as MLflow loads it: a local folder holding MLmodel, or a models:/ (runs:/,
+    file:) URI against the tracking store `tracking.connect` set. Raises MlflowException or OSError."""
+    import mlflow.pyfunc
+
+    return mlflow.pyfunc.load_model(uri)
+
+
+def download_model(uri: str, dst: str) -> str:
+    """The model's files at `uri` (e.g. models:/name/version) into the folder `dst`; the local folder's path."""
+    import mlflow.artifacts
+
+    return mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst)
+
+
+def registered_models(limit: int = 20) -> list:
+    """The store's registered models (name, latest_versions, aliases), at most `limit`."""
+    return list(MlflowClient().search_registered_models(max_results=limit))
 
 
 def evidence_tags(cfg: MoEKDConfig, metrics: dict[str, float], source_run: str | None) -> dict:

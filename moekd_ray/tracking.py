@@ -50,9 +50,73 @@ def connect(tracking_uri: str, experiment: str | None = None) -> str | None:
             f"MLflow tracking server {tracking_uri} is unreachable; start it (mlflow/start_server.sh) or set "
             "mlflow.tracking_uri=sqlite:///mlruns.db"
         )
+    global _uri
     mlflow.set_tracking_uri(tracking_uri)
+    _uri = tracking_uri
     # The active experiment, so that nested stage runs land beside their parent.
     return mlflow.set_experiment(experiment).experiment_id if experiment else None
+
+
+_uri: str | None = None  # where this process tracks, as connect() was told (not read back from MLflow's state)
+
+
+def current_uri() -> str:
+    return _uri or os.environ.get("MLFLOW_TRACKING_URI") or "MLflow's default store"
+
+
+# --------------------------------------------------------------------------------------------- direct writes
+# `moekd run` writes through a `Tracker` (below), which spools while the server is down. The other drivers (tune,
+# benchmark, student search, attack) write straight into MLflow's active run with these functions: for them an
+# outage is an error, and what they logged before it stays.
+def client() -> mlflow.MlflowClient:
+    return mlflow.MlflowClient()
+
+
+@contextlib.contextmanager
+def run(name: str | None = None, run_id: str | None = None, experiment_id: str | None = None, nested: bool = False):
+    """A new run (`name`, in `experiment_id` or the active experiment) or a reopened one (`run_id`: it keeps its
+    name and experiment), active inside the block; `nested`: under the active run."""
+    new = {"run_name": name, "experiment_id": experiment_id} if run_id is None else {"run_id": run_id}
+    with mlflow.start_run(nested=nested, **new) as active:
+        yield active
+
+
+def set_tags(tags: dict) -> None:
+    mlflow.set_tags(tags)
+
+
+def log_params(params: dict) -> None:
+    mlflow.log_params(params)
+
+
+def log_metrics(metrics: dict, step: int | None = None, timestamp: int | None = None) -> None:
+    mlflow.log_metrics(metrics, step=step, timestamp=timestamp)
+
+
+def log_dict(obj: dict, artifact_file: str) -> None:
+    mlflow.log_dict(obj, artifact_file)
+
+
+def log_artifacts(folder: str | Path, artifact_path: str | None = None) -> None:
+    mlflow.log_artifacts(str(folder), artifact_path)
+
+
+def load_dict(run_id: str, artifact_file: str) -> dict:
+    return mlflow.artifacts.load_dict(f"runs:/{run_id}/{artifact_file}")
+
+
+def child_runs(parent_id: str) -> list:
+    """The runs nested directly under `parent_id`."""
+    experiment = client().get_run(parent_id).info.experiment_id
+    return client().search_runs([experiment], f"tags.mlflow.parentRunId = '{parent_id}'", max_results=10_000)
+
+
+def find_runs(experiment: str, filter_string: str, max_results: int = 1) -> list:
+    """Runs of the experiment named `experiment` matching `filter_string` (none if there is no such experiment)."""
+    found = mlflow.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    return client().search_runs([found.experiment_id], filter_string=filter_string, max_results=max_results)
 
 
 def pipeline_run(spec: str, option: str) -> tuple[Path, str | None] | None:
@@ -68,7 +132,7 @@ def pipeline_run(spec: str, option: str) -> tuple[Path, str | None] | None:
     try:
         run = mlflow.tracking.MlflowClient().get_run(spec)
     except mlflow.exceptions.MlflowException:
-        raise TrackingError(f"{option} {spec}: no such MLflow run at {mlflow.get_tracking_uri()}; give the run id "
+        raise TrackingError(f"{option} {spec}: no such MLflow run at {current_uri()}; give the run id "
                             "of a `moekd run` or its run folder") from None
     folder = run.data.tags.get("moekd.run_dir")
     if not folder or not Path(folder, "config.yaml").is_file():
@@ -252,7 +316,7 @@ class Tracker:
                 yield run_id
         finally:
             if self.spooled:
-                self.log(f"MLflow tracking server {mlflow.get_tracking_uri()} was unreachable: {self.spooled} writes "
+                self.log(f"MLflow tracking server {current_uri()} was unreachable: {self.spooled} writes "
                          f"spooled to {self.run_dir / SPOOL}; once it answers again, complete MLflow run {run_id} "
                          f"with: moekd sync {self.run_dir.resolve()}")
 
@@ -349,7 +413,7 @@ class Tracker:
             try:
                 return _apply(self.client, op, {}, self.run_dir)
             except (mlflow.exceptions.MlflowException, OSError):
-                uri = mlflow.get_tracking_uri()
+                uri = current_uri()
                 if self.run_dir is None or not uri.startswith(("http://", "https://")) or _reachable(uri):
                     raise
                 self.spool_id = uuid.uuid4().hex[:12]
@@ -466,7 +530,7 @@ def replay_spool(run_dir: Path) -> tuple[str, int] | None:
         try:
             _apply(client, ops[n], progress["ids"], run_dir, replay=True)
         except (mlflow.exceptions.MlflowException, OSError):
-            uri = mlflow.get_tracking_uri()
+            uri = current_uri()
             if not uri.startswith(("http://", "https://")) or _reachable(uri):
                 raise
             raise TrackingError(f"MLflow tracking server {uri} stopped answering during the replay ({n} of {len(ops)} "

@@ -7,25 +7,18 @@ import os
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 from moekd_ray import process_group
 
-group_alive, end_group = process_group.group_alive, process_group.end_group  # one copy, shared with docs/
+# One copy, shared with docs/ and the package.
+group_alive, end_group, free_port, LOOPBACK = (process_group.group_alive, process_group.end_group,
+                                               process_group.free_port, process_group.LOOPBACK)
 
 ROOT = Path(__file__).resolve().parents[1]
 START_SERVER = ROOT / "mlflow" / "start_server.sh"
-LOOPBACK = "127.0.0.1"
 # ~10 s on an idle 2-core machine (STACK.md); from 20 to over 60 s measured here with the cores busy.
 HEALTH_TIMEOUT_S = 120
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
 
 
 def server_env(**extra: str) -> dict:
@@ -38,14 +31,10 @@ def server_env(**extra: str) -> dict:
 
 def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = HEALTH_TIMEOUT_S) -> str:
     """The body of the first successful GET of `url`; fails with the server's log tail if none comes in time."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                return response.read().decode()
-        except OSError:
-            time.sleep(0.5)
-    raise AssertionError(f"no answer from {url} in {timeout_s} s:\n{log.read_text()[-3000:]}")
+    body = process_group.wait_http(url, proc, timeout_s)
+    if body is None:
+        raise AssertionError(f"no answer from {url} in {timeout_s} s:\n{log.read_text()[-3000:]}")
+    return body
 
 
 def start_group(cmd: list[str], log: Path, **env: str) -> subprocess.Popen:

@@ -88,11 +88,11 @@ def _expert_dirs(run_dir: Path) -> list[list[Path]]:
 def resolve_victim(spec: str, dst: Path) -> Path:
     """A local folder for `spec` (registry models are downloaded into `dst`), so Ray workers load from disk."""
     if spec.startswith("models:/"):
-        import mlflow
+        from moekd_ray.registry import MlflowException, download_model
 
         try:
-            return Path(mlflow.artifacts.download_artifacts(artifact_uri=spec, dst_path=str(dst)))
-        except mlflow.exceptions.MlflowException as exc:
+            return Path(download_model(spec, str(dst)))
+        except MlflowException as exc:
             raise ConfigError(f"--model {spec}: {str(exc).splitlines()[0][:200]}; check the name and version "
                               "(`mlflow models` / the registry UI) and mlflow.tracking_uri") from None
     run = pipeline_run(spec, "--model")
@@ -106,9 +106,9 @@ def load_victim(folder: str | Path, target: str = "student", batch_size: int = 6
     """The model in `folder` (from `resolve_victim`), as a callable with `embed_names`."""
     folder = Path(folder)
     if (folder / "MLmodel").is_file():  # a registered student: the pyfunc wrapper holds model and tokenizer
-        import mlflow
+        from moekd_ray.registry import load_pyfunc
 
-        scorer = mlflow.pyfunc.load_model(str(folder)).unwrap_python_model().scorer
+        scorer = load_pyfunc(str(folder)).unwrap_python_model().scorer
         return Classifier(scorer.model, scorer.tokenizer, scorer.max_length, batch_size)
     if (folder / "config.yaml").is_file():  # a pipeline run folder
         experts = _expert_dirs(folder)

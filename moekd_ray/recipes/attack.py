@@ -15,7 +15,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import mlflow
 import pandas as pd
 
 from moekd_ray import ray_runtime, tracking
@@ -72,10 +71,10 @@ def run_attack(cfg: MoEKDConfig, model: str, target: str = "student", log=print)
             tracker.set_tags({"moekd.attack.model": model, "moekd.attack.target": target,
                               "moekd.attack.method": cfg.attack.method})
             log_attack(rows, summary, cfg.attack, tracker, Path(tmp))
-    version = resolve_version(mlflow.MlflowClient(), model)
+    version = resolve_version(tracking.client(), model)
     if version is not None:  # a registered student: its ASR becomes promotion evidence on the version
         m = cfg.attack.method
-        record_evidence(mlflow.MlflowClient(), *version, {
+        record_evidence(tracking.client(), *version, {
             f"metric.asr_{m}": f"{summary['asr']:.6g}", f"metric.robust_accuracy_{m}": f"{summary['robust_accuracy']:.6g}",
             f"moekd.attack_run_{m}": run_id})
     log(summary_table(cfg.attack.method, summary))

@@ -38,7 +38,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pandas as pd
 import ray.train
@@ -99,12 +98,11 @@ def run_benchmark(cfg: MoEKDConfig, log=print, resume: str | None = None) -> Ben
     examples, pool = sample_examples(cfg)  # one seeded sample, the same for every model and attack
     clock = SessionClock(bench_dir)
 
-    with mlflow.start_run(run_id=parent_id) if parent_id else mlflow.start_run(
-            run_name=cfg.name, experiment_id=experiment_id) as parent:
+    with tracking.run(cfg.name, parent_id, experiment_id) as parent:
         if parent_id:
             log(f"== resuming benchmark {bench_dir} (MLflow run {parent_id})")
         else:
-            mlflow.set_tags({"moekd.benchmark": "1", "moekd.config_digest": results_digest(cfg),
+            tracking.set_tags({"moekd.benchmark": "1", "moekd.config_digest": results_digest(cfg),
                              "moekd.data_hash": dataset_hash(data), "moekd.run_dir": str(bench_dir.resolve())})
             tracking.log_config(cfg.model_dump(mode="json"))
             (bench_dir / "mlflow_run_id").write_text(parent.info.run_id)
@@ -189,7 +187,7 @@ def run_benchmark(cfg: MoEKDConfig, log=print, resume: str | None = None) -> Ben
                                 mcfg.distill.model_dump(mode="json")) as logged:
                     if "test_accuracy" not in logged:
                         tracking.log_epochs(saved["epochs"])
-                        mlflow.log_metrics({k: v for k, v in saved.items() if k != "epochs"})
+                        tracking.log_metrics({k: v for k, v in saved.items() if k != "epochs"})
                         row, probs = evaluate_model(cfg, load_model(folder), encoded[m][1]["test"], labels["test"],
                                                     sum(r["train_seconds"] for r in saved["epochs"]))
                         figure = bench_dir / "report" / f"confusion_{m}.png" if seed == b.seeds[0] else None
@@ -199,13 +197,12 @@ def run_benchmark(cfg: MoEKDConfig, log=print, resume: str | None = None) -> Ben
                             f"distilled in {row['seconds_train']:.0f} s")
                     attack_all(cfg, folder, examples, pool, logged, log)
 
-        client = mlflow.MlflowClient()
-        rows = benchmark_table(client, parent.info.run_id, b.attacks)
+        rows = benchmark_table(parent.info.run_id, b.attacks)
         differences = difference_intervals(rows, labels["test"], b.attacks, b.bootstrap, cfg.seed)
         wall = clock.total()
-        mlflow.log_metrics({"wall_seconds": wall, "sessions": len(clock.sessions)})
+        tracking.log_metrics({"wall_seconds": wall, "sessions": len(clock.sessions)})
         write_outputs(rows, differences, bench_dir, cfg, wall, len(clock.sessions), log)
-        mlflow.log_artifacts(str(bench_dir / "report"), "report")
+        tracking.log_artifacts(bench_dir / "report", "report")
         return BenchmarkResult(bench_dir, parent.info.run_id, rows, differences)
 
 
@@ -270,10 +267,9 @@ class Cells:
     steps are skipped); the run is tagged complete when the block ends."""
 
     def __init__(self, parent_id: str, fault_injection: str | None, bench_dir: Path, clock: SessionClock):
-        self.client, self.clock = mlflow.MlflowClient(), clock
-        experiment = self.client.get_run(parent_id).info.experiment_id
-        runs = self.client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent_id}'", max_results=10_000)
-        self.runs = {r.data.tags["moekd.bench.cell"]: r for r in runs if "moekd.bench.cell" in r.data.tags}
+        self.clock = clock
+        self.runs = {r.data.tags["moekd.bench.cell"]: r for r in tracking.child_runs(parent_id)
+                     if "moekd.bench.cell" in r.data.tags}
         run, _, at = (fault_injection or "").rpartition(":")
         self.stop_after = int(at) if run == "benchmark" else None
         self.fault_marker = bench_dir / "fault_injected"
@@ -287,14 +283,14 @@ class Cells:
     def open(self, key: str, name: str, tags: dict, params: dict | None = None):
         run = self.runs.get(key)
         if run is not None:
-            with mlflow.start_run(run_id=run.info.run_id, nested=True):
-                yield set(self.client.get_run(run.info.run_id).data.metrics)
-                mlflow.set_tag("moekd.bench.complete", "1")
+            with tracking.run(run_id=run.info.run_id, nested=True):
+                yield set(tracking.client().get_run(run.info.run_id).data.metrics)
+                tracking.set_tags({"moekd.bench.complete": "1"})
         else:
             with tracking.stage_run(name, params):
-                mlflow.set_tags({**tags, "moekd.bench.cell": key})
+                tracking.set_tags({**tags, "moekd.bench.cell": key})
                 yield set()
-                mlflow.set_tag("moekd.bench.complete", "1")
+                tracking.set_tags({"moekd.bench.complete": "1"})
         self.clock.save()
         self.completed += 1
         if self.completed == self.stop_after and not self.fault_marker.exists():
@@ -400,7 +396,7 @@ def train_teachers(cfg: MoEKDConfig, funcs: dict, labels: dict, projects: dict, 
         logits = {"experts": expert_logits(cfg, [[c] for c in checkpoints[:-1]], enc),
                   "teacher": expert_logits(tcfg, [checkpoints[-1:]], enc[k : k + 1])}
         info = {"seconds_train": time.perf_counter() - start, "reused": 0}
-        mlflow.log_metrics(info)
+        tracking.log_metrics(info)
     save_soft_targets({s: {n: logits[n][s] for n in logits} for s in PROTOCOL_SPLITS}, logits_file,
                       {"config_digest": digest})
     (folder / "teachers.json").write_text(json.dumps(info))  # last: marks the cache complete
@@ -502,8 +498,8 @@ def log_evaluation(row: dict, probs: np.ndarray, labels: np.ndarray, title: str,
     """A model's test row (plus the share it calls vulnerable), its test P(vulnerable) (the bootstrap's input) and
     its confusion matrix, into the active run; the figure also into the report when `figure` names a file."""
     row["test_vulnerable_share"] = float((np.asarray(probs) >= 0.5).mean())
-    mlflow.log_metrics(row)
-    mlflow.log_dict({"p_vulnerable": [round(float(p), 6) for p in probs]}, PREDICTIONS)
+    tracking.log_metrics(row)
+    tracking.log_dict({"p_vulnerable": [round(float(p), 6) for p in probs]}, PREDICTIONS)
     fig = confusion_matrix_figure(labels, probs, 0.5, title)
     if figure is not None:
         figure.parent.mkdir(exist_ok=True)
@@ -522,17 +518,16 @@ def attack_all(cfg: MoEKDConfig, folder: Path, examples: list, pool: list[str], 
         rows = attack_examples(folder, "student", acfg, examples, pool, log=lambda *_: None)
         summary = summarize(rows, time.perf_counter() - start)
         log(f"  {folder.name}: {format_summary(method, summary)}")
-        mlflow.log_dict({k: [r[k] for r in rows] for k in ("index", "label", "status", "queries")},
+        tracking.log_dict({k: [r[k] for r in rows] for k in ("index", "label", "status", "queries")},
                         f"attacks/{method}.json")
-        mlflow.log_metrics({f"{k}_{method}": float(v) for k, v in summary.items()})
+        tracking.log_metrics({f"{k}_{method}": float(v) for k, v in summary.items()})
 
 
 # ------------------------------------------------------------------------------------------------- table
-def benchmark_table(client, parent_run_id: str, attacks: list[str]) -> list[dict]:
+def benchmark_table(parent_run_id: str, attacks: list[str]) -> list[dict]:
     """One row per method (students: mean and std over seeds) or reference model, read from the MLflow runs
     nested under the benchmark's run: every number in the report comes from a logged run."""
-    runs = client.search_runs([client.get_run(parent_run_id).info.experiment_id],
-                              f"tags.mlflow.parentRunId = '{parent_run_id}'", max_results=10_000)
+    runs = tracking.child_runs(parent_run_id)
     names = list(METRICS) + [f"{m}_{a}" for a in attacks for m in ATTACK_METRICS]
     by_method: dict[str, list] = {}
     for run in runs:
@@ -624,8 +619,8 @@ def difference_intervals(rows: list[dict], labels: np.ndarray, attacks: list[str
 
 def logged_outputs(run_id: str, attacks: list[str]) -> tuple[np.ndarray, dict]:
     """A cell's test P(vulnerable) and each attack's per-example outcomes, as logged in its run."""
-    probs = np.asarray(mlflow.artifacts.load_dict(f"runs:/{run_id}/{PREDICTIONS}")["p_vulnerable"])
-    return probs, {a: mlflow.artifacts.load_dict(f"runs:/{run_id}/attacks/{a}.json") for a in attacks}
+    probs = np.asarray(tracking.load_dict(run_id, PREDICTIONS)["p_vulnerable"])
+    return probs, {a: tracking.load_dict(run_id, f"attacks/{a}.json") for a in attacks}
 
 
 def differences_markdown(differences: list[dict]) -> str:

@@ -317,14 +317,10 @@ class StageTimer:
         yield
         self.seconds[name] = time.perf_counter() - start
         progress.stage(None)
-        self.log(f"[{place}] {name} {self.status[name]} in {_duration(self.seconds[name])}")
+        self.log(f"[{place}] {name} {self.status[name]} in {console.duration(self.seconds[name])}")
 
     def reused(self, name):
         self.status[name] = "reused"
-
-
-def _duration(seconds: float) -> str:
-    return f"{seconds:.1f} s" if seconds < 60 else f"{int(seconds // 60)} min {seconds % 60:.0f} s"
 
 
 def headline_metrics(rows: list[dict]) -> dict[str, float]:

@@ -19,7 +19,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pandas as pd
 import ray
@@ -148,13 +147,13 @@ def run_student_search(cfg: MoEKDConfig, log=print) -> StudentSearchResult:
         r.setdefault("pareto", 0)
 
     model_uris = []
-    with mlflow.start_run(run_name=name, experiment_id=experiment_id) as parent:
-        mlflow.set_tags({"moekd.source_run_dir": str(src.run_dir), "moekd.student_search": name})
+    with tracking.run(name, experiment_id=experiment_id) as parent:
+        tracking.set_tags({"moekd.source_run_dir": str(src.run_dir), "moekd.student_search": name})
         tracking.log_config(cfg.model_dump(mode="json"))
         for r in rows:
             with tracking.stage_run(f"trial_{r['trial']}", {k: r[k] for k in SPACE_KEYS}):
-                mlflow.set_tags({"moekd.pareto": str(r["pareto"]), "moekd.violation": r["violation"]})
-                mlflow.log_metrics({k: float(r[k]) for k in ("feasible", "size_mb", "val_f1", "latency_ms", "asr")})
+                tracking.set_tags({"moekd.pareto": str(r["pareto"]), "moekd.violation": r["violation"]})
+                tracking.log_metrics({k: float(r[k]) for k in ("feasible", "size_mb", "val_f1", "latency_ms", "asr")})
                 if r["pareto"] and s.register_pareto and cfg.mlflow.registered_model:
                     model_uris.append(register(cfg, r, funcs["test"], src))
         table = pd.DataFrame(rows).drop(columns=["student_dir"])
@@ -165,8 +164,8 @@ def run_student_search(cfg: MoEKDConfig, log=print) -> StudentSearchResult:
         fig = pareto_figure(feasible)
         fig.savefig(report / "pareto.png", dpi=120)
         tracking.log_figure(fig, "pareto.png")
-        mlflow.log_artifacts(str(report), "report")
-        mlflow.log_metrics({"trials": len(rows), "feasible": len(feasible), "pareto": sum(r["pareto"] for r in rows)})
+        tracking.log_artifacts(report, "report")
+        tracking.log_metrics({"trials": len(rows), "feasible": len(feasible), "pareto": sum(r["pareto"] for r in rows)})
     log(markdown(table[table["pareto"] == 1]))
     for uri in model_uris:
         log(f"registered {uri}")

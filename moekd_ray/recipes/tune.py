@@ -22,7 +22,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import ray
 from ray import tune
@@ -46,7 +45,6 @@ from moekd_ray.train_loop import predict_logits, probs1
 
 
 ROBUST = "robust_f1"
-ATTACK_N = 30  # tune.attack_n when unset
 
 
 @dataclass
@@ -214,7 +212,7 @@ def run_search(cfg: MoEKDConfig, resume: bool = False, log=print) -> SearchResul
     robust = cfg.tune.metric == ROBUST
     if robust:
         refs["tokenizer"] = ray.put(tokenizer)
-        refs["sample"] = validation_sample(cfg, funcs, labels["valid"], cfg.tune.attack_n or ATTACK_N)
+        refs["sample"] = validation_sample(cfg, funcs, labels["valid"], cfg.tune.attack_n)
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=cfg.model_dump(mode="json"), refs=refs),
                                     {"cpu": ray_runtime.TRIAL_CPU})
     start = time.perf_counter()
@@ -230,11 +228,9 @@ def run_search(cfg: MoEKDConfig, resume: bool = False, log=print) -> SearchResul
     metric, mode = objective(cfg)
     best = grid.get_best_result(metric, mode, scope="last")  # NaN (a robust trial ASHA stopped) never wins
     trials = [r for r in grid if r.metrics]
-    source_runs = mlflow.tracking.MlflowClient().search_runs(
-        [mlflow.get_experiment_by_name(cfg.mlflow.experiment).experiment_id],
-        filter_string=f"tags.`moekd.run_dir` = '{run_dir}'", max_results=1)
-    with mlflow.start_run(run_name=name) as parent:
-        mlflow.set_tags({"moekd.source_run_dir": str(run_dir), "moekd.search": name})
+    source_runs = tracking.find_runs(cfg.mlflow.experiment, f"tags.`moekd.run_dir` = '{run_dir}'")
+    with tracking.run(name) as parent:
+        tracking.set_tags({"moekd.source_run_dir": str(run_dir), "moekd.search": name})
         tracking.log_config(cfg.model_dump(mode="json"))
         for result in trials:
             with tracking.stage_run(f"trial_{result.metrics['trial_id']}", result.config):
@@ -244,10 +240,10 @@ def run_search(cfg: MoEKDConfig, resume: bool = False, log=print) -> SearchResul
                 tracking.log_epochs([{k: v for k, v in r.items() if k.startswith(("val_", "train_loss"))} |
                                      {"epoch": r["epoch"]} for r in epochs],
                                     timestamps=[int(r["timestamp"]) * 1000 for r in epochs])
-                mlflow.log_metric("trial_seconds", float(rows[-1]["time_total_s"]))
+                tracking.log_metrics({"trial_seconds": float(rows[-1]["time_total_s"])})
                 final = rows[-1]
                 if robust and not math.isnan(final.get("objective", math.nan)):  # attacked (not stopped by ASHA)
-                    mlflow.log_metrics({k: float(final[k]) for k in ("asr", "asr_attacked", "asr_seconds",
+                    tracking.log_metrics({k: float(final[k]) for k in ("asr", "asr_attacked", "asr_seconds",
                                                                      "objective")},
                                        timestamp=int(final["timestamp"]) * 1000)
         ranked = [r for r in trials if math.isfinite(r.metrics.get(metric, math.nan))]
@@ -263,7 +259,7 @@ def run_search(cfg: MoEKDConfig, resume: bool = False, log=print) -> SearchResul
             sm = source_runs[0].data.metrics
             metrics["retrain_experts_trial_seconds"] = trial_cost + sm.get("seconds_experts", 0) + sm.get(
                 "seconds_router", 0) + sm.get("seconds_tokenizers", 0) + sm.get("seconds_partition", 0)
-        mlflow.log_metrics(metrics)
+        tracking.log_metrics(metrics)
         log(f"{len(trials)} trials in {search_seconds:.0f} s; mean trial {trial_cost:.0f} s"
             + (f" (retraining experts per trial: {metrics['retrain_experts_trial_seconds']:.0f} s)" if source_runs else ""))
 
@@ -280,8 +276,8 @@ def run_search(cfg: MoEKDConfig, resume: bool = False, log=print) -> SearchResul
         best_metrics = {**{k: float(best.metrics[k]) for k in ranking},
                         **{f"test_{k}": v for k, v in test.items()}, "size_mb": size_mb(student),
                         "params": float(num_params(student))}
-        mlflow.log_metrics({f"best.{k}": v for k, v in best_metrics.items()})
-        mlflow.log_params({f"best.{k}": v for k, v in best_values.items()})
+        tracking.log_metrics({f"best.{k}": v for k, v in best_metrics.items()})
+        tracking.log_params({f"best.{k}": v for k, v in best_values.items()})
         model_uri = None
         if cfg.tune.register_best and cfg.mlflow.registered_model:
             tok_dir = Path(cfg.output_dir) / name / "student_tokenizer"
