@@ -68,6 +68,7 @@ def run_pipeline(cfg: MoEKDConfig, log=print, resume: str | None = None) -> Pipe
     funcs = {s: list(data[s]["func"]) for s in SPLITS}
     timer = StageTimer(log, ["tokenizers", "partition", "experts", "router", "distill", "evaluate",
                              *(["attack"] if cfg.attack.in_pipeline else []), "register"])
+    finished = Finished(cfg, run_dir, bool(resume), log)  # what an interrupted run left (nothing for a new run)
 
     # Every MLflow write goes through the tracker: if the server stops answering, they are spooled in the run
     # folder and training goes on (`moekd sync <run folder>` completes the MLflow run).
@@ -80,7 +81,7 @@ def run_pipeline(cfg: MoEKDConfig, log=print, resume: str | None = None) -> Pipe
             tracker.log_config(cfg.model_dump(mode="json"))
 
         with timer("tokenizers"), tracker.stage("tokenizers"):
-            expert_toks, student_tok = saved_tokenizers(cfg, run_dir) if resume else (None, None)
+            expert_toks, student_tok = finished.tokenizers()
             if expert_toks is None:
                 expert_toks, student_tok = make_tokenizers(cfg, funcs["train"], run_dir)
             else:
@@ -103,11 +104,9 @@ def run_pipeline(cfg: MoEKDConfig, log=print, resume: str | None = None) -> Pipe
                 tracker.log_metrics({f"part_{row['part']}_rows": row["rows"],
                                      f"part_{row['part']}_vulnerable_share": row["vulnerable_share"]})
 
-        soft_path = run_dir / "soft_targets.safetensors"
-        targets = cached_soft_targets(soft_path, cfg, log) if resume else None
         with timer("experts"):
             members = [m for names in member_names(cfg) for m in names]
-            results = finished_members(cfg, run_dir) if resume else {}
+            results = finished.members()
             todo = [m for m in members if m not in results]
             if todo:
                 if results:
@@ -130,11 +129,12 @@ def run_pipeline(cfg: MoEKDConfig, log=print, resume: str | None = None) -> Pipe
             else:
                 timer.reused("experts")
             checkpoints = by_expert(cfg, [results[m].checkpoint for m in members])
-            if targets is None:
-                logits = expert_logits(cfg, checkpoints, enc_expert)
 
         with timer("router"), tracker.stage("router", cfg.router.model_dump(mode="json")):
+            soft_path = run_dir / "soft_targets.safetensors"
+            targets = finished.soft_targets(soft_path)
             if targets is None:
+                logits = expert_logits(cfg, checkpoints, enc_expert)  # every expert over every split, once
                 router_epochs = []
                 gates = fit_gate(cfg, features, logits, labels, log=log, history=router_epochs)
                 tracker.log_epochs(router_epochs)
@@ -148,7 +148,7 @@ def run_pipeline(cfg: MoEKDConfig, log=print, resume: str | None = None) -> Pipe
 
         with timer("distill"), tracker.stage("distill", cfg.distill.model_dump(mode="json")):
             student_dir = run_dir / "student"
-            if resume and (student_dir / "model.safetensors").is_file():
+            if finished.student(student_dir):
                 timer.reused("distill")
             else:
                 enc_train, train_labels, teacher = enc_student["train"], labels["train"], targets["train"]["soft_targets"]
@@ -344,6 +344,29 @@ def epoch_summary(name: str, rows: list[dict]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------- resume
+class Finished:
+    """What the run folder already holds, for `--resume`: each stage asks here first and makes only what is
+    missing. A new run's folder holds nothing."""
+
+    def __init__(self, cfg: MoEKDConfig, run_dir: Path, resume: bool, log=print):
+        self.cfg, self.run_dir, self.resume, self.log = cfg, run_dir, resume, log
+
+    def tokenizers(self):
+        """(expert tokenizers, student tokenizer) as saved, or (None, None)."""
+        return saved_tokenizers(self.cfg, self.run_dir) if self.resume else (None, None)
+
+    def members(self) -> dict:
+        """The Ray Train results of the expert models that finished training (`finished_members`)."""
+        return finished_members(self.cfg, self.run_dir) if self.resume else {}
+
+    def soft_targets(self, path: Path) -> dict | None:
+        return cached_soft_targets(path, self.cfg, self.log) if self.resume else None
+
+    def student(self, folder: Path) -> bool:
+        """Whether the student was distilled and saved (the folder appears complete or not at all)."""
+        return self.resume and (folder / "model.safetensors").is_file()
+
+
 def resume_target(cfg: MoEKDConfig, spec: str, log=print) -> tuple[Path, str | None]:
     """The run folder and MLflow run to continue; the run must have been made with this very config. MLflow writes
     spooled during a tracking outage are replayed first (as `moekd sync` would)."""
