@@ -9,12 +9,14 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import ray
 import ray.train
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from moekd_ray.config import MoEKDConfig, ResourcesConfig
 from moekd_ray.errors import ConfigError
@@ -65,6 +67,26 @@ def check_trial_fits(cfg: MoEKDConfig, resources: ResourcesConfig, option: str) 
 
 def storage_path(cfg: MoEKDConfig, run_dir: Path) -> str:
     return cfg.ray.storage_path or str((run_dir / "ray").resolve())
+
+
+class WorkerJob(BaseModel):
+    """What a Ray Train worker receives, validated where it runs: a config the driver got wrong (or one from
+    another version of moekd) fails at once, naming the field, instead of deep inside training. Each stage's
+    worker has its own (stages.experts.ExpertJob, stages.distill.DistillJob, stages.pretrain.PretrainJob)."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+    name: str = Field(description="The run's name in logs, progress and fault injection.")
+    seed: int
+    threads: float = Field(gt=0, description="CPU threads per worker (torch.set_num_threads, at least 1).")
+    eval_batch_size: int = Field(ge=1)
+    train: Any = Field(description="A Ray ObjectRef of the training arrays (or the arrays).")
+    valid: Any = Field(description="A Ray ObjectRef of the validation arrays (or the arrays).")
+    fault_injection: str | None = None
+    fault_marker: str
+
+    def loop_config(self) -> dict:
+        """The dict Ray Train hands the worker (ObjectRefs as they are)."""
+        return {name: getattr(self, name) for name in type(self).model_fields}
 
 
 def make_trainer(train_func: Callable[[dict], None], loop_config: dict, resources: ResourcesConfig, name: str,
@@ -124,14 +146,14 @@ def restored_state() -> tuple[Path | None, list[dict]]:
     return folder, json.loads((folder / HISTORY_FILE).read_text())
 
 
-def inject_fault(config: dict, step: Callable, steps_done: int) -> Callable:
+def inject_fault(job: WorkerJob, step: Callable, steps_done: int) -> Callable:
     """Testing (ray.fault_injection = "<run>:<step>"): `step` (backward + optimizer step) wrapped so that rank 0 of
     that run exits hard, once, on reaching that optimizer step (counted over the whole run, from 1): mid-epoch, as a
     killed worker process would, before that epoch's checkpoint exists. `steps_done`: the steps of the epochs a
     restart resumes after. The marker file makes "once" survive the restart."""
-    run, _, at = (config.get("fault_injection") or "").rpartition(":")
-    marker = Path(config["fault_marker"])
-    if run != config["name"] or ray.train.get_context().get_world_rank() != 0 or marker.exists():
+    run, _, at = (job.fault_injection or "").rpartition(":")
+    marker = Path(job.fault_marker)
+    if run != job.name or ray.train.get_context().get_world_rank() != 0 or marker.exists():
         return step
     done = steps_done
 

@@ -192,3 +192,33 @@ def test_bad_command_line(kind):
     assert done.returncode == 2 and done.stdout == "", done
     assert done.stderr.splitlines() == [done.stderr.strip()] and done.stderr.startswith("moekd: error: "), done.stderr
     assert expect in done.stderr and "--help" in done.stderr
+
+
+@pytest.mark.parametrize("stage, worker, wrong", [
+    ("experts", "expert_worker", {"schedule": {"epochs": 0}}),
+    ("distill", "distill_worker", {"temperature": -1}),
+    ("pretrain", "pretrain_worker", {"mask_prob": 1.5}),
+])
+def test_a_worker_validates_the_config_it_receives(stage, worker, wrong):
+    """A Ray Train worker checks its job before any training: a wrong value fails naming the field (here called
+    directly: validation is the worker's first step, before it touches Ray)."""
+    import importlib
+
+    from pydantic import ValidationError
+
+    from moekd_ray.config import ArchConfig, Schedule
+
+    module = importlib.import_module(f"moekd_ray.stages.{stage}")
+    arch = ArchConfig(vocab_size=300, hidden_size=16, num_layers=1, num_heads=2, ffn_size=32, max_length=32)
+    job = {"name": "x", "seed": 0, "threads": 1, "eval_batch_size": 8, "train": None, "valid": None,
+           "fault_marker": "/tmp/x", "schedule": Schedule().model_dump()}
+    job |= {"experts": {"model": arch.model_dump()},
+            "distill": {"arch": arch.model_dump(), "ds_config": {}, "cpu_shm_comm": False, "temperature": 2.0,
+                        "alpha": 0.0, "task": "student"},
+            "pretrain": {"arch": arch.model_dump(), "ds_config": {}, "cpu_shm_comm": False, "vocab_size": 100,
+                         "mask_prob": 0.15}}[stage]
+    field = next(iter(wrong))
+    with pytest.raises(ValidationError, match=field):
+        getattr(module, worker)({**job, **wrong})
+    with pytest.raises(ValidationError, match="temprature"):  # an option this version does not know
+        getattr(module, worker)({**job, "temprature": 2.0})

@@ -17,6 +17,7 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
+from pydantic import Field
 
 from moekd_ray import progress, ray_runtime
 from moekd_ray.config import ArchConfig, DistillConfig, MoEKDConfig, PretrainConfig, Schedule
@@ -66,14 +67,27 @@ def _weights_only_loads() -> None:
     torch.serialization.add_safe_globals([LossScaler, ZeroStageEnum, fragment_address])
 
 
-def start_deepspeed(config: dict):
+class DeepSpeedJob(ray_runtime.WorkerJob):
+    arch: ArchConfig
+    schedule: Schedule
+    ds_config: dict = Field(description="deepspeed_config() of the stage: ZeRO stage, micro-batch, clipping.")
+    cpu_shm_comm: bool
+
+
+class DistillJob(DeepSpeedJob):
+    temperature: float = Field(gt=0)
+    alpha: float = Field(ge=0, le=1)
+    task: str = Field(description="Its name on the console's status line.")
+
+
+def start_deepspeed(job: DeepSpeedJob):
     """In a worker: the deepspeed module, set up for this machine (no shm op build on CPU; weights-only loads)."""
-    if not config["cpu_shm_comm"] and not torch.cuda.is_available():
+    if not job.cpu_shm_comm and not torch.cuda.is_available():
         _skip_cpu_shm_build()
     import deepspeed
 
     _weights_only_loads()
-    torch.set_num_threads(max(int(config["threads"]), 1))
+    torch.set_num_threads(max(int(job.threads), 1))
     return deepspeed
 
 
@@ -87,7 +101,7 @@ def gathered_state(engine, rank: int) -> dict | None:
     return None
 
 
-def deepspeed_step(engine, config: dict, sched: Schedule, steps_per_epoch: int, epochs_done: int):
+def deepspeed_step(engine, job: DeepSpeedJob, sched: Schedule, steps_per_epoch: int, epochs_done: int):
     """`step(loss)` (backward + optimizer step) for a DeepSpeed engine, on the schedule's learning-rate curve from
     where a restarted run resumes, with the tests' fault injection."""
     def step(loss):
@@ -96,7 +110,7 @@ def deepspeed_step(engine, config: dict, sched: Schedule, steps_per_epoch: int, 
 
     steps_done = epochs_done * steps_per_epoch
     step = scheduled(step, engine.optimizer.param_groups, sched, sched.epochs * steps_per_epoch, steps_done)
-    return ray_runtime.inject_fault(config, step, steps_done)
+    return ray_runtime.inject_fault(job, step, steps_done)
 
 
 def save_deepspeed(engine, folder: str, rank: int, best_state: dict | None) -> None:
@@ -111,22 +125,22 @@ def distill_worker(config: dict) -> None:
     warm-up and decay. Each epoch's checkpoint holds the best epoch's student so far (rank 0, safetensors; by
     `keep_best_by` on validation) and DeepSpeed's latest state (every rank its ZeRO shard of the optimizer); after a
     restart the workers resume from that state. Early stopping after `patience` epochs without a better one."""
-    deepspeed = start_deepspeed(config)
-    arch = ArchConfig.model_validate(config["arch"])
-    sched = Schedule.model_validate(config["schedule"])
-    temperature, alpha, epochs = config["temperature"], config["alpha"], sched.epochs
+    job = DistillJob.model_validate(config)
+    deepspeed = start_deepspeed(job)
+    arch, sched = job.arch, job.schedule
+    temperature, alpha, epochs = job.temperature, job.alpha, sched.epochs
     ctx = ray.train.get_context()
-    train, valid = ray.get(config["train"]), ray.get(config["valid"])
+    train, valid = ray.get(job.train), ray.get(job.valid)
 
     restored, history = ray_runtime.restored_state()
-    model = build_model(arch, config["seed"])
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config["ds_config"])
+    model = build_model(arch, job.seed)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=job.ds_config)
     if restored:  # weights (fp32 master copies under ZeRO) and optimizer state
         engine.load_checkpoint(str(restored / ray_runtime.DEEPSPEED_DIR), tag=DEEPSPEED_TAG)
     best_state = load_model(restored).state_dict() if restored and ctx.get_world_rank() == 0 else None
     best = BestEpoch(sched.keep_best_by, sched.patience, history)
     loader = ray.train.torch.prepare_data_loader(
-        make_loader(train, config["ds_config"]["train_micro_batch_size_per_gpu"], shuffle=True, seed=config["seed"])
+        make_loader(train, job.ds_config["train_micro_batch_size_per_gpu"], shuffle=True, seed=job.seed)
     )
 
     def loss_fn(logits, batch):
@@ -134,13 +148,13 @@ def distill_worker(config: dict) -> None:
 
     resumed_from = len(history)
     step = deepspeed_step(engine, config, sched, len(loader), resumed_from)
-    ticker = progress.Ticker(config["task"], epochs * len(loader), enabled=ctx.get_world_rank() == 0)
+    ticker = progress.Ticker(job.task, epochs * len(loader), enabled=ctx.get_world_rank() == 0)
     for epoch in range(resumed_from + 1, epochs + 1):
         if history and history[-1]["final"]:
             break  # stopped early before the restart
-        start_epoch(loader, epoch, config["seed"])
+        start_epoch(loader, epoch, job.seed)
         stats = train_epoch(engine, loader, loss_fn, step, ticker.epoch(epoch, epochs))
-        val = validation_metrics(valid["labels"], predict_logits(engine, valid, config["eval_batch_size"]))
+        val = validation_metrics(valid["labels"], predict_logits(engine, valid, job.eval_batch_size))
         if best.update(epoch, {f"val_{k}": v for k, v in val.items()}):
             best_state = gathered_state(engine, ctx.get_world_rank())
         stop = best.stop(epoch)
@@ -164,24 +178,15 @@ def distill_trainer(cfg: MoEKDConfig, enc: dict, labels: dict, teacher_probs: np
     softened at T. `enc`/`labels` values may be arrays or Ray ObjectRefs of them (Tune trials pass refs). `task`:
     its name on the console's status line."""
     train = {**enc["train"], "labels": labels["train"], "teacher": teacher_probs.astype(np.float32)}
-    loop_config = {
-        "arch": cfg.distill.arch().model_dump(),
-        "ds_config": deepspeed_config(cfg.distill),
-        "temperature": cfg.distill.temperature,
-        "alpha": cfg.distill.alpha,
-        "schedule": cfg.distill.schedule.model_dump(),
-        "eval_batch_size": cfg.eval.batch_size,
-        "threads": cfg.distill.resources.cpus_per_worker,
-        "cpu_shm_comm": cfg.distill.cpu_shm_comm,
-        "seed": cfg.seed,
-        "train": ray.put(train),
-        "valid": ray.put({**enc["valid"], "labels": labels["valid"]}),
-        "name": "student",
-        "task": task,
-        "fault_injection": cfg.ray.fault_injection,
-        "fault_marker": str(Path(storage) / f"{name}.fault_injected"),
-    }
-    return ray_runtime.make_trainer(distill_worker, loop_config, cfg.distill.resources, name, storage, callbacks,
+    job = DistillJob(
+        name="student", task=task, arch=cfg.distill.arch(), schedule=cfg.distill.schedule,
+        ds_config=deepspeed_config(cfg.distill), temperature=cfg.distill.temperature, alpha=cfg.distill.alpha,
+        eval_batch_size=cfg.eval.batch_size, threads=cfg.distill.resources.cpus_per_worker,
+        cpu_shm_comm=cfg.distill.cpu_shm_comm, seed=cfg.seed, train=ray.put(train),
+        valid=ray.put({**enc["valid"], "labels": labels["valid"]}), fault_injection=cfg.ray.fault_injection,
+        fault_marker=str(Path(storage) / f"{name}.fault_injected"),
+    )
+    return ray_runtime.make_trainer(distill_worker, job.loop_config(), cfg.distill.resources, name, storage, callbacks,
                                     max_failures=cfg.ray.max_failures)
 
 

@@ -15,7 +15,6 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
-from pydantic import TypeAdapter
 
 from moekd_ray import progress, ray_runtime
 from moekd_ray.config import ModelSource, MoEKDConfig, NgramConfig, PretrainedConfig, Schedule
@@ -65,6 +64,11 @@ def encode_for_experts(cfg: MoEKDConfig, expert_toks: list, funcs: dict[str, lis
 
 
 
+class ExpertJob(ray_runtime.WorkerJob):
+    model: ModelSource
+    schedule: Schedule
+
+
 def expert_worker(config: dict) -> None:
     """Ray Train worker: train one expert (or one fold model of it) with the schedule's warm-up, decay and gradient
     clipping; each epoch, validation metrics and a checkpoint whose top level is the best epoch's model (by
@@ -72,21 +76,21 @@ def expert_worker(config: dict) -> None:
     `patience` epochs without a better one. After a restart it resumes from the latest state."""
     # Wall clock when this worker came up, so that overlapping (concurrent) expert runs can be seen afterwards.
     started_at = time.time()
-    spec = TypeAdapter(ModelSource).validate_python(config["model"])
-    sched = Schedule.model_validate(config["schedule"])
-    torch.set_num_threads(max(int(config["threads"]), 1))
+    job = ExpertJob.model_validate(config)
+    spec, sched = job.model, job.schedule
+    torch.set_num_threads(max(int(job.threads), 1))
     ctx = ray.train.get_context()
-    train, valid = ray.get(config["train"]), ray.get(config["valid"])
+    train, valid = ray.get(job.train), ray.get(job.valid)
 
     restored, history = ray_runtime.restored_state()
     latest = restored / ray_runtime.LATEST_DIR if restored else None
-    model = ray.train.torch.prepare_model(load_model(latest) if restored else build_model(spec, config["seed"]))
+    model = ray.train.torch.prepare_model(load_model(latest) if restored else build_model(spec, job.seed))
     best_state = load_model(restored).state_dict() if restored else None
-    loader = ray.train.torch.prepare_data_loader(make_loader(train, sched.batch_size, shuffle=True, seed=config["seed"]))
+    loader = ray.train.torch.prepare_data_loader(make_loader(train, sched.batch_size, shuffle=True, seed=job.seed))
     optimizer = torch.optim.AdamW(model.parameters(), lr=sched.lr, weight_decay=sched.weight_decay)
     if restored:
         optimizer.load_state_dict(torch.load(latest / ray_runtime.OPTIMIZER_FILE, weights_only=True))
-    name = config["name"]
+    name = job.name
     started_at = history[0]["started_at"] if history else started_at
     best = BestEpoch(sched.keep_best_by, sched.patience, history)
 
@@ -98,14 +102,14 @@ def expert_worker(config: dict) -> None:
     resumed_from = len(history)  # epochs already done (0 on a fresh start)
     steps_done, total_steps = resumed_from * len(loader), sched.epochs * len(loader)
     step = scheduled(torch_step(optimizer, sched.grad_clip), optimizer.param_groups, sched, total_steps, steps_done)
-    step = ray_runtime.inject_fault(config, step, steps_done)
+    step = ray_runtime.inject_fault(job, step, steps_done)
     ticker = progress.Ticker(name, sched.epochs * len(loader), enabled=ctx.get_world_rank() == 0)
     for epoch in range(resumed_from + 1, sched.epochs + 1):
         if history and history[-1]["final"]:
             break  # stopped early before the restart
-        start_epoch(loader, epoch, config["seed"])
+        start_epoch(loader, epoch, job.seed)
         stats = train_epoch(model, loader, weighted_ce, step, ticker.epoch(epoch, sched.epochs))
-        val = validation_metrics(valid["labels"], predict_logits(unwrap(model), valid, config["eval_batch_size"]))
+        val = validation_metrics(valid["labels"], predict_logits(unwrap(model), valid, job.eval_batch_size))
         if best.update(epoch, {f"val_{k}": v for k, v in val.items()}):
             best_state = {k: v.detach().clone() for k, v in unwrap(model).state_dict().items()}
         stop = best.stop(epoch)
@@ -155,19 +159,15 @@ def expert_trainers(cfg: MoEKDConfig, enc: list[dict], labels: dict, parts: np.n
             if members is not None and member not in members:
                 continue
             keep = folds != f if cfg.experts.folds > 1 else None
-            loop_config = {
-                "name": member,
-                "model": spec.model_dump(),
-                "schedule": cfg.experts.schedule_of(k).model_dump(),
-                "threads": cfg.experts.resources.cpus_per_worker,
-                "eval_batch_size": cfg.eval.batch_size,
-                "seed": cfg.seed + k + 1000 * f,
-                "train": ray.put(part_arrays(enc[k]["train"], labels["train"], parts, k, cfg, keep)),
-                "valid": valid,
-                "fault_injection": cfg.ray.fault_injection,
-                "fault_marker": str(Path(storage) / f"{name}-{member}.fault_injected"),
-            }
-            trainers.append(ray_runtime.make_trainer(expert_worker, loop_config, cfg.experts.resources,
+            job = ExpertJob(
+                name=member, model=spec, schedule=cfg.experts.schedule_of(k),
+                threads=cfg.experts.resources.cpus_per_worker, eval_batch_size=cfg.eval.batch_size,
+                seed=cfg.seed + k + 1000 * f,
+                train=ray.put(part_arrays(enc[k]["train"], labels["train"], parts, k, cfg, keep)), valid=valid,
+                fault_injection=cfg.ray.fault_injection,
+                fault_marker=str(Path(storage) / f"{name}-{member}.fault_injected"),
+            )
+            trainers.append(ray_runtime.make_trainer(expert_worker, job.loop_config(), cfg.experts.resources,
                                                      f"{name}-{member}", storage, max_failures=cfg.ray.max_failures))
     return trainers
 

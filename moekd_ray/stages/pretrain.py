@@ -23,15 +23,16 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
+from pydantic import Field
 from torch.utils.data import DataLoader, Dataset
 from transformers import RobertaForMaskedLM
 
 from moekd_ray import progress, ray_runtime, tracking
-from moekd_ray.config import ArchConfig, MoEKDConfig, PretrainedConfig, PretrainSource, Schedule
+from moekd_ray.config import MoEKDConfig, PretrainedConfig, PretrainSource
 from moekd_ray.data import load_devign
 from moekd_ray.errors import ConfigError
 from moekd_ray.models import roberta_config
-from moekd_ray.stages.distill import (DEEPSPEED_TAG, deepspeed_config, deepspeed_step, gathered_state,
+from moekd_ray.stages.distill import (DEEPSPEED_TAG, DeepSpeedJob, deepspeed_config, deepspeed_step, gathered_state,
                                       save_deepspeed, start_deepspeed)
 from moekd_ray.tokenization import SPECIALS, encode, train_bpe
 from moekd_ray.train_loop import BestEpoch, model_device, model_inputs, start_epoch, train_epoch, trim_padding
@@ -161,20 +162,28 @@ def held_out_metrics(model, dataset: MaskedFunctions, batch_size: int) -> dict[s
 
 
 # ----------------------------------------------------------------------------------------------- worker
+class PretrainJob(DeepSpeedJob):
+    """The corpus is `train`, the held-out functions `valid`."""
+
+    vocab_size: int = Field(ge=1)
+    mask_prob: float = Field(gt=0, lt=1)
+
+
 def pretrain_worker(config: dict) -> None:
     """Ray Train worker: DeepSpeed engine over RobertaForMaskedLM, dynamic masking, the schedule's warm-up and
     decay. Each epoch's checkpoint holds the best encoder so far (rank 0, safetensors; by held-out loss, or the
     last) and DeepSpeed's latest state; after a restart the workers resume from that state."""
-    deepspeed = start_deepspeed(config)
-    arch, sched = ArchConfig.model_validate(config["arch"]), Schedule.model_validate(config["schedule"])
+    job = PretrainJob.model_validate(config)
+    deepspeed = start_deepspeed(job)
+    arch, sched = job.arch, job.schedule
     ctx = ray.train.get_context()
-    corpus, holdout = ray.get(config["corpus"]), ray.get(config["holdout"])
-    masked = dict(vocab_size=config["vocab_size"], mask_prob=config["mask_prob"], seed=config["seed"])
+    corpus, holdout = ray.get(job.train), ray.get(job.valid)
+    masked = dict(vocab_size=job.vocab_size, mask_prob=job.mask_prob, seed=job.seed)
 
     restored, history = ray_runtime.restored_state()
-    torch.manual_seed(config["seed"])
-    model = RobertaForMaskedLM(roberta_config(arch, config["vocab_size"]))
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config["ds_config"])
+    torch.manual_seed(job.seed)
+    model = RobertaForMaskedLM(roberta_config(arch, job.vocab_size))
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=job.ds_config)
     if restored:
         engine.load_checkpoint(str(restored / ray_runtime.DEEPSPEED_DIR), tag=DEEPSPEED_TAG)
     best_state = (RobertaForMaskedLM.from_pretrained(str(restored), use_safetensors=True).state_dict()
@@ -183,19 +192,19 @@ def pretrain_worker(config: dict) -> None:
     best = BestEpoch(sched.keep_best_by, sched.patience, [{**r, "val_loss": r["val_mlm_loss"]} for r in history])
     train, held_out = MaskedFunctions(corpus, **masked), MaskedFunctions(holdout, **masked)  # held out: epoch 0 masks
     loader = ray.train.torch.prepare_data_loader(DataLoader(
-        train, batch_size=sched.batch_size, shuffle=True, generator=torch.Generator().manual_seed(config["seed"])))
+        train, batch_size=sched.batch_size, shuffle=True, generator=torch.Generator().manual_seed(job.seed)))
     tokens_per_row = float(np.asarray(corpus["attention_mask"]).sum(1).mean())
 
     resumed_from = len(history)
-    step = deepspeed_step(engine, config, sched, len(loader), resumed_from)
+    step = deepspeed_step(engine, job, sched, len(loader), resumed_from)
     ticker = progress.Ticker("pretrain", sched.epochs * len(loader), enabled=ctx.get_world_rank() == 0)
     for epoch in range(resumed_from + 1, sched.epochs + 1):
         if history and history[-1]["final"]:
             break
-        start_epoch(loader, epoch, config["seed"])
+        start_epoch(loader, epoch, job.seed)
         train.epoch = epoch  # new masks every epoch
         stats = train_epoch(engine, loader, mlm_loss, step, ticker.epoch(epoch, sched.epochs), predicted_logits)
-        val = held_out_metrics(engine, held_out, config["eval_batch_size"])
+        val = held_out_metrics(engine, held_out, job.eval_batch_size)
         if best.update(epoch, {f"val_{k}": v for k, v in val.items()}):
             best_state = gathered_state(engine, ctx.get_world_rank())
         stop = best.stop(epoch)
@@ -239,15 +248,14 @@ def pretrain_encoder(cfg: MoEKDConfig, log=print, data: dict | None = None) -> P
     folder = encoder.parent
     folder.mkdir(parents=True, exist_ok=True)
     name = folder.name
-    loop_config = {
-        "arch": arch.model_dump(), "vocab_size": len(tokenizer), "mask_prob": pc.mask_prob,
-        "schedule": pc.schedule.model_dump(), "ds_config": deepspeed_config(pc), "eval_batch_size": cfg.eval.batch_size,
-        "threads": pc.resources.cpus_per_worker, "cpu_shm_comm": pc.cpu_shm_comm, "seed": cfg.seed,
-        "corpus": ray.put({k: v[rest] for k, v in enc.items()}), "holdout": ray.put({k: v[held] for k, v in enc.items()}),
-        "name": "pretrain", "fault_injection": cfg.ray.fault_injection,
-        "fault_marker": str(folder / f"{name}.fault_injected"),
-    }
-    result = ray_runtime.make_trainer(pretrain_worker, loop_config, pc.resources, name, str((folder / "ray").resolve()),
+    job = PretrainJob(
+        name="pretrain", arch=arch, vocab_size=len(tokenizer), mask_prob=pc.mask_prob, schedule=pc.schedule,
+        ds_config=deepspeed_config(pc), eval_batch_size=cfg.eval.batch_size, threads=pc.resources.cpus_per_worker,
+        cpu_shm_comm=pc.cpu_shm_comm, seed=cfg.seed, train=ray.put({k: v[rest] for k, v in enc.items()}),
+        valid=ray.put({k: v[held] for k, v in enc.items()}), fault_injection=cfg.ray.fault_injection,
+        fault_marker=str(folder / f"{name}.fault_injected"),
+    )
+    result = ray_runtime.make_trainer(pretrain_worker, job.loop_config(), pc.resources, name, str((folder / "ray").resolve()),
                                       max_failures=cfg.ray.max_failures).fit()
     ray_runtime.copy_atomically(result.checkpoint, encoder, lambda tmp: tokenizer.save_pretrained(str(tmp)))
     rows = ray_runtime.epoch_rows(result)
