@@ -136,6 +136,12 @@ def asr_by_budget(rows: list[dict], budget: int, points: int = 12) -> tuple[list
     return budgets, asr
 
 
+def substitute_pool(cfg: MoEKDConfig, train_funcs: list[str]) -> list[str]:
+    """The names attacks and robust copies rename to: the `attack.vocab_size` most frequent identifiers of the
+    first `attack.vocab_rows` training functions."""
+    return identifier_vocabulary(list(train_funcs[: cfg.attack.vocab_rows]), max_size=cfg.attack.vocab_size)
+
+
 def sample_examples(cfg: MoEKDConfig) -> tuple[list[tuple[int, str, int]], list[str]]:
     """The seeded sample of (row index, function, label) to attack, and the substitute pool from training code."""
     data = load_devign(cfg.data, cfg.seed)
@@ -144,7 +150,7 @@ def sample_examples(cfg: MoEKDConfig) -> tuple[list[tuple[int, str, int]], list[
     idx = sorted(rng.choice(len(split), size=min(cfg.attack.n, len(split)), replace=False).tolist())
     examples = [(i, split[i]["func"], int(split[i]["target"])) for i in idx]
     train = data["train"]["func"]
-    pool = identifier_vocabulary(list(train[: cfg.attack.vocab_rows]), max_size=cfg.attack.vocab_size)
+    pool = substitute_pool(cfg, list(train))
     return examples, pool
 
 
@@ -154,7 +160,7 @@ def validation_sample(cfg: MoEKDConfig, funcs: dict[str, list[str]], valid_label
     rng = np.random.default_rng(cfg.seed)
     picked = sorted(rng.choice(len(funcs["valid"]), size=min(n, len(funcs["valid"])), replace=False).tolist())
     return {"examples": [(i, funcs["valid"][i], int(valid_labels[i])) for i in picked],
-            "pool": identifier_vocabulary(funcs["train"][: cfg.attack.vocab_rows], max_size=cfg.attack.vocab_size)}
+            "pool": substitute_pool(cfg, funcs["train"])}
 
 
 def attack_trial_student(checkpoint, folder: Path, tokenizer, cfg: MoEKDConfig, sample: dict, method: str,

@@ -17,9 +17,8 @@ import numpy as np
 from moekd_ray import console, progress, ray_runtime, tracking
 from moekd_ray.config import MoEKDConfig, PretrainedConfig, dump_yaml, load_config
 from moekd_ray.errors import ConfigError
-from moekd_ray.attacks.identifiers import identifier_vocabulary
 from moekd_ray.augment import with_renamed_copies
-from moekd_ray.attacks.workers import adversarial_renamings, format_summary
+from moekd_ray.attacks.workers import adversarial_renamings, format_summary, substitute_pool
 from moekd_ray.recipes.attack import attack_model, log_attack
 from moekd_ray.data import SPLITS, dataset_hash, describe, load_devign
 from moekd_ray.baseline import TfidfLR
@@ -153,7 +152,7 @@ def run_pipeline(cfg: MoEKDConfig, log=print, resume: str | None = None) -> Pipe
             else:
                 enc_train, train_labels, teacher = enc_student["train"], labels["train"], targets["train"]["soft_targets"]
                 if cfg.distill.augment_ratio:
-                    pool = identifier_vocabulary(funcs["train"][: cfg.attack.vocab_rows], max_size=cfg.attack.vocab_size)
+                    pool = substitute_pool(cfg, funcs["train"])
                     adversarial = None
                     if cfg.distill.augment_attack != "random":
                         adversarial = adversarial_renamings(cfg, run_dir, "uniform", funcs["train"], teacher, pool, log)
