@@ -51,6 +51,14 @@ def wait_ray(ready, proc, log: Path, timeout_s: float = 180) -> None:
     raise AssertionError(f"Ray did not come up in {timeout_s} s:\n{log.read_text()[-3000:]}")
 
 
+def own_ports() -> list[str]:
+    """Free ports for a node's fixed-port services: left at Ray's defaults (dashboard agent 52365, client server
+    10001, ...), a node dies or loses its job agent when another Ray instance on the machine holds them."""
+    return [f"--{name}={free_port()}" for name in ("ray-client-server-port", "dashboard-agent-listen-port",
+                                                   "dashboard-agent-grpc-port", "runtime-env-agent-port",
+                                                   "metrics-export-port")]
+
+
 @pytest.fixture(scope="module")
 def cluster():
     temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
@@ -59,7 +67,7 @@ def cluster():
     head_log, node_log = Path(temp_dir) / "head.log", Path(temp_dir) / "node.log"
     head = start_group([RAY, "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dash}",
                         "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1", "--num-cpus=2",
-                        f"--temp-dir={temp_dir}", "--include-dashboard=true"], head_log, **env)
+                        f"--temp-dir={temp_dir}", "--include-dashboard=true", *own_ports()], head_log, **env)
     node = None
     try:
         wait_ray(lambda: subprocess.run([RAY, "job", "list", f"--address=http://{LOOPBACK}:{dash}"], env=env,
@@ -68,7 +76,7 @@ def cluster():
                             "--num-cpus=2", '--resources={"expert_node": 2}',
                             # Its own temp dir, as on a separate machine: sharing the head's, its runtime-env agent
                             # would delete the job's working dir (the driver's cwd) when its own workers finish.
-                            f"--temp-dir={temp_dir}/n2"], node_log, **env)
+                            f"--temp-dir={temp_dir}/n2", *own_ports()], node_log, **env)
         wait_ray(lambda: "expert_node" in subprocess.run([RAY, "status", f"--address=127.0.0.1:{port}"], env=env,
                                                          capture_output=True, text=True).stdout, node, node_log)
         yield {"address": f"http://{LOOPBACK}:{dash}", "env": env, "temp_dir": temp_dir}

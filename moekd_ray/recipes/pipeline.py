@@ -112,15 +112,15 @@ def run_pipeline(cfg: MoEKDConfig, log=print, resume: str | None = None) -> Pipe
                     log(f"experts: {', '.join(results)} finished before the interruption (reused); training "
                         f"{', '.join(todo)}, each from its latest reported checkpoint if it has one")
                 fitted, finished_at = train_experts(cfg, enc_expert, labels, parts, run_dir, todo)
-                finished = {m: ray_runtime.epoch_rows(r)[-1]["finished_at"] for m, r in results.items()}
+                ended = {m: ray_runtime.epoch_rows(r)[-1]["finished_at"] for m, r in results.items()}
                 results.update(zip(todo, fitted))
-                finished.update(zip(todo, finished_at))
+                ended.update(zip(todo, finished_at))
                 # Every member's stage run (a killed driver logged none: they are logged once all have trained).
                 specs = [spec for spec in cfg.experts.specs() for _ in range(cfg.experts.folds)]
                 for member, spec in zip(members, specs):
                     rows = ray_runtime.epoch_rows(results[member])
                     log(epoch_summary(member, rows))
-                    span = (rows[0]["started_at"], finished[member])  # the MLflow run spans the training
+                    span = (rows[0]["started_at"], ended[member])  # the MLflow run spans the training
                     with tracker.stage(member, spec.model_dump(mode="json"), span=span):
                         tracker.log_epochs(rows)
                         tracker.log_text(dump_yaml(spec.model_dump(mode="json")), "config.yaml")

@@ -147,7 +147,7 @@ def distill_worker(config: dict) -> None:
         return kd_loss(logits.float(), batch["teacher"].float(), batch["labels"].long(), temperature, alpha)
 
     resumed_from = len(history)
-    step = deepspeed_step(engine, config, sched, len(loader), resumed_from)
+    step = deepspeed_step(engine, job, sched, len(loader), resumed_from)
     ticker = progress.Ticker(job.task, epochs * len(loader), enabled=ctx.get_world_rank() == 0)
     for epoch in range(resumed_from + 1, epochs + 1):
         if history and history[-1]["final"]:
