@@ -21,7 +21,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from moekd_ray.config import MoEKDConfig, load_config
+from moekd_ray.config import MoEKDConfig, PredictConfig, load_config
 from moekd_ray.console import Console
 from moekd_ray.errors import USER_ERRORS, ConfigError
 
@@ -130,15 +130,11 @@ def build_parser() -> Parser:
             a.add_argument("--force", action="store_true", help="promote despite failed gates (recorded as forced)")
     p = sub.add_parser("predict", help="score every C function of a file, a folder (recursive) or stdin")
     p.add_argument("path", help="a C file, a folder, or - for stdin")
-    p.add_argument("--model", default="models:/moekd-student@champion",
-                   help="models:/<name>/<version> | models:/<name>@<alias>, or a folder holding an MLmodel file")
-    p.add_argument("--threshold", type=float, default=0.5, help="verdict vulnerable at P(vulnerable) >= this")
-    p.add_argument("--format", choices=["table", "json", "sarif"], default="table", help="how results are written")
-    p.add_argument("--glob", action="append", help="file name pattern in folders, repeatable (default: *.c, *.h)")
-    p.add_argument("--batch-size", type=int, default=64, help="functions scored at once (bounds memory)")
-    p.add_argument("--output", help="write the results to this file (default: stdout)")
-    p.add_argument("--tracking-uri", help="MLflow store of models:/ URIs (default: $MLFLOW_TRACKING_URI, "
-                   "else sqlite:///mlruns.db)")
+    for name, field in PredictConfig.model_fields.items():  # the schema's options, defaults and help
+        text = field.description.rstrip(".").replace("(unset: ", "(default: ")
+        text = text if text[:2].isupper() else text[0].lower() + text[1:]  # "MLflow ..." stays
+        p.add_argument(f"--{name.replace('_', '-')}", default=field.default, help=text,
+                       action="append" if name == "glob" else "store")
     sub.add_parser("config", help="list every option with its default and description")
     return parser
 
@@ -160,7 +156,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "config":
-            print("\n".join(describe_options()))
+            predict_options = [f"moekd predict --{key.replace('_', '-')} ={rest}"  # as its flags are spelt
+                               for key, rest in (line.split(" =", 1) for line in describe_options(PredictConfig()))]
+            print("\n".join(describe_options() + predict_options))
             return 0
         if args.command == "attack":
             return _attack(args)
@@ -259,10 +257,19 @@ def _sync(args) -> int:
 
 
 def _predict(args) -> int:
+    from pydantic import ValidationError
+
     from moekd_ray.predict import predict
 
-    predict(args.path, model=args.model, threshold=args.threshold, fmt=args.format, globs=args.glob,
-            batch_size=args.batch_size, output=args.output, tracking_uri=args.tracking_uri)
+    given = {name: getattr(args, name) for name in PredictConfig.model_fields}
+    try:
+        opts = PredictConfig.model_validate(given)
+    except ValidationError as err:
+        e = err.errors()[0]
+        name = str(e["loc"][0])
+        raise ConfigError(f"--{name.replace('_', '-')} {given[name]}: {e['msg']}") from None
+    predict(args.path, model=opts.model, threshold=opts.threshold, fmt=opts.format, globs=opts.glob,
+            batch_size=opts.batch_size, output=opts.output, tracking_uri=opts.tracking_uri)
     return 0
 
 

@@ -494,6 +494,24 @@ class BenchmarkConfig(_Strict):
         return self
 
 
+# ------------------------------------------------------------------------------------------------ predict
+class PredictConfig(_Strict):
+    """`moekd predict`'s options (given on its command line: it reads no YAML config; `--batch-size` for
+    batch_size)."""
+
+    model: str = Field("models:/moekd-student@champion", description="models:/<name>/<version> | "
+                       "models:/<name>@<alias>, or a folder holding an MLmodel file.")
+    threshold: float = Field(0.5, ge=0, le=1, description="Verdict vulnerable at P(vulnerable) >= this.")
+    format: Literal["table", "json", "sarif"] = Field("table", description="How results are written: table, json "
+                                                      "(one object a function) or sarif (SARIF 2.1.0, for code "
+                                                      "scanning).")
+    glob: list[str] | None = Field(None, description="File name patterns in folders, repeatable (unset: *.c, *.h).")
+    batch_size: int = Field(64, ge=1, description="Functions scored at once (bounds memory).")
+    output: str | None = Field(None, description="Write the results to this file (unset: stdout).")
+    tracking_uri: str | None = Field(None, description="MLflow store of models:/ URIs (unset: $MLFLOW_TRACKING_URI, "
+                                     "else sqlite:///mlruns.db).")
+
+
 # ---------------------------------------------------------------------------------------- student search
 class StudentSearchConfig(_Strict):
     """`moekd search-student`: multi-objective search over the student's architecture on a run's cached targets.

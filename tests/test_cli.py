@@ -83,14 +83,24 @@ def test_config_shows_the_effective_defaults(capsys):
     main(["config"])
     defaults = load_config().model_dump(mode="json")
     wrong = []
+    from moekd_ray.config import PredictConfig
+
+    predict = PredictConfig().model_dump(mode="json")
+    shown_predict = 0
     for line in capsys.readouterr().out.splitlines():
         key, shown = line.split("  # ")[0].split(" = ", 1)
+        if key.startswith("moekd predict --"):  # its command-line options, from the same schema
+            option = key.removeprefix("moekd predict --").replace("-", "_")
+            assert ast.literal_eval(shown) == predict[option], line
+            shown_predict += 1
+            continue
         value = defaults
         for part in key.split("."):
             value = value[part]
         if ast.literal_eval(shown) != value:
             wrong.append(f"{key}: shows {shown}, default is {value!r}")
     assert not wrong, wrong
+    assert shown_predict == len(predict)
 
 
 def test_config_describes_every_option(capsys):
