@@ -248,7 +248,7 @@ def _sync(args) -> int:
                           "printed as `run folder ...`")
     uri = args.tracking_uri or load_config(folder / "config.yaml").mlflow.tracking_uri
     tracking.connect(uri)
-    replayed = tracking.replay_spool(folder)
+    replayed = tracking.replay_spool(folder, uri)
     if replayed is None:
         print(f"{folder}: nothing to replay (no {tracking.SPOOL}): its MLflow run is complete")
     else:

@@ -291,11 +291,14 @@ class Tracker:
     Artifacts are referenced by their path in the run folder (texts and figures are saved there first); a run created
     meanwhile gets a local key, which the replay maps to the MLflow run it creates. `moekd sync <run folder>` (or
     `moekd run --resume`) replays the spool onto the same MLflow run (`replay_spool`). Without a run folder
-    (`run_dir=None`) an outage is an error, as with direct MLflow calls."""
+    (`run_dir=None`) an outage is an error, as with direct MLflow calls. `tracking_uri`: the store it writes to
+    (default: the one `connect` was given)."""
 
-    def __init__(self, run_dir: Path | None, experiment_id: str | None = None, log=print):
+    def __init__(self, run_dir: Path | None, experiment_id: str | None = None, log=print,
+                 tracking_uri: str | None = None):
         self.run_dir, self.experiment_id, self.log = run_dir, experiment_id, log
-        self.client = mlflow.MlflowClient()
+        self.uri = tracking_uri or current_uri()
+        self.client = mlflow.MlflowClient(self.uri) if tracking_uri else mlflow.MlflowClient()
         self.runs: list[str] = []  # the runs being written to, innermost last: MLflow run ids, or local keys
         self.root: str | None = None  # the parent run
         self.spool_id: str | None = None  # set when spooling starts
@@ -316,7 +319,7 @@ class Tracker:
                 yield run_id
         finally:
             if self.spooled:
-                self.log(f"MLflow tracking server {current_uri()} was unreachable: {self.spooled} writes "
+                self.log(f"MLflow tracking server {self.uri} was unreachable: {self.spooled} writes "
                          f"spooled to {self.run_dir / SPOOL}; once it answers again, complete MLflow run {run_id} "
                          f"with: moekd sync {self.run_dir.resolve()}")
 
@@ -413,7 +416,7 @@ class Tracker:
             try:
                 return _apply(self.client, op, {}, self.run_dir)
             except (mlflow.exceptions.MlflowException, OSError):
-                uri = current_uri()
+                uri = self.uri
                 if self.run_dir is None or not uri.startswith(("http://", "https://")) or _reachable(uri):
                     raise
                 self.spool_id = uuid.uuid4().hex[:12]
@@ -505,7 +508,7 @@ def _in_history(client: mlflow.MlflowClient, run: str, point: Metric) -> bool:
                for m in client.get_metric_history(run, point.key))
 
 
-def replay_spool(run_dir: Path) -> tuple[str, int] | None:
+def replay_spool(run_dir: Path, tracking_uri: str | None = None) -> tuple[str, int] | None:
     """Replay a run folder's pending spool, in order, at the current tracking URI: the runs created during the
     outage are created, and every write lands on the run it was meant for. Returns (the parent run's id, writes
     replayed), or None when nothing is pending. Progress is saved after each write, so a replay cut short continues
@@ -530,7 +533,7 @@ def replay_spool(run_dir: Path) -> tuple[str, int] | None:
         try:
             _apply(client, ops[n], progress["ids"], run_dir, replay=True)
         except (mlflow.exceptions.MlflowException, OSError):
-            uri = current_uri()
+            uri = tracking_uri or current_uri()
             if not uri.startswith(("http://", "https://")) or _reachable(uri):
                 raise
             raise TrackingError(f"MLflow tracking server {uri} stopped answering during the replay ({n} of {len(ops)} "

@@ -405,11 +405,12 @@ def spool_a_run(run_dir, log, experiment_id="0", student=None):
     from moekd_ray import tracking
     from servers import LOOPBACK, free_port
 
-    mlflow.set_tracking_uri(f"http://{LOOPBACK}:{free_port()}")  # nothing listens there
+    uri = f"http://{LOOPBACK}:{free_port()}"  # nothing listens there
+    mlflow.set_tracking_uri(uri)
     (run_dir / "tokenizers").mkdir(parents=True)
     (run_dir / "tokenizers" / "vocab.txt").write_text("artifact bytes stay in the run folder")
     (run_dir / "soft.bin").write_bytes(b"soft targets")
-    tracker = tracking.Tracker(run_dir, experiment_id, log)
+    tracker = tracking.Tracker(run_dir, experiment_id, log, uri)
     with tracker.run(None, "spooled") as run_id:
         tracker.set_tags({"moekd.run_dir": str(run_dir.resolve())})
         tracker.log_config({"experts": {"k": 2}})

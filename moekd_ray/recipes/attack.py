@@ -66,7 +66,7 @@ def run_attack(cfg: MoEKDConfig, model: str, target: str = "student", log=print)
     with tempfile.TemporaryDirectory() as tmp:
         folder = resolve_victim(model, Path(tmp))
         rows, summary = attack_model(cfg, folder, target, model, log)
-        tracker = tracking.Tracker(None, experiment_id)  # no run folder to spool to: an outage is an error
+        tracker = tracking.Tracker(None, experiment_id, tracking_uri=cfg.mlflow.tracking_uri)  # no run folder to spool to: an outage is an error
         with tracker.run(None, f"attack-{cfg.attack.method}") as run_id:
             tracker.set_tags({"moekd.attack.model": model, "moekd.attack.target": target,
                               "moekd.attack.method": cfg.attack.method})

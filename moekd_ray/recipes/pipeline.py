@@ -71,7 +71,7 @@ def run_pipeline(cfg: MoEKDConfig, log=print, resume: str | None = None) -> Pipe
 
     # Every MLflow write goes through the tracker: if the server stops answering, they are spooled in the run
     # folder and training goes on (`moekd sync <run folder>` completes the MLflow run).
-    tracker = tracking.Tracker(run_dir, experiment_id, log)
+    tracker = tracking.Tracker(run_dir, experiment_id, log, cfg.mlflow.tracking_uri)
     with tracker.run(parent_id, cfg.name) as run_id:
         log(f"run folder {run_dir}, MLflow run {run_id}" + (" (resumed)" if resume else ""))
         log(f"full log: {run_dir / console.LOG_FILE}")
@@ -377,7 +377,7 @@ def resume_target(cfg: MoEKDConfig, spec: str, log=print) -> tuple[Path, str | N
     if saved.digest() != cfg.digest():
         raise ConfigError(f"--resume {spec}: that run used config {saved.digest()}, this config is {cfg.digest()}; "
                           f"resume with the run's own config: moekd run {folder / 'config.yaml'} --resume {spec}")
-    replayed = tracking.replay_spool(folder)
+    replayed = tracking.replay_spool(folder, cfg.mlflow.tracking_uri)
     if replayed:
         run_id = replayed[0]
         log(f"replayed {replayed[1]} MLflow writes spooled during a tracking outage onto MLflow run {run_id}")

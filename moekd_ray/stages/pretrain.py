@@ -259,7 +259,7 @@ def pretrain_encoder(cfg: MoEKDConfig, log=print, data: dict | None = None) -> P
                                       max_failures=cfg.ray.max_failures).fit()
     ray_runtime.copy_atomically(result.checkpoint, encoder, lambda tmp: tokenizer.save_pretrained(str(tmp)))
     rows = ray_runtime.epoch_rows(result)
-    tracker = tracking.Tracker(folder, experiment_id, log)
+    tracker = tracking.Tracker(folder, experiment_id, log, cfg.mlflow.tracking_uri)
     with tracker.run(None, name):
         tracker.set_tags({"moekd.stage": "pretrain", "moekd.pretrain_digest": pretrain_digest(cfg),
                           "moekd.encoder": str(encoder.resolve())})
