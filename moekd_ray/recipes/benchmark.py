@@ -33,6 +33,7 @@ import contextlib
 import hashlib
 import json
 import shutil
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -96,9 +97,8 @@ def run_benchmark(cfg: MoEKDConfig, log=print, resume: str | None = None) -> Ben
     ray_runtime.init_ray(cfg)
     tcfg = with_pretrained_encoder(cfg, log, data)  # `source: pretrain` experts: the encoder's folder
     examples, pool = sample_examples(cfg)  # one seeded sample, the same for every model and attack
-    clock = SessionClock(bench_dir)
 
-    with tracking.run(cfg.name, parent_id, experiment_id) as parent:
+    with SessionClock(bench_dir) as clock, tracking.run(cfg.name, parent_id, experiment_id) as parent:
         if parent_id:
             log(f"== resuming benchmark {bench_dir} (MLflow run {parent_id})")
         else:
@@ -243,21 +243,43 @@ def resume_target(cfg: MoEKDConfig, spec: str) -> tuple[Path, str]:
 
 
 class SessionClock:
-    """Wall time over every session of a benchmark (a resumed one adds a session), kept in sessions.json."""
+    """Wall time over every session of a benchmark (a resumed one adds a session), kept in sessions.json: saved
+    after every cell and every `every_s` seconds in between, so a killed session loses at most that much."""
 
-    def __init__(self, bench_dir: Path):
+    def __init__(self, bench_dir: Path, every_s: float = 60.0):
         self.path, self.start = bench_dir / "sessions.json", time.perf_counter()
         self.sessions = json.loads(self.path.read_text()) if self.path.is_file() else []
         self.sessions.append(0.0)
+        self.lock, self.stopped = threading.Lock(), threading.Event()
+        self.ticker = threading.Thread(target=self._tick, args=(every_s,), daemon=True)
+
+    def __enter__(self) -> "SessionClock":
+        self.ticker.start()
+        return self
+
+    def __exit__(self, *exc) -> None:  # however the session ends: its time is in the file, and no thread is left
+        if not self.stopped.is_set():
+            self.stop()
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.ticker.join()
+        self.save()
+
+    def _tick(self, every_s: float) -> None:
+        while not self.stopped.wait(every_s):
+            self.save()
 
     def save(self) -> None:
-        self.sessions[-1] = time.perf_counter() - self.start
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.sessions))
-        tmp.replace(self.path)
+        with self.lock:
+            self.sessions[-1] = time.perf_counter() - self.start
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.sessions))
+            tmp.replace(self.path)
 
     def total(self) -> float:
-        self.save()
+        """The benchmark's wall time so far; ends this session's clock (the time of the report is not counted)."""
+        self.stop()
         return float(sum(self.sessions))
 
 
