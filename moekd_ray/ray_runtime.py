@@ -7,9 +7,9 @@ import os
 import shutil
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import ray
 import ray.train
@@ -124,6 +124,15 @@ def fit_all(trainers: list[TorchTrainer]) -> tuple[list, list[float]]:
     with ThreadPoolExecutor(max_workers=max(len(trainers), 1)) as pool:
         done = list(pool.map(fit, trainers))
     return [r for r, _ in done], [t for _, t in done]
+
+
+def fit_as_completed(trainers: dict) -> Iterator[tuple]:
+    """fit() every trainer of {key: trainer} at once (as fit_all); yields (key, result) as each one ends, so the
+    caller can use a result while the others go on."""
+    with ThreadPoolExecutor(max_workers=max(len(trainers), 1)) as pool:
+        futures = {pool.submit(trainer.fit): key for key, trainer in trainers.items()}
+        for future in as_completed(futures):
+            yield futures[future], future.result()
 
 
 HISTORY_FILE = "metrics_history.json"

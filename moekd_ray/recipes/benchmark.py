@@ -145,8 +145,8 @@ def run_benchmark(cfg: MoEKDConfig, log=print, resume: str | None = None) -> Ben
                     tok = train_bpe(funcs["train"] + funcs["transfer"], arch.vocab_size, arch.max_length)
                     tokenizers[key] = (tok, {s: encode(tok, funcs[s], arch.max_length) for s in PROTOCOL_SPLITS[1:]})
                 encoded[m] = tokenizers[key]
-                if (student_folder(bench_dir, m, seed) / "model.safetensors").is_file():
-                    continue  # distilled and saved before the interruption
+                if (student_folder(bench_dir, m, seed) / "distill.json").is_file():
+                    continue  # distilled and saved before the interruption (distill.json is written last)
                 tok, enc = encoded[m]
                 train, train_labels = enc["transfer"], labels["transfer"]
                 teacher = method_targets(mcfg, m, teachers.logits, gates)
@@ -170,32 +170,39 @@ def run_benchmark(cfg: MoEKDConfig, log=print, resume: str | None = None) -> Ben
             saved = [m for m in todo if m not in trainers]
             log(f"== students, seed {seed}: {', '.join(trainers) or 'none'} distilled concurrently"
                 + (f"; {', '.join(saved)} saved before the interruption" if saved else ""))
-            # An unfinished distillation resumes from its latest reported checkpoint (same run name and storage).
-            results, _ = ray_runtime.fit_all(list(trainers.values())) if trainers else ([], [])
-            for m, result in zip(trainers, results):
+
+            def student_cell(m: str) -> None:
+                """The student's test metrics and attacks, in its cell."""
                 folder = student_folder(bench_dir, m, seed)
-                ray_runtime.copy_atomically(result.checkpoint, folder)
-                encoded[m][0].save_pretrained(str(folder / "tokenizer"))
-                (folder / "distill.json").write_text(json.dumps({"epochs": ray_runtime.epoch_rows(result),
-                                                                  **copies.get(m, {})}))
-            for m, mcfg in configs.items():
-                folder = student_folder(bench_dir, m, seed)
-                saved = json.loads((folder / "distill.json").read_text())
+                distilled = json.loads((folder / "distill.json").read_text())
                 tags = {"moekd.bench.method": m, "moekd.bench.role": "student", "moekd.bench.seed": str(seed),
                         "moekd.bench.student_dir": str(folder.resolve())}
                 with cells.open(f"{m}/seed{seed}", f"{m}/seed{seed}", tags,
-                                mcfg.distill.model_dump(mode="json")) as logged:
+                                configs[m].distill.model_dump(mode="json")) as logged:
                     if "test_accuracy" not in logged:
-                        tracking.log_epochs(saved["epochs"])
-                        tracking.log_metrics({k: v for k, v in saved.items() if k != "epochs"})
+                        tracking.log_epochs(distilled["epochs"])
+                        tracking.log_metrics({k: v for k, v in distilled.items() if k != "epochs"})
                         row, probs = evaluate_model(cfg, load_model(folder), encoded[m][1]["test"], labels["test"],
-                                                    sum(r["train_seconds"] for r in saved["epochs"]))
+                                                    sum(r["train_seconds"] for r in distilled["epochs"]))
                         figure = bench_dir / "report" / f"confusion_{m}.png" if seed == b.seeds[0] else None
                         log_evaluation(row, probs, labels["test"], f"{m}, seed {seed}, test", figure)
                         log(f"{m} seed {seed}: test acc {row['test_accuracy']:.3f} f1 {row['test_f1']:.3f}, "
                             f"{row['test_vulnerable_share']:.0%} called vulnerable, {row['size_mb']:.2f} MB, "
                             f"distilled in {row['seconds_train']:.0f} s")
                     attack_all(cfg, folder, examples, pool, logged, log)
+
+            for m in saved:
+                student_cell(m)
+            # Each student is saved, scored and attacked as soon as its distillation ends, while the others go on
+            # (a seed's cells do not wait for its slowest student). An unfinished distillation resumes from its
+            # latest reported checkpoint, a finished one is restored as it ended (same run name and storage).
+            for m, result in ray_runtime.fit_as_completed(trainers):
+                folder = student_folder(bench_dir, m, seed)
+                ray_runtime.copy_atomically(result.checkpoint, folder)
+                encoded[m][0].save_pretrained(str(folder / "tokenizer"))
+                (folder / "distill.json").write_text(json.dumps({"epochs": ray_runtime.epoch_rows(result),
+                                                                  **copies.get(m, {})}))
+                student_cell(m)
 
         rows = benchmark_table(parent.info.run_id, b.attacks)
         differences = difference_intervals(rows, labels["test"], b.attacks, b.bootstrap, cfg.seed)
