@@ -155,10 +155,10 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
 @contextlib.contextmanager
 def stage_run(name: str, params: dict | None = None):
     """A nested run for one stage or expert, under the active parent run."""
-    with mlflow.start_run(run_name=name, nested=True) as run:
+    with run(name, nested=True) as active:
         if params:
             mlflow.log_params(flatten(params))
-        yield run
+        yield active
 
 
 def log_config(config_tree: dict) -> None:

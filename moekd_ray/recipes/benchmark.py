@@ -116,15 +116,19 @@ def run_benchmark(cfg: MoEKDConfig, log=print, resume: str | None = None) -> Ben
         log("== references: the teachers and tfidf-lr")
         references = ([f"expert_{k}" for k in range(cfg.experts.k)] + ["mixture", "teacher"]
                       + (["tfidf-lr"] if b.reference_tfidf else []))
+        reference_rows = {}  # each expert's row: the mixture's cost is theirs together
         for name in references:
             if cells.complete(name):
                 log(f"{name}: reused (complete before the interruption)")
+                reference_rows[name] = cells.metrics(name)
                 continue
             role = "reference" if name == "tfidf-lr" else "teacher"
-            with cells.open(name, name, {"moekd.bench.method": name, "moekd.bench.role": role}) as logged:
+            with cells.open(name, {"moekd.bench.method": name, "moekd.bench.role": role}) as logged:
                 folder = teachers.folder / name if name != "tfidf-lr" else bench_dir / "references" / "tfidf-lr"
                 if "test_accuracy" not in logged:
-                    row, probs = evaluate_reference(tcfg, name, teachers, gates, funcs, labels, router_seconds, folder)
+                    row, probs = evaluate_reference(tcfg, name, teachers, gates, funcs, labels, router_seconds, folder,
+                                                    reference_rows)
+                    reference_rows[name] = row
                     log_evaluation(row, probs, labels["test"], f"{name}, test", bench_dir / "report" / f"confusion_{name}.png")
                     log(f"{name}: test acc {row['test_accuracy']:.3f} f1 {row['test_f1']:.3f}, {row['size_mb']:.2f} MB")
                 if name == "tfidf-lr" or (name == "teacher" and b.attack_teacher):
@@ -177,8 +181,7 @@ def run_benchmark(cfg: MoEKDConfig, log=print, resume: str | None = None) -> Ben
                 distilled = json.loads((folder / "distill.json").read_text())
                 tags = {"moekd.bench.method": m, "moekd.bench.role": "student", "moekd.bench.seed": str(seed),
                         "moekd.bench.student_dir": str(folder.resolve())}
-                with cells.open(f"{m}/seed{seed}", f"{m}/seed{seed}", tags,
-                                configs[m].distill.model_dump(mode="json")) as logged:
+                with cells.open(f"{m}/seed{seed}", tags, configs[m].distill.model_dump(mode="json")) as logged:
                     if "test_accuracy" not in logged:
                         tracking.log_epochs(distilled["epochs"])
                         tracking.log_metrics({k: v for k, v in distilled.items() if k != "epochs"})
@@ -308,15 +311,20 @@ class Cells:
         run = self.runs.get(key)
         return run is not None and run.data.tags.get("moekd.bench.complete") == "1"
 
+    def metrics(self, key: str) -> dict[str, float]:
+        """What a cell complete before this session logged."""
+        return dict(self.runs[key].data.metrics)
+
     @contextlib.contextmanager
-    def open(self, key: str, name: str, tags: dict, params: dict | None = None):
+    def open(self, key: str, tags: dict, params: dict | None = None):
+        """The cell's run (named `key`), new or reopened; yields the metric names it already holds."""
         run = self.runs.get(key)
         if run is not None:
             with tracking.run(run_id=run.info.run_id, nested=True):
                 yield set(tracking.client().get_run(run.info.run_id).data.metrics)
                 tracking.set_tags({"moekd.bench.complete": "1"})
         else:
-            with tracking.stage_run(name, params):
+            with tracking.stage_run(key, params):
                 tracking.set_tags({**tags, "moekd.bench.cell": key})
                 yield set()
                 tracking.set_tags({"moekd.bench.complete": "1"})
@@ -434,9 +442,10 @@ def train_teachers(cfg: MoEKDConfig, funcs: dict, labels: dict, projects: dict, 
 
 
 def evaluate_reference(cfg: MoEKDConfig, name: str, teachers: Teachers, gates: dict, funcs: dict, labels: dict,
-                       router_seconds: float, folder: Path) -> tuple[dict, np.ndarray]:
-    """A reference row: an expert, the single teacher, the routed mixture of the experts, or tfidf-lr (fitted
-    here on the labelled part, C chosen on valid, and saved into `folder` for the attacks)."""
+                       router_seconds: float, folder: Path, rows: dict[str, dict]) -> tuple[dict, np.ndarray]:
+    """A reference row: an expert, the single teacher, the routed mixture of the experts (its size and cost from
+    the experts' `rows`, evaluated before it), or tfidf-lr (fitted here on the labelled part, C chosen on valid,
+    and saved into `folder` for the attacks)."""
     if name == "tfidf-lr":
         start = time.perf_counter()
         TfidfLR(cfg.seed).fit(funcs["train"], labels["train"], funcs["valid"], labels["valid"]).save(folder)
@@ -451,8 +460,7 @@ def evaluate_reference(cfg: MoEKDConfig, name: str, teachers: Teachers, gates: d
                     "latency_p50_ms": single_call_p50_ms(model, funcs["test"][: cfg.benchmark.latency_functions])})
         return row, probs
     if name == "mixture":
-        experts = [evaluate_reference(cfg, f"expert_{k}", teachers, gates, funcs, labels, router_seconds,
-                                      teachers.folder / f"expert_{k}")[0] for k in range(cfg.experts.k)]
+        experts = [rows[f"expert_{k}"] for k in range(cfg.experts.k)]
         mix = soft_targets(cfg, teachers.logits["experts"]["test"], gates["test"], 1.0)[:, 1]
         return {
             **{f"test_{k}": v for k, v in classification_metrics(labels["test"], mix).items()},
@@ -630,12 +638,14 @@ def difference_intervals(rows: list[dict], labels: np.ndarray, attacks: list[str
         return (success / np.maximum(success + (status == "failed").sum(-1), 1)).mean(0)
 
     full_test, full_attack = np.arange(len(labels))[None], np.arange(n_attacked)[None]
+    resampled = {m: test_metrics(m, test_draws) for m in outputs}
+    whole = {m: test_metrics(m, full_test) for m in outputs}
     out = []
     for base in ("compressor", "avatar"):
         if base not in outputs:
             continue
-        pairs = {k: (v, test_metrics(base, test_draws)[k], test_metrics("moekd", full_test)[k][0]
-                     - test_metrics(base, full_test)[k][0]) for k, v in test_metrics("moekd", test_draws).items()}
+        pairs = {k: (resampled["moekd"][k], resampled[base][k], whole["moekd"][k][0] - whole[base][k][0])
+                 for k in resampled["moekd"]}
         for a in attacks:
             pairs[f"asr_{a}"] = (asr("moekd", a, attack_draws), asr(base, a, attack_draws),
                                  asr("moekd", a, full_attack)[0] - asr(base, a, full_attack)[0])
