@@ -14,6 +14,8 @@ function gets two). A copy is either
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
 from moekd_ray.attacks.identifiers import Identifiers
@@ -67,3 +69,19 @@ def with_renamed_copies(enc: dict[str, np.ndarray], labels: np.ndarray, teacher:
     extra = encode(tokenizer, variants, max_length)
     enc = {k: np.concatenate([a, extra[k]]) for k, a in enc.items()}
     return enc, np.concatenate([labels, labels[source]]), np.concatenate([teacher, teacher[source]]), len(variants)
+
+
+def robust_transfer_set(distill, enc: dict[str, np.ndarray], labels: np.ndarray, teacher: np.ndarray,
+                        funcs: list[str], tokenizer, max_length: int, pool: list[str], seed: int,
+                        find_adversarial: Callable[[], dict[int, str]], log) -> tuple:
+    """The transfer set a student distils from under `distill` (a DistillConfig): as given when augment_ratio is 0,
+    else with its renamed copies, random or (augment_attack) found by `find_adversarial()` (called only then).
+    Returns (enc, labels, teacher, counts); counts (renamed_copies, attack_found_copies) is empty without copies."""
+    if not distill.augment_ratio:
+        return enc, labels, teacher, {}
+    adversarial = find_adversarial() if distill.augment_attack != "random" else None
+    enc, labels_out, teacher, n = with_renamed_copies(enc, labels, teacher, funcs, tokenizer, max_length, pool,
+                                                      distill.augment_ratio, seed, adversarial)
+    log(f"{n:,} identifier-renamed copies ({len(adversarial or {}):,} attack-found) join the {len(labels):,} "
+        "transfer functions")
+    return enc, labels_out, teacher, {"renamed_copies": n, "attack_found_copies": len(adversarial or {})}

@@ -210,16 +210,34 @@ class ExpertsConfig(_Strict):
 
 
 # ------------------------------------------------------------------------------------------------- router
-class RouterConfig(_Strict):
-    kind: Literal["learned", "uniform"] = Field(
-        "learned", description="learned: gate over the input's hashed TF-IDF; uniform: plain mean of experts."
-    )
+class LearnedRouter(_Strict):
+    """A gate MLP over the input's hashed TF-IDF, trained on the experts' frozen outputs."""
+
+    kind: Literal["learned"] = Field("learned", description="learned: gate over the input's hashed TF-IDF; uniform: "
+                                     "plain mean of the experts (takes no other router field).")
     hidden_size: int = Field(64, ge=1, description="Gate MLP hidden width.")
     temperature: float = Field(1.0, gt=0, description="Softmax temperature of the gate logits.")
     top_k: int | None = Field(None, ge=1, description="Keep the k largest weights per input (None: all, soft).")
     balance_weight: float = Field(0.01, ge=0, description="Weight of the load-balancing term.")
     epochs: int = Field(30, ge=1, description="Router training epochs (full batch over the transfer set).")
     lr: float = Field(1e-3, gt=0, description="Router learning rate.")
+
+
+class UniformRouter(_Strict):
+    """The plain mean of the experts (uniform-moe): nothing to train, so nothing to set."""
+
+    kind: Literal["uniform"] = Field("uniform", description="uniform: plain mean of the experts.")
+
+
+def _router_tag(value) -> str:
+    # `kind` may be left out of a YAML router block: it then means the learned router.
+    return value.get("kind", "learned") if isinstance(value, dict) else getattr(value, "kind", None)
+
+
+RouterConfig = Annotated[
+    Union[Annotated[LearnedRouter, Tag("learned")], Annotated[UniformRouter, Tag("uniform")]],
+    Discriminator(_router_tag),
+]
 
 
 # ----------------------------------------------------------------------------------------------- distill
@@ -571,7 +589,8 @@ class MoEKDConfig(_Strict):
     partition: PartitionConfig = Field(default_factory=PartitionConfig,
                                        description="How the training set is split into one part per expert.")
     experts: ExpertsConfig = Field(default_factory=ExpertsConfig, description="The teachers: what and how each trains.")
-    router: RouterConfig = Field(default_factory=RouterConfig, description="How the experts' outputs are weighted.")
+    router: RouterConfig = Field(default_factory=LearnedRouter, description="How the experts' outputs are weighted: "
+                                  "kind learned (default) or uniform.")
     distill: DistillConfig = Field(default_factory=DistillConfig, description="The student and how it learns.")
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig, description="`moekd pretrain`, and experts "
                                      "with `source: pretrain`.")
@@ -596,8 +615,15 @@ class MoEKDConfig(_Strict):
         if self.benchmark.teacher_expert >= self.experts.k:
             raise ValueError(f"benchmark.teacher_expert={self.benchmark.teacher_expert}: there are experts 0.."
                              f"{self.experts.k - 1}; name one of them")
-        if self.router.top_k is not None and self.router.top_k > self.experts.k:
+        if self.router.kind == "learned" and self.router.top_k is not None and self.router.top_k > self.experts.k:
             raise ValueError(f"router.top_k={self.router.top_k} exceeds experts.k={self.experts.k}; use top_k <= k")
+        routed = [key for key in self.tune.space if key.startswith("router.")]
+        if self.router.kind == "uniform" and routed:
+            if "space" in self.tune.model_fields_set:
+                raise ValueError(f"tune.space: {routed} tune the learned router, but router.kind is uniform; drop "
+                                 "them or use router.kind learned")
+            for key in routed:  # the default space's router dimensions: nothing to tune in a plain mean
+                del self.tune.space[key]
         for key, dist in self.tune.space.items():
             if key not in TUNABLE:
                 raise ValueError(f"tune.space: {key!r} cannot be tuned on cached experts; tunable: {list(TUNABLE)}")

@@ -54,6 +54,38 @@ def test_copies_carry_their_originals_targets(funcs):
     assert (enc2["input_ids"][len(test):] != enc["input_ids"][source]).any(axis=1).mean() > 0.9  # really renamed
 
 
+def test_robust_transfer_set_follows_the_distill_config(funcs):
+    """The one augmentation step of the pipeline and the benchmark: nothing without augment_ratio, random copies
+    without calling the attack, attack-found ones through `find_adversarial` (its renamings become copies)."""
+    from moekd_ray.config import DistillConfig
+    from moekd_ray.augment import robust_transfer_set
+    from moekd_ray.tokenization import encode, train_bpe
+
+    test, pool = funcs
+    tok = train_bpe(test, 400, 64)
+    enc, labels = encode(tok, test, 64), np.arange(len(test)) % 2
+    teacher = np.random.default_rng(0).dirichlet([1, 1], size=len(test)).astype(np.float32)
+    lines, calls = [], []
+
+    def attack():
+        calls.append(1)
+        return {0: test[0].replace("(", " (", 1)}
+
+    def augment(**distill):
+        return robust_transfer_set(DistillConfig(**distill), enc, labels, teacher, test, tok, 64, pool, 0, attack,
+                                   lines.append)
+
+    same = augment()
+    assert same[0] is enc and same[3] == {} and not calls and not lines
+    random = augment(augment_ratio=1.0)
+    expected = with_renamed_copies(enc, labels, teacher, test, tok, 64, pool, 1.0, seed=0)
+    np.testing.assert_array_equal(random[0]["input_ids"], expected[0]["input_ids"])
+    assert random[3] == {"renamed_copies": expected[3], "attack_found_copies": 0} and not calls
+    found = augment(augment_ratio=1.0, augment_attack="wir-random")
+    assert calls == [1] and found[3]["attack_found_copies"] == 1
+    assert "identifier-renamed copies (1 attack-found) join the" in lines[-1]
+
+
 def test_adversarial_copies_are_attack_found_renamings(funcs, tmp_path, one_thread):
     """distill.augment_attack: each chosen function's first copy is the renaming WIR-Random found against the plain
     mean of two (tiny, untrained) experts; it lowers their probability of the soft targets' class."""

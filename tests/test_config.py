@@ -226,3 +226,19 @@ def test_every_field_has_a_description():
     # the walk reached union members (experts.model), list items (experts.schedules) and dict values (tune.space)
     assert {ArchConfig, NgramConfig, PretrainedConfig, ChoiceDist, Schedule} <= seen
     assert not missing, f"fields without a description: {sorted(missing)}"
+
+
+def test_router_kind_is_a_union():
+    """A uniform router is the plain mean: the learned router's fields are not options of it, and the default tune
+    space leaves out the router dimensions it cannot use (an explicit one is an error)."""
+    assert load_config(None, []).router.kind == "learned"
+    assert load_config(None, ["router.epochs=5"]).router.epochs == 5  # kind left out: learned
+    uniform = load_config(None, ["router.kind=uniform"])
+    assert uniform.router.model_dump() == {"kind": "uniform"}
+    assert not [key for key in uniform.tune.space if key.startswith("router.")]
+    assert uniform.with_values({"distill.alpha": 0.5}).router.kind == "uniform"
+    with pytest.raises(ConfigError, match="unknown option router.temperature: use one of kind"):
+        load_config(None, ["router.kind=uniform", "router.temperature=2"])
+    with pytest.raises(ConfigError, match=r"tune the learned router, but router.kind is uniform"):
+        load_config(None, ["router.kind=uniform",
+                           "tune.space={router.temperature: {dist: loguniform, low: 0.5, high: 2}}"])

@@ -56,6 +56,8 @@ def test_distillation_ran_deepspeed_zero2_on_two_workers(tiny_run):
     distill = next(r for r in children if r.info.run_name == "distill")
     assert distill.data.tags["moekd.zero_stage"] == "2" and distill.data.tags["moekd.world_size"] == "2"
     assert len(client.get_metric_history(distill.info.run_id, "train_loss")) == 2  # one per epoch
+    # distill.augment_ratio 0.5: about half of the 256 transfer functions got a renamed copy (robust_transfer_set)
+    assert 80 <= distill.data.metrics["renamed_copies"] <= 160 and distill.data.metrics["attack_found_copies"] == 0
     ds_config = json.loads((result.run_dir / "deepspeed_config.json").read_text())
     assert ds_config["zero_optimization"]["stage"] == 2 and ds_config["train_batch_size"] == 16
     # Each rank's DeepSpeed state is in the Ray Train checkpoint (for resuming), not in the student folder that is

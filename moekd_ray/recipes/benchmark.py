@@ -45,7 +45,7 @@ import ray.train
 import torch
 
 from moekd_ray import ray_runtime, tracking
-from moekd_ray.augment import with_renamed_copies
+from moekd_ray.augment import robust_transfer_set
 from moekd_ray.baseline import SavedTfidfLR, TfidfLR
 from moekd_ray.config import METHODS, MoEKDConfig, dump_yaml, load_config
 from moekd_ray.errors import ConfigError
@@ -152,21 +152,15 @@ def run_benchmark(cfg: MoEKDConfig, log=print, resume: str | None = None) -> Ben
                 if (student_folder(bench_dir, m, seed) / "distill.json").is_file():
                     continue  # distilled and saved before the interruption (distill.json is written last)
                 tok, enc = encoded[m]
-                train, train_labels = enc["transfer"], labels["transfer"]
-                teacher = method_targets(mcfg, m, teachers.logits, gates)
-                if mcfg.distill.augment_ratio:
-                    adversarial, copy_seed = None, seed
-                    if mcfg.distill.augment_attack != "random":
-                        # Attack-found copies depend on the teachers only: found once, the same for every seed.
-                        adversarial = adversarial_copies(mcfg.with_values({"seed": cfg.seed}), m, teachers.folder,
-                                                         funcs["transfer"], teacher, pool, bench_dir, log)
-                        copy_seed = cfg.seed
-                    train, train_labels, teacher, n = with_renamed_copies(
-                        train, train_labels, teacher, funcs["transfer"], tok, arch.max_length, pool,
-                        mcfg.distill.augment_ratio, copy_seed, adversarial)
-                    log(f"{m}: {n:,} identifier-renamed copies ({len(adversarial or {}):,} attack-found) join the "
-                        f"{len(labels['transfer']):,} transfer functions")
-                    copies[m] = {"renamed_copies": n, "attack_found_copies": len(adversarial or {})}
+                soft = method_targets(mcfg, m, teachers.logits, gates)
+                # Attack-found copies depend on the teachers only: found once (base seed), the same for every seed.
+                adversarial = mcfg.distill.augment_attack != "random"
+                train, train_labels, teacher, copies[m] = robust_transfer_set(
+                    mcfg.distill, enc["transfer"], labels["transfer"], soft, funcs["transfer"], tok, arch.max_length,
+                    pool, cfg.seed if adversarial else seed,
+                    lambda: adversarial_copies(mcfg.with_values({"seed": cfg.seed}), m, teachers.folder,
+                                               funcs["transfer"], soft, pool, bench_dir, log),
+                    lambda line: log(f"{m}: {line}"))
                 trainers[m] = distill_trainer(
                     mcfg, {"train": train, "valid": enc["valid"]}, {"train": train_labels, "valid": labels["valid"]},
                     teacher, f"{bench_dir.name}-{m}-s{seed}", ray_runtime.storage_path(cfg, bench_dir),
@@ -384,7 +378,8 @@ def teacher_config(cfg: MoEKDConfig) -> MoEKDConfig:
     """The single teacher: one expert of expert `benchmark.teacher_expert`'s model and schedule, on the whole
     labelled part."""
     k = cfg.benchmark.teacher_expert
-    return cfg.with_values({"experts.k": 1, "experts.models": None, "experts.schedules": None, "router.top_k": None,
+    one = {"router.top_k": None} if cfg.router.kind == "learned" else {}  # top_k <= k = 1
+    return cfg.with_values({"experts.k": 1, "experts.models": None, "experts.schedules": None, **one,
                             "benchmark.teacher_expert": 0, "experts.model": cfg.experts.specs()[k].model_dump(mode="json"),
                             "experts.schedule": cfg.experts.schedule_of(k).model_dump(mode="json")})
 
@@ -499,7 +494,7 @@ def method_config(cfg: MoEKDConfig, method: str, seed: int) -> MoEKDConfig:
         values.update({"distill.student_arch": b.avatar_student.model_dump(), "distill.max_length": None,
                        "distill.schedule.lr": b.avatar_lr, "distill.schedule.batch_size": b.avatar_batch_size})
     elif method == "uniform-moe":
-        values["router.kind"] = "uniform"
+        values["router"] = {"kind": "uniform"}
     elif method == "moekd-ultra":
         values.update({"distill.student": b.ultra_student, "distill.student_arch": None})
         if b.ultra_student_arch:  # its own length, as avatar's

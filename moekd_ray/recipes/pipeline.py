@@ -17,7 +17,7 @@ import numpy as np
 from moekd_ray import console, progress, ray_runtime, tracking
 from moekd_ray.config import MoEKDConfig, PretrainedConfig, dump_yaml, load_config
 from moekd_ray.errors import ConfigError
-from moekd_ray.augment import with_renamed_copies
+from moekd_ray.augment import robust_transfer_set
 from moekd_ray.attacks.workers import adversarial_renamings, format_summary, substitute_pool
 from moekd_ray.recipes.attack import attack_model, log_attack
 from moekd_ray.data import SPLITS, dataset_hash, describe, load_devign
@@ -150,18 +150,14 @@ def run_pipeline(cfg: MoEKDConfig, log=print, resume: str | None = None) -> Pipe
             if finished.student(student_dir):
                 timer.reused("distill")
             else:
-                enc_train, train_labels, teacher = enc_student["train"], labels["train"], targets["train"]["soft_targets"]
-                if cfg.distill.augment_ratio:
-                    pool = substitute_pool(cfg, funcs["train"])
-                    adversarial = None
-                    if cfg.distill.augment_attack != "random":
-                        adversarial = adversarial_renamings(cfg, run_dir, "uniform", funcs["train"], teacher, pool, log)
-                    enc_train, train_labels, teacher, n = with_renamed_copies(
-                        enc_train, train_labels, teacher, funcs["train"], student_tok, student_max, pool,
-                        cfg.distill.augment_ratio, cfg.seed, adversarial)
-                    log(f"{n:,} identifier-renamed copies ({len(adversarial or {}):,} attack-found) join the "
-                        f"{len(labels['train']):,} transfer functions")
-                    tracker.log_metrics({"renamed_copies": n})
+                soft = targets["train"]["soft_targets"]
+                pool = substitute_pool(cfg, funcs["train"]) if cfg.distill.augment_ratio else []
+                enc_train, train_labels, teacher, copies = robust_transfer_set(
+                    cfg.distill, enc_student["train"], labels["train"], soft, funcs["train"], student_tok, student_max,
+                    pool, cfg.seed, lambda: adversarial_renamings(cfg, run_dir, "uniform", funcs["train"], soft, pool,
+                                                                  log), log)
+                if copies:
+                    tracker.log_metrics(copies)
                 result = distill_student(cfg, {**enc_student, "train": enc_train}, {**labels, "train": train_labels},
                                          teacher, run_dir)
                 tracker.log_epochs(ray_runtime.epoch_rows(result))
