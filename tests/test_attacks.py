@@ -149,6 +149,38 @@ def test_parallel_attack_equals_serial_and_is_logged(attack_cfg, tmp_path):
     assert {"attack_mhm.csv", "asr_vs_budget_mhm.png"} <= names
 
 
+def test_attack_workers_that_cannot_be_placed_do_not_hold_work(attack_cfg, ray_cluster):
+    """With one of the cluster's 2 CPUs held (as a distillation holds it in the benchmark), a 2-worker attack runs on
+    the one worker Ray can place and finishes, with the serial attack's outcomes; before, the unplaced worker kept
+    its first chunk until the CPU was released (here: never, so the attack would not end)."""
+    import threading
+
+    from moekd_ray.attacks.workers import attack_examples, sample_examples
+
+    cfg, result = attack_cfg
+    examples, pool = sample_examples(cfg)
+
+    @ray_cluster.remote(num_cpus=1)
+    class Holder:
+        def ready(self):
+            return True
+
+    holder = Holder.remote()
+    ray_cluster.get(holder.ready.remote())
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.update(rows=attack_examples(
+        result.run_dir, "student", cfg.with_values({"attack.workers": 2}), examples, pool, log=lambda *_: None)),
+        daemon=True)
+    thread.start()
+    thread.join(timeout=300)  # seconds of work for 12 functions at 20 queries
+    ray_cluster.kill(holder)
+    thread.join(timeout=600)  # without the fix, the held chunk finishes now: let it end before the next test
+    serial = attack_examples(result.run_dir, "student", cfg.with_values({"attack.workers": 1}), examples, pool)
+    assert "rows" in outcome, "the attack did not end while a CPU was held"
+    keys = ("index", "status", "queries", "renamed", "adversarial")  # all but the time each took
+    assert [tuple(r[k] for k in keys) for r in outcome["rows"]] == [tuple(r[k] for k in keys) for r in serial]
+
+
 def test_attack_a_registered_student_by_uri(attack_cfg):
     from moekd_ray.recipes.attack import run_attack
 

@@ -100,11 +100,25 @@ def attack_examples(folder, target, cfg: MoEKDConfig, examples, pool, log=print)
             rows += worker.attack(chunk)
             show()
     else:
+        # Chunks go only to workers Ray has placed; the others join the pool once placed. (Handing a chunk to every
+        # worker at once, one that cannot be placed while a training run holds its CPU keeps its chunk until that
+        # run ends: the benchmark's attacks then waited an hour for AVATAR's distillation.)
         actor = ray.remote(num_cpus=1)(AttackWorker)
-        pool_ = ray.util.ActorPool([actor.remote(*args) for _ in range(cfg.attack.workers)])
-        for result in pool_.map_unordered(lambda a, chunk: a.attack.remote(chunk), chunks):
-            rows += result
+        actors = [actor.remote(*args) for _ in range(cfg.attack.workers)]
+        unplaced = {a.__ray_ready__.remote(): a for a in actors}
+        placed, _ = ray.wait(list(unplaced), num_returns=1)
+        pool_ = ray.util.ActorPool([unplaced.pop(ref) for ref in placed])
+        for chunk in chunks:
+            pool_.submit(lambda a, c: a.attack.remote(c), chunk)
+        while pool_.has_next():
+            rows += pool_.get_next_unordered()
             show()
+            if unplaced:
+                placed, _ = ray.wait(list(unplaced), num_returns=len(unplaced), timeout=0)
+                for ref in placed:
+                    pool_.push(unplaced.pop(ref))
+        for a in unplaced.values():
+            ray.kill(a)
     return sorted(rows, key=lambda r: r["index"])
 
 
