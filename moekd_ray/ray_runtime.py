@@ -115,24 +115,20 @@ def make_trainer(train_func: Callable[[dict], None], loop_config: dict, resource
     )
 
 
-def fit_all(trainers: list[TorchTrainer]) -> tuple[list, list[float]]:
-    """fit() every trainer at once, one driver thread each; Ray queues the ones the cluster cannot place yet.
-    Returns the results and, per trainer, the wall-clock time its fit() returned (so concurrency can be checked)."""
-    def fit(trainer: TorchTrainer) -> tuple:
-        return trainer.fit(), time.time()
-
-    with ThreadPoolExecutor(max_workers=max(len(trainers), 1)) as pool:
-        done = list(pool.map(fit, trainers))
-    return [r for r, _ in done], [t for _, t in done]
-
-
 def fit_as_completed(trainers: dict) -> Iterator[tuple]:
-    """fit() every trainer of {key: trainer} at once (as fit_all); yields (key, result) as each one ends, so the
-    caller can use a result while the others go on."""
+    """fit() every trainer of {key: trainer} at once, one driver thread each (Ray queues the ones the cluster cannot
+    place yet); yields (key, result) as each one ends, so the caller can use a result while the others go on."""
     with ThreadPoolExecutor(max_workers=max(len(trainers), 1)) as pool:
         futures = {pool.submit(trainer.fit): key for key, trainer in trainers.items()}
         for future in as_completed(futures):
             yield futures[future], future.result()
+
+
+def fit_all(trainers: list[TorchTrainer]) -> tuple[list, list[float]]:
+    """fit() every trainer at once (fit_as_completed). Returns the results in order and, per trainer, the wall-clock
+    time its fit() returned (so concurrency can be checked)."""
+    done = {i: (result, time.time()) for i, result in fit_as_completed(dict(enumerate(trainers)))}
+    return [done[i][0] for i in range(len(trainers))], [done[i][1] for i in range(len(trainers))]
 
 
 HISTORY_FILE = "metrics_history.json"
