@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -20,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from moekd_ray.config import MoEKDConfig, ResourcesConfig
 from moekd_ray.errors import ConfigError
+from moekd_ray.process_group import LOOPBACK, free_port
 
 
 def init_ray(cfg: MoEKDConfig) -> None:
@@ -37,8 +39,29 @@ def init_ray(cfg: MoEKDConfig) -> None:
     quiet = {"log_to_driver": True, "configure_logging": True, "logging_level": "WARNING"}
     if address:
         ray.init(address=address, **quiet)
-    else:
-        ray.init(num_cpus=cfg.ray.num_cpus, dashboard_host="127.0.0.1", **quiet)
+        return
+    # Processes of this local cluster find its dashboard (the state API) by this address instead of searching the
+    # machine: Ray Train's placement-group cleaner, which frees a stopped run's CPUs (a trial ASHA stopped, a killed
+    # driver), otherwise dies on "Found multiple active Ray instances" when another Ray runs here, or on a stale
+    # address file, and the CPUs stay held until the driver exits. Set only while ray.init starts the processes
+    # (they keep it; workers inherit it from the raylet), so this process's own environment is unchanged.
+    dashboard_port = free_port()
+    with _environment(RAY_API_SERVER_ADDRESS=f"http://{LOOPBACK}:{dashboard_port}"):
+        ray.init(num_cpus=cfg.ray.num_cpus, dashboard_host=LOOPBACK, dashboard_port=dashboard_port, **quiet)
+
+
+@contextlib.contextmanager
+def _environment(**values: str):
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def shutdown() -> None:

@@ -35,7 +35,7 @@ def ray_cluster():
 
     init_ray(load_config(None, ["ray.num_cpus=2"]))
     yield ray
-    ray.shutdown()
+    shutdown_within(ray, seconds=120)
 
 
 TINY_ARCH = {"vocab_size": 400, "hidden_size": 32, "num_layers": 1, "num_heads": 2, "ffn_size": 64, "max_length": 64}
@@ -60,3 +60,58 @@ def tiny_pipeline(ray_cluster, tmp_path_factory):
         f"mlflow.tracking_uri=sqlite:///{tmp / 'mlruns.db'}", "mlflow.registered_model=tiny-student",
     ])
     return cfg, run_pipeline(cfg, log=lambda *_: None)
+
+
+def wait_until_idle(ray, seconds: float = 60.0) -> None:
+    """Every CPU of the cluster free again (Ray returns a finished run's resources asynchronously); otherwise fail
+    at once, naming what still holds them, rather than leave the next run waiting for a placement until the timeout."""
+    import time
+
+    total = ray.cluster_resources().get("CPU", 0)
+    deadline = time.time() + seconds
+    while ray.available_resources().get("CPU", 0) < total - 1e-6 and time.time() < deadline:
+        time.sleep(0.5)
+    free = ray.available_resources().get("CPU", 0)
+    if free < total - 1e-6:
+        groups = [f"{g['placement_group_id'][:12]} {g['state']} {g['name'] or '-'} {list(g['bundles'].values())}"
+                  for g in ray.util.placement_group_table().values() if g["state"] != "REMOVED"]
+        pytest.fail(f"{total - free:g} of {total:g} CPUs still held {seconds:g} s after the last run; placement "
+                    f"groups not removed: {groups or 'none'}")
+
+
+_left_hung = {}
+
+
+def shutdown_within(ray, seconds: float) -> None:
+    """ray.shutdown(), waited for at most `seconds`: a shutdown stuck in Ray's C++ cannot be broken by pytest-timeout's
+    signal, and would hold the whole run (with its summary unprinted) until CI's limit."""
+    import faulthandler
+    import sys
+    import threading
+
+    thread = threading.Thread(target=ray.shutdown, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        print(f"\nray.shutdown() had not returned after {seconds:g} s; every thread's stack:", file=sys.stderr)
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        _left_hung["ray"] = True
+
+
+def pytest_sessionfinish(session, exitstatus):
+    _left_hung["status"] = int(exitstatus)
+
+
+def pytest_unconfigure(config):
+    """After the summary: leave at once if Ray's shutdown hung, or if a timed-out test left a thread running (a
+    trainer's fit() in a pool thread, say): Ray's exit handler and Python's join of those threads would wait forever."""
+    import sys
+    import threading
+
+    stuck = [t.name for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+    if _left_hung.get("ray") or stuck:
+        print(f"leaving without exit handlers: ray.shutdown hung: {bool(_left_hung.get('ray'))}, threads still "
+              f"running: {stuck}", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(_left_hung.get("status", 1))

@@ -177,3 +177,33 @@ def test_failing_job_reports_failed_with_one_line_error(cluster, tmp_path):
     errors = [line for line in logs.splitlines() if line.startswith("moekd: error:")]
     assert len(errors) == 1 and "distill.temperature" in errors[0], logs[-2000:]
     assert "Traceback" not in logs
+
+
+PROBE = """
+import ray
+from ray.train.v2._internal.state.util import is_actor_alive
+
+from moekd_ray.config import load_config
+from moekd_ray.ray_runtime import init_ray
+
+init_ray(load_config(None, ["ray.num_cpus=1"]))
+
+
+@ray.remote(num_cpus=0)
+class Probe:
+    def alive(self):  # the question Ray Train's placement-group cleaner asks, from a worker of this cluster
+        return is_actor_alive(ray.get_runtime_context().get_actor_id(), timeout=10)
+
+
+print("probe:", ray.get(Probe.remote().alive.remote()))
+"""
+
+
+def test_a_local_cluster_beside_another_reaches_its_own_state_api(cluster, tmp_path):
+    """With this module's cluster running on the machine, a driver that starts its own local cluster (as `moekd run`
+    does) still reaches that cluster's state API from its workers, as Ray Train's placement-group cleaner must to
+    free a stopped run's CPUs (found by searching the machine, it fails: "Found multiple active Ray instances")."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH", "RAY_API_SERVER"))}
+    out = subprocess.run([sys.executable, "-c", PROBE], env=env, cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300)
+    assert "probe: True" in out.stdout, (out.stdout + out.stderr)[-3000:]

@@ -7,6 +7,8 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+import ray
+from conftest import wait_until_idle
 
 from moekd_ray.cli import main
 from moekd_ray.recipes.tune import run_search
@@ -28,7 +30,10 @@ def search(tiny_pipeline):
                   "distill.schedule.lr": {"dist": "loguniform", "low": 1e-4, "high": 1e-2}},
     }
     tune_cfg = type(cfg).model_validate(tree)
-    return tune_cfg, run_search(tune_cfg, log=lambda *_: None)
+    wait_until_idle(ray)
+    result = run_search(tune_cfg, log=lambda *_: None)
+    wait_until_idle(ray)  # ASHA's stopped trials gave their workers' CPUs back
+    return tune_cfg, result
 
 
 def trial_runs(cfg, result):
@@ -100,6 +105,7 @@ def robust_search(tiny_pipeline, tmp_path_factory):
     # Constant rates and last-epoch weights: students that key on the identifier fast, so the attack can flip them.
     constant = {"warmup_ratio": 0.0, "decay": "none", "keep_best_by": "last"}
     tree["experts"]["schedule"].update(epochs=4, lr=3e-3, **constant)
+    wait_until_idle(ray)
     pipeline = run_pipeline(type(cfg).model_validate(tree), log=lambda *_: None)
     tree["distill"]["schedule"].update(epochs=3, batch_size=4, **constant)
     tree["distill"]["resources"] = {"num_workers": 1, "cpus_per_worker": 0.45}
@@ -111,7 +117,9 @@ def robust_search(tiny_pipeline, tmp_path_factory):
                   "distill.temperature": {"dist": "choice", "values": [1, 4]}},
     }
     tune_cfg = type(cfg).model_validate(tree)
-    return tune_cfg, run_search(tune_cfg, log=lambda *_: None)
+    result = run_search(tune_cfg, log=lambda *_: None)
+    wait_until_idle(ray)
+    return tune_cfg, result
 
 
 def test_robust_objective_is_val_f1_minus_weighted_asr_and_ranks_trials(robust_search):
@@ -202,6 +210,8 @@ def test_killed_search_resumes_without_rerunning_finished_trials(tiny_pipeline, 
     path.write_text(yaml.safe_dump(tree))
     tune_cfg = load_config(path)
     search_dir = tmp_path / "runs" / "tune" / f"tune-{tune_cfg.name}-{tune_cfg.digest()}"
+
+    wait_until_idle(ray_cluster)
 
     def finished_trials():
         return [p for p in search_dir.glob("run_trial_*/result.json") if p.stat().st_size > 0]
