@@ -10,7 +10,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import ray
 import ray.train
@@ -22,6 +22,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from moekd_ray.config import MoEKDConfig, ResourcesConfig
 from moekd_ray.errors import ConfigError
 from moekd_ray.process_group import LOOPBACK, free_port
+
+if TYPE_CHECKING:
+    from ray import tune
 
 
 def init_ray(cfg: MoEKDConfig) -> None:
@@ -70,6 +73,19 @@ def shutdown() -> None:
 
 
 TRIAL_CPU = 0.01  # a Tune trial's own actor only waits; its Ray Train workers hold the CPUs
+# The Ray Train run inside a Tune trial never restarts its own workers; Tune reruns the trial instead
+# (trial_run_config). Tune stops a trial (ASHA) by ending its actor, and the run's workers die with it: a controller
+# that restarts them in that moment places a new placement group that nothing removes (ray-project/ray#62753), so
+# its CPUs stay held until the driver exits (seen in this suite: 0.45 CPU, and the next 2-worker run never placed).
+TRIAL_RUN_FAILURES = 0
+
+
+def trial_run_config(cfg: MoEKDConfig, name: str, storage: str, callbacks: list) -> "tune.RunConfig":
+    """A search's Tune RunConfig: a failed trial is rerun up to `ray.max_failures` times (see TRIAL_RUN_FAILURES)."""
+    from ray import tune
+
+    return tune.RunConfig(name=name, storage_path=storage, callbacks=callbacks,
+                          failure_config=tune.FailureConfig(max_failures=cfg.ray.max_failures))
 
 
 def check_trial_fits(cfg: MoEKDConfig, resources: ResourcesConfig, option: str) -> None:

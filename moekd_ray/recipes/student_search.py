@@ -91,7 +91,8 @@ def run_student_trial(values: dict, base: dict, refs: dict) -> None:
     tcfg = cfg.with_values({"distill.student_arch": arch.model_dump(), "distill.max_length": None})
     name = f"{refs['search_name']}-{tune.get_context().get_trial_id()}"
     result = distill_trainer(tcfg, enc, labels, ray.get(refs["teacher"]), name, refs["storage"],
-                             task=f"trial {tune.get_context().get_trial_id()}").fit()
+                             task=f"trial {tune.get_context().get_trial_id()}",
+                             max_failures=ray_runtime.TRIAL_RUN_FAILURES).fit()
     last = ray_runtime.epoch_rows(result)[-1]
     folder = Path(refs["storage"]) / name / "student"
     outcome = attack_trial_student(result.checkpoint, folder, tok, cfg, refs["sample"], s.asr_attack, s.asr_budget)
@@ -124,8 +125,8 @@ def run_student_search(cfg: MoEKDConfig, log=print) -> StudentSearchResult:
     search = OptunaSearch(metric=list(OBJECTIVES), mode=list(OBJECTIVES.values()), seed=cfg.seed)
     trainable = tune.with_resources(tune.with_parameters(run_student_trial, base=cfg.model_dump(mode="json"),
                                                          refs=refs), {"cpu": ray_runtime.TRIAL_CPU})
-    tuner = tune.Tuner(trainable, param_space=space, run_config=tune.RunConfig(
-                           name=name, storage_path=storage, callbacks=[TrialProgress(s.num_samples)]),
+    tuner = tune.Tuner(trainable, param_space=space,
+                       run_config=ray_runtime.trial_run_config(cfg, name, storage, [TrialProgress(s.num_samples)]),
                        tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(search, s.max_concurrent),
                                                    num_samples=s.num_samples))
     start = time.perf_counter()

@@ -73,7 +73,8 @@ def run_trial(values: dict, base: dict, refs: dict) -> None:
     name = f"{refs['search_name']}-{tune.get_context().get_trial_id()}"
     trainer = distill_trainer(cfg, ray.get(refs["enc"]), ray.get(refs["labels"]), teacher, name, refs["storage"],
                               callbacks=[ObjectiveLater() if robust else TuneReportCallback()],
-                              task=f"trial {tune.get_context().get_trial_id()}")
+                              task=f"trial {tune.get_context().get_trial_id()}",
+                              max_failures=ray_runtime.TRIAL_RUN_FAILURES)
     result = trainer.fit()
     if robust:
         last = ray_runtime.epoch_rows(result)[-1]
@@ -131,7 +132,7 @@ def make_tuner(cfg: MoEKDConfig, trainable, name: str, storage: str) -> tune.Tun
         trainable,
         param_space=search_space(cfg),
         tune_config=tune.TuneConfig(scheduler=scheduler, search_alg=search, num_samples=t.num_samples, **by_tune),
-        run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=[TrialProgress(t.num_samples)]),
+        run_config=ray_runtime.trial_run_config(cfg, name, storage, [TrialProgress(t.num_samples)]),
     )
 
 

@@ -173,10 +173,11 @@ def distill_worker(config: dict) -> None:
 
 
 def distill_trainer(cfg: MoEKDConfig, enc: dict, labels: dict, teacher_probs: np.ndarray, name: str, storage: str,
-                    callbacks: list | None = None, task: str = "student"):
+                    callbacks: list | None = None, task: str = "student", max_failures: int | None = None):
     """The student's TorchTrainer (not yet fitted) on the transfer set (train split) with `teacher_probs` [N, 2]
     softened at T. `enc`/`labels` values may be arrays or Ray ObjectRefs of them (Tune trials pass refs). `task`:
-    its name on the console's status line."""
+    its name on the console's status line. `max_failures`: worker-group restarts (default `ray.max_failures`; a Tune
+    trial's run takes ray_runtime.TRIAL_RUN_FAILURES)."""
     train = {**enc["train"], "labels": labels["train"], "teacher": teacher_probs.astype(np.float32)}
     job = DistillJob(
         name="student", task=task, arch=cfg.distill.arch(), schedule=cfg.distill.schedule,
@@ -187,7 +188,7 @@ def distill_trainer(cfg: MoEKDConfig, enc: dict, labels: dict, teacher_probs: np
         fault_marker=str(Path(storage) / f"{name}.fault_injected"),
     )
     return ray_runtime.make_trainer(distill_worker, job.loop_config(), cfg.distill.resources, name, storage, callbacks,
-                                    max_failures=cfg.ray.max_failures)
+                                    max_failures=cfg.ray.max_failures if max_failures is None else max_failures)
 
 
 def distill_student(cfg: MoEKDConfig, enc: dict, labels: dict, teacher_probs: np.ndarray, run_dir: Path):
