@@ -318,7 +318,8 @@ class RayConfig(_Strict):
         None, description="Ray Train checkpoint storage (shared FS/S3 on a cluster). None: <output_dir>/ray."
     )
     max_failures: int = Field(
-        2, ge=0, description="Restarts of a Ray Train run after a worker dies; it resumes from its latest checkpoint."
+        2, ge=0, description="Restarts of a Ray Train run after a worker dies; it resumes from its latest checkpoint. "
+        "In a search (tune, student_search), Tune reruns the failed trial instead, up to this many times."
     )
     fault_injection: str | None = Field(
         None, pattern=r"^\w+:[1-9][0-9]*$", description="Testing: '<run>:<step>' (run = expert_<k> or student) makes "
