@@ -36,6 +36,7 @@ from tree_sitter import Node, Query, QueryCursor
 from moekd_ray.c_parser import HEADERLESS, LANGUAGE, RETURN_TYPE, parse
 from moekd_ray.checksums import DamagedModel
 from moekd_ray.errors import ConfigError, DataError, TrackingError
+from moekd_ray.process_group import environment
 
 DEFAULT_MODEL = "models:/moekd-student@champion"
 DEFAULT_GLOBS = ("*.c", "*.h")
@@ -527,10 +528,9 @@ def _quiet_loading():
 
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
-    old = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
-    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
     try:
-        with warnings.catch_warnings():  # (restores showwarning; a filter would lose to load_model's own "once")
+        # (catch_warnings restores showwarning; a filter would lose to load_model's own "once")
+        with environment(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false"), warnings.catch_warnings():
             show = warnings.showwarning
 
             def hide_type_hint_advice(message, category, *args, **kwargs):
@@ -542,10 +542,6 @@ def _quiet_loading():
     finally:
         if bars:
             hf_logging.enable_progress_bar()
-        if old is None:
-            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
-        else:
-            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = old
 
 
 def _registered_models(tracking_uri: str) -> str:

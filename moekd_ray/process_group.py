@@ -1,9 +1,10 @@
 """Servers that moekd's tests and benchmark scripts start (`mlflow server`, `mlflow models serve`): a free loopback
 port, waiting for the first answer, and ending the whole process group (mlflow starts uvicorn and helper
-processes, and a signal to mlflow alone leaves them behind)."""
+processes, and a signal to mlflow alone leaves them behind); environment variables set only for a block."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -12,6 +13,21 @@ import time
 import urllib.request
 
 LOOPBACK = "127.0.0.1"  # servers bind here by default: nothing outside the machine reaches them
+
+
+@contextlib.contextmanager
+def environment(**values: str):
+    """os.environ with `values` set inside the block (read by what it starts or loads), restored after it."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def free_port() -> int:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -21,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from moekd_ray.config import MoEKDConfig, ResourcesConfig
 from moekd_ray.errors import ConfigError
-from moekd_ray.process_group import LOOPBACK, free_port
+from moekd_ray.process_group import LOOPBACK, environment, free_port
 
 if TYPE_CHECKING:
     from ray import tune
@@ -49,22 +48,8 @@ def init_ray(cfg: MoEKDConfig) -> None:
     # address file, and the CPUs stay held until the driver exits. Set only while ray.init starts the processes
     # (they keep it; workers inherit it from the raylet), so this process's own environment is unchanged.
     dashboard_port = free_port()
-    with _environment(RAY_API_SERVER_ADDRESS=f"http://{LOOPBACK}:{dashboard_port}"):
+    with environment(RAY_API_SERVER_ADDRESS=f"http://{LOOPBACK}:{dashboard_port}"):
         ray.init(num_cpus=cfg.ray.num_cpus, dashboard_host=LOOPBACK, dashboard_port=dashboard_port, **quiet)
-
-
-@contextlib.contextmanager
-def _environment(**values: str):
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def shutdown() -> None:
@@ -80,7 +65,7 @@ TRIAL_CPU = 0.01  # a Tune trial's own actor only waits; its Ray Train workers h
 TRIAL_RUN_FAILURES = 0
 
 
-def trial_run_config(cfg: MoEKDConfig, name: str, storage: str, callbacks: list) -> "tune.RunConfig":
+def trial_run_config(cfg: MoEKDConfig, name: str, storage: str, callbacks: list) -> tune.RunConfig:
     """A search's Tune RunConfig: a failed trial is rerun up to `ray.max_failures` times (see TRIAL_RUN_FAILURES)."""
     from ray import tune
 
