@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -59,12 +60,57 @@ def own_ports() -> list[str]:
                                                    "metrics-export-port")]
 
 
+def kill_processes_of(folder: str) -> None:
+    """Processes of one node or cluster only (they name its temp dir), never a broad `ray stop`."""
+    for pid in subprocess.run(["pgrep", "-f", folder], capture_output=True, text=True).stdout.split():
+        subprocess.run(["kill", "-9", pid])
+
+
+def raylet_log_tail(node_dir: Path) -> str:
+    logs = node_dir / "session_latest" / "logs"
+    return "".join(f"\n--- {f.name} (tail):\n{f.read_text(errors='replace')[-1500:]}"
+                   for f in (logs / "raylet.out", logs / "raylet.err") if f.exists())
+
+
+NODE_ATTEMPTS = 3
+
+
+def start_worker_node(port: int, temp_dir: str, env: dict) -> subprocess.Popen:
+    """The second node, with the custom resource the experts need. `ray start` waits a fixed 30 s for its raylet to
+    register with the GCS and then exits ("The current node timed out during startup"); on a cold CI machine that
+    happened once, so a node that exits is started again in a fresh folder, up to NODE_ATTEMPTS times, and a
+    failure reports every attempt's log and raylet log."""
+    failures = []
+    for attempt in range(1, NODE_ATTEMPTS + 1):
+        # Its own temp dir, as on a separate machine: sharing the head's, its runtime-env agent would delete the
+        # job's working dir (the driver's cwd) when its own workers finish.
+        node_dir, log = Path(temp_dir) / f"n{attempt}", Path(temp_dir) / f"node{attempt}.log"
+        node = start_group([RAY, "start", "--block", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1",
+                            "--num-cpus=2", '--resources={"expert_node": 2}', f"--temp-dir={node_dir}",
+                            *own_ports()], log, **env)
+        try:
+            wait_ray(lambda: "expert_node" in subprocess.run([RAY, "status", f"--address=127.0.0.1:{port}"],
+                                                             env=env, capture_output=True, text=True).stdout,
+                     node, log)
+            return node
+        except AssertionError as failed:
+            exited = node.poll() is not None
+            end_group(node)
+            kill_processes_of(str(node_dir))
+            failures.append(f"attempt {attempt}: {failed}{raylet_log_tail(node_dir)}")
+            if not exited or attempt == NODE_ATTEMPTS:  # one that ran the whole wait would not fare better again
+                break
+            warnings.warn(f"the worker node exited during startup (attempt {attempt} of {NODE_ATTEMPTS}); "
+                          f"starting it again:\n{log.read_text()[-500:]}")
+    raise AssertionError("\n\n".join(failures))
+
+
 @pytest.fixture(scope="module")
 def cluster():
     temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
     env = ray_env(temp_dir)
     port, dash = free_port(), free_port()
-    head_log, node_log = Path(temp_dir) / "head.log", Path(temp_dir) / "node.log"
+    head_log = Path(temp_dir) / "head.log"
     head = start_group([RAY, "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dash}",
                         "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1", "--num-cpus=2",
                         f"--temp-dir={temp_dir}", "--include-dashboard=true", *own_ports()], head_log, **env)
@@ -72,21 +118,13 @@ def cluster():
     try:
         wait_ray(lambda: subprocess.run([RAY, "job", "list", f"--address=http://{LOOPBACK}:{dash}"], env=env,
                                         capture_output=True).returncode == 0, head, head_log)
-        node = start_group([RAY, "start", "--block", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1",
-                            "--num-cpus=2", '--resources={"expert_node": 2}',
-                            # Its own temp dir, as on a separate machine: sharing the head's, its runtime-env agent
-                            # would delete the job's working dir (the driver's cwd) when its own workers finish.
-                            f"--temp-dir={temp_dir}/n2", *own_ports()], node_log, **env)
-        wait_ray(lambda: "expert_node" in subprocess.run([RAY, "status", f"--address=127.0.0.1:{port}"], env=env,
-                                                         capture_output=True, text=True).stdout, node, node_log)
+        node = start_worker_node(port, temp_dir, env)
         yield {"address": f"http://{LOOPBACK}:{dash}", "env": env, "temp_dir": temp_dir}
     finally:
         for proc in (node, head):
             if proc is not None:
                 end_group(proc)
-        leftovers = subprocess.run(["pgrep", "-f", temp_dir], capture_output=True, text=True).stdout.split()
-        for pid in leftovers:  # processes of this cluster only (they name its temp dir), never a broad `ray stop`
-            subprocess.run(["kill", "-9", pid])
+        kill_processes_of(temp_dir)
 
 
 def documented_excludes() -> list[str]:
