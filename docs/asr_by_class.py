@@ -19,15 +19,17 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 import mlflow  # noqa: E402  (after the setting it reads)
 
 from moekd_ray import tracking  # noqa: E402
+from moekd_ray.config import load_config  # noqa: E402
 
 
 def main(folder: str, uri: str) -> None:
     mlflow.set_tracking_uri(uri)
     rows = list(csv.DictReader((Path(folder) / "report" / "benchmark.csv").open()))
+    attacks = load_config(Path(folder) / "config.yaml").benchmark.attacks  # the ones this run used
     print("| method | attack | ASR, vulnerable functions | ASR, safe functions | vulnerable share of attacked |")
     print("|---|---|---|---|---|")
     for row in rows:
-        for attack in ("mhm", "wir-random", "alert"):
+        for attack in attacks:
             counts = {0: [0, 0], 1: [0, 0]}  # label -> [flipped, attacked]
             for run_id in row["run_ids"].split():
                 try:
