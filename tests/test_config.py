@@ -124,9 +124,40 @@ def test_digest_tracks_fields():
 
 @pytest.mark.parametrize("path", JOB_FILES or [None], ids=lambda p: str(p.relative_to(REPO)) if p else "none")
 def test_job_files_validate(path):
+    """Each job file validates, and every value it sets is the value the config holds (none dropped, renamed or
+    silently replaced by a default)."""
+    import yaml
+
     if path is None:
         pytest.skip("no YAML files under jobs/ yet")
-    load_config(path)
+    held = load_config(path).model_dump(mode="json")
+    wrong = list(differences(yaml.safe_load(path.read_text()), held, ""))
+    assert not wrong, f"{path.name}: set in the file but not held so by the config: {wrong}"
+
+
+def differences(given, held, where: str):
+    """Dotted paths where `given` (a YAML tree) is not contained in `held` (the config's dump)."""
+    if isinstance(given, dict):
+        if not isinstance(held, dict):
+            yield where
+            return
+        for key, value in given.items():
+            if key not in held:
+                yield f"{where}.{key}".lstrip(".")
+            else:
+                yield from differences(value, held[key], f"{where}.{key}".lstrip("."))
+    elif isinstance(given, list) and isinstance(held, list) and len(given) == len(held):
+        for i, (a, b) in enumerate(zip(given, held)):
+            yield from differences(a, b, f"{where}[{i}]")
+    elif given != held:
+        yield f"{where}: {given!r} != {held!r}"
+
+
+def test_differences_finds_a_dropped_or_changed_value():
+    held = {"a": {"b": 1, "c": [{"d": 2}]}, "e": "x"}
+    assert list(differences({"a": {"b": 1, "c": [{"d": 2}]}}, held, "")) == []
+    assert list(differences({"a": {"b": 2}, "f": 1, "e": "x"}, held, "")) == ["a.b: 2 != 1", "f"]
+    assert list(differences({"a": {"c": [{"d": 3}]}}, held, "")) == ["a.c[0].d: 3 != 2"]
 
 
 @pytest.mark.parametrize("path", JOB_FILES, ids=lambda p: str(p.relative_to(REPO)))
