@@ -1,11 +1,53 @@
 """Shared fixtures: one real local Ray cluster per test session (starting one costs ~10 s)."""
 
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may come from a hub during tests
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _devign_for_tests() -> tuple[Path, bool]:
+    """The Devign folder the tests read, by the package's own rule (data.dir, then $MOEKD_DATA_DIR, then
+    ../shared/data/devign), and whether it is the real data. Where neither is there (a fresh clone), a synthetic
+    stand-in of the same shape (tests/synthetic.py: C functions with a learnable label) is written to a temporary
+    folder and $MOEKD_DATA_DIR points at it, for this process and every Ray worker and subprocess it starts; tests
+    of facts only real Devign has skip (`needs_real_devign`)."""
+    made = os.environ.get(_SYNTHETIC_ENV)
+    if made and Path(made).is_dir() and os.environ.get("MOEKD_DATA_DIR") == made:  # imported a second time
+        return Path(made), False
+    from moekd_ray.config import DataConfig
+    from moekd_ray.data import DataError, resolve_data_dir
+
+    try:
+        found = resolve_data_dir(DataConfig())
+    except DataError:  # $MOEKD_DATA_DIR names no folder: the data tests report it, as a user's run would
+        return Path(os.environ["MOEKD_DATA_DIR"]), True
+    if found is not None:
+        return found, True
+    from synthetic import write_devign_like
+
+    folder = write_devign_like(Path(tempfile.mkdtemp(prefix="moekd-synthetic-devign-")))
+    os.environ["MOEKD_DATA_DIR"] = os.environ[_SYNTHETIC_ENV] = str(folder)
+    return folder, False
+
+
+_SYNTHETIC_ENV = "MOEKD_TEST_SYNTHETIC_DEVIGN"
+DEVIGN_DIR, REAL_DEVIGN = _devign_for_tests()
+needs_real_devign = pytest.mark.skipif(
+    not REAL_DEVIGN, reason="checks facts of the real Devign rows, absent here: set MOEKD_DATA_DIR=<folder with "
+    "Devign's train/valid/test.jsonl.gz> (e.g. ../shared/data/devign)")
+
+
+def pytest_report_header(config):
+    if REAL_DEVIGN:
+        return f"devign: {DEVIGN_DIR}"
+    return (f"devign: no ../shared/data/devign and MOEKD_DATA_DIR unset: a synthetic stand-in at {DEVIGN_DIR} "
+            "(tests of the real rows skip)")
 
 
 def pytest_collection_modifyitems(items):
@@ -107,6 +149,9 @@ def pytest_unconfigure(config):
     trainer's fit() in a pool thread, say): Ray's exit handler and Python's join of those threads would wait forever."""
     import sys
     import threading
+
+    if not REAL_DEVIGN and os.environ.get(_SYNTHETIC_ENV) == str(DEVIGN_DIR):
+        shutil.rmtree(DEVIGN_DIR, ignore_errors=True)
 
     stuck = [t.name for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
     if _left_hung.get("ray") or stuck:

@@ -54,3 +54,24 @@ def write_dataset(folder: Path, n_train: int = 400, n_eval: int = 120, seed: int
             for row in rows(n, s):
                 f.write(json.dumps(row) + "\n")
     return folder
+
+
+def write_devign_like(folder: Path, n_train: int = 800, n_eval: int = 200, seed: int = 0) -> Path:
+    """A stand-in for the Devign folder (../shared/data/devign) where the real one is absent: the same file names
+    and fields (project, commit_id, target, func, idx; train/valid also uid, idx_exact, split_exact,
+    p_official_split), FFmpeg and qemu rows, the synthetic functions above as `func` (learnable label)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    idx = 0
+    for split, n, s in (("train", n_train, seed), ("valid", n_eval, seed + 1), ("test", n_eval, seed + 2)):
+        with gzip.open(folder / f"{split}.jsonl.gz", "wt") as f:
+            for row in rows(n, s):
+                project = rng.choice(["FFmpeg", "qemu"])
+                out = {"project": project, "commit_id": None, "target": row["target"], "func": row["func"], "idx": idx}
+                if split == "test":
+                    out["commit_id"] = "%040x" % rng.getrandbits(160)
+                else:
+                    out.update(uid=f"{project}:{idx}", idx_exact=True, split_exact=True, p_official_split=1.0)
+                f.write(json.dumps(out) + "\n")
+                idx += 1
+    return folder

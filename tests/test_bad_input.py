@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 from moekd_ray.cli import main
-from moekd_ray.data import default_data_dir
 
 GOOD = json.dumps({"func": "int f(int a) { return a + 1; }", "target": 0, "project": "p"})
 TINY = '{"vocab_size": 300, "hidden_size": 32, "num_layers": 1, "num_heads": 2, "ffn_size": 64, "max_length": 32}'
@@ -130,7 +129,6 @@ def test_model_that_cannot_be_loaded_offline(tmp_path, earlier_run, capsys, monk
     assert not (tmp_path / "mlruns.db").exists()
 
 
-@pytest.mark.skipif(not default_data_dir().is_dir(), reason="needs the Devign data")
 def test_checkpoint_of_another_architecture(tmp_path, earlier_run, capsys):
     import transformers
 

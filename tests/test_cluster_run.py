@@ -24,8 +24,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from moekd_ray.data import default_data_dir
-from conftest import TINY_ARCH
+from conftest import DEVIGN_DIR, TINY_ARCH
 from servers import LOOPBACK, ROOT, end_group, free_port, server_env, start_group
 
 pytestmark = pytest.mark.own_cluster
@@ -165,7 +164,7 @@ def submit(cluster, overrides: list[str]) -> tuple[str, str, str]:
 def tiny_overrides(tmp_path) -> list[str]:
     """jobs/quickstart.yaml made tiny; absolute paths, as README says, since the job runs in Ray's copy."""
     return [
-        "name=cluster-tiny", f"output_dir={tmp_path / 'runs'}", f"data.dir={default_data_dir()}",
+        "name=cluster-tiny", f"output_dir={tmp_path / 'runs'}", f"data.dir={DEVIGN_DIR}",
         "data.train_rows=256", "data.eval_rows=48",
         "experts.models=null", "experts.folds=1", f"experts.model={json.dumps(TINY_ARCH)}", "experts.schedule.epochs=1",
         'experts.resources={"num_workers": 1, "cpus_per_worker": 1, "custom": {"expert_node": 1}}',

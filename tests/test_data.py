@@ -10,7 +10,8 @@ from moekd_ray import data
 from moekd_ray.config import DataConfig
 from moekd_ray.data import DataError, load_devign, read_jsonl, resolve_data_dir, take_subset, validate_row
 
-REAL = data.default_data_dir()
+from conftest import DEVIGN_DIR, needs_real_devign
+
 GOOD = {"func": "int f(void) { return 0; }", "target": 0, "project": "FFmpeg"}
 
 
@@ -181,14 +182,10 @@ def test_subset_without_limit_or_above_size():
     assert take_subset(ROWS, 500, "first", 0) == ROWS
 
 
-# --------------------------------------------------------------------------------------------- real data
-needs_real = pytest.mark.skipif(not (REAL / "test.jsonl.gz").exists(), reason=f"no Devign data at {REAL}")
-
-
-@needs_real
+# ----------------------------------------------------------------- the suite's Devign (real, or its stand-in)
 def test_load_devign_subsets(monkeypatch):
     monkeypatch.delenv("MOEKD_DATA_DIR", raising=False)
-    ds = load_devign(DataConfig(dir=str(REAL), train_rows=50, eval_rows=20), seed=0)
+    ds = load_devign(DataConfig(dir=str(DEVIGN_DIR), train_rows=50, eval_rows=20), seed=0)
     assert {k: len(v) for k, v in ds.items()} == {"train": 50, "valid": 20, "test": 20}
     for split in ds.values():
         assert split.column_names == ["func", "target", "project"]
@@ -196,8 +193,16 @@ def test_load_devign_subsets(monkeypatch):
         assert all(f.strip() for f in split["func"])
 
 
-@needs_real
+def test_the_suite_reads_its_devign_by_the_documented_rule():
+    """Without data.dir the tests' loads go where $MOEKD_DATA_DIR or ../shared/data/devign points: the real data
+    where it is there, else the stand-in conftest wrote (whose rows are tests/synthetic.py's functions)."""
+    assert resolve_data_dir(DataConfig()) == DEVIGN_DIR
+    first = read_jsonl(DEVIGN_DIR / "test.jsonl.gz", DataConfig().max_chars)[0]
+    assert load_devign(DataConfig(train_rows=5, eval_rows=5, subset="first"), seed=0)["test"][0] == first
+
+
+@needs_real_devign
 def test_real_test_split_size():
-    rows = read_jsonl(REAL / "test.jsonl.gz", DataConfig().max_chars)
+    rows = read_jsonl(DEVIGN_DIR / "test.jsonl.gz", DataConfig().max_chars)
     assert len(rows) == 2732
     assert sum(r["target"] for r in rows) == 1255  # README.txt of the data folder

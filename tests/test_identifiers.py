@@ -3,7 +3,6 @@
 import gzip
 import json
 import time
-from pathlib import Path
 
 import pytest
 
@@ -15,7 +14,7 @@ from moekd_ray.attacks.identifiers import (
     parse,
 )
 
-DEVIGN_TEST = Path("/work/shared/data/devign/test.jsonl.gz")
+from conftest import DEVIGN_DIR, needs_real_devign
 
 
 def identifier_nodes(code: str) -> list[str]:
@@ -323,9 +322,9 @@ def test_identifier_vocabulary():
     assert identifier_vocabulary([]) == []
 
 
-@pytest.mark.skipif(not DEVIGN_TEST.exists(), reason=f"{DEVIGN_TEST} is not here")
+@needs_real_devign  # real FFmpeg/QEMU C (macros, K&R quirks): the synthetic stand-in is far more regular
 def test_renaming_every_identifier_of_devign_test_functions():
-    with gzip.open(DEVIGN_TEST, "rt", encoding="utf-8") as fh:
+    with gzip.open(DEVIGN_DIR / "test.jsonl.gz", "rt", encoding="utf-8") as fh:
         funcs = [json.loads(line)["func"] for line in fh]
     assert len(funcs) == 2732
     t0 = time.perf_counter()

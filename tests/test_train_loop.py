@@ -9,11 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moekd_ray import data
 from moekd_ray.config import ArchConfig
 from moekd_ray.models import PAD_ID, build_model
 from moekd_ray.tokenization import encode, load_tokenizer, train_bpe
 from moekd_ray.train_loop import make_loader, predict_logits, torch_step, train_epoch, trim_padding, weighted_ce
+
+from conftest import DEVIGN_DIR
 
 TINY = ArchConfig(vocab_size=300, hidden_size=16, num_layers=1, num_heads=2, ffn_size=32, max_length=32)
 
@@ -79,10 +80,7 @@ def test_weighted_ce():
 # ---------------------------------------------------------------------------------------------- tokenizer
 @pytest.fixture(scope="module")
 def c_funcs():
-    path = data.default_data_dir() / "test.jsonl.gz"
-    if not path.exists():
-        pytest.skip(f"no Devign data at {path}")
-    with gzip.open(path, "rt") as fh:
+    with gzip.open(DEVIGN_DIR / "test.jsonl.gz", "rt") as fh:
         return [json.loads(line)["func"] for line in itertools.islice(fh, 40)]
 
 
