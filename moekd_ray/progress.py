@@ -39,7 +39,7 @@ class Ticker:
 
     def __init__(self, task: str, total: int, unit: str = "steps", every: float = 2.0, enabled: bool = True):
         self.task, self.total, self.unit, self.every, self.enabled = task, total, unit, every, enabled
-        self.note, self.last = "", 0.0
+        self.note, self.last = "", float("-inf")  # the first report goes out (monotonic time may start near 0)
 
     def __call__(self, done: int, note: str | None = None) -> None:
         if note is not None:
