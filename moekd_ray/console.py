@@ -3,7 +3,9 @@
 While a `Console` captures, everything else written to stdout and stderr in the driver (Ray's forwarded worker
 logs, DeepSpeed's and the libraries' warnings, tqdm bars from checkpoint writes) goes to the run's log file, and to
 the terminal too only with `--verbose`. Progress markers (progress.py), from the driver or forwarded by Ray from any
-worker, become the status line: the stage, each running task's share done, and its ETA, redrawn in place.
+worker, become the status: the stage, each running task's share done, and its ETA. On a terminal it is one line
+redrawn in place; into a file, a pipe or a CI log (`moekd run ... > log`, `ray job submit`), read later, it is a
+plain progress line every `progress_every` seconds instead, as tqdm, rich and pip do: no carriage returns.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 from moekd_ray import progress
 
 LOG_FILE = "moekd.log"  # in the run folder
+LOG_WIDTH = 120  # the longest progress line written to a file or pipe
 _active: Console | None = None
 
 
@@ -52,16 +55,19 @@ class _Sink(io.TextIOBase):
 
 
 class Console:
-    def __init__(self, verbose: bool = False, stream=None, redraw_every: float | None = None,
-                 log_when_working: Path | None = None):
+    def __init__(self, verbose: bool = False, stream=None, redraw_every: float = 0.5,
+                 log_when_working: Path | None = None, progress_every: float = 30.0, tty: bool | None = None):
         """`log_when_working`: the log file to open once work starts (the first progress marker) or the command
-        ends well, so that a command refused by its checks writes nothing."""
+        ends well, so that a command refused by its checks writes nothing. `redraw_every`: seconds between redraws
+        of the terminal's status line; `progress_every`: between progress lines elsewhere; `tty`: whether `stream`
+        is a terminal (default: it says so)."""
         self.out = stream or sys.stdout
         self.log_when_working = log_when_working
         self.verbose = verbose
-        tty = getattr(self.out, "isatty", lambda: False)()
-        # In place on a terminal; into a file or pipe a redraw is bytes, not a new line, but keep them rarer.
-        self.redraw_every = redraw_every if redraw_every is not None else (0.5 if tty else 5.0)
+        self.tty = getattr(self.out, "isatty", lambda: False)() if tty is None else tty
+        self.redraw_every, self.progress_every = redraw_every, progress_every
+        self.started = time.monotonic()
+        self.stopped = threading.Event()  # ends the thread that writes progress lines (not on a terminal)
         self.lock = threading.RLock()
         self.log_file = None
         self.pending: list[str] = []  # what was written before the log file's place was known
@@ -130,7 +136,8 @@ class Console:
             if fields["done"] >= fields["total"]:
                 self.tasks.pop(fields["task"])
 
-    def status_line(self) -> str:
+    def _status_parts(self) -> list[str]:
+        """The stage, then each running task with its share done and ETA."""
         parts = [self.stage] if self.stage else []
         for task, t in self.tasks.items():
             share = t["done"] / max(t["total"], 1)
@@ -138,10 +145,38 @@ class Console:
             eta = f" ETA {duration((t['total'] - t['done']) / rate, compact=True)}" if rate > 0 else ""
             note = f" {t['note']}" if t["note"] else ""
             parts.append(f"{task}{note} {share:.0%}{eta}")
-        line = " | ".join(parts)
+        return parts
+
+    def status_line(self) -> str:
+        """The terminal's status line."""
+        line = " | ".join(self._status_parts())
         return line if len(line) <= 160 else line[:157] + "..."
 
+    def progress_lines(self) -> list[str]:
+        """The status for a log, with the time since the start: whole tasks per line, LOG_WIDTH at most each."""
+        parts = self._status_parts()
+        if not parts:
+            return []
+        lines = [f"progress {duration(time.monotonic() - self.started, compact=True)}: {parts[0]}"]
+        for part in parts[1:]:
+            if len(lines[-1]) + 3 + len(part) <= LOG_WIDTH:
+                lines[-1] += " | " + part
+            else:
+                lines.append("  | " + part)
+        return [line[:LOG_WIDTH] for line in lines]
+
+    def _write_progress(self) -> None:
+        """Every `progress_every` seconds until the console ends: the progress lines (not on a terminal)."""
+        while not self.stopped.wait(self.progress_every):
+            with self.lock:
+                lines = self.progress_lines()
+                if lines:
+                    self.out.write("\n".join(lines) + "\n")
+                    self.out.flush()
+
     def _draw(self, force: bool = False) -> None:
+        if not self.tty:  # a file or pipe gets progress lines from their own thread, no redraws
+            return
         now = time.monotonic()
         if not force and now - self.drawn_at < self.redraw_every:
             return
@@ -177,11 +212,14 @@ class Console:
             h.setStream(sinks[id(h.stream)])
         sys.stdout, sys.stderr = sinks[id(real_out)], sinks[id(real_err)]
         _active = self
+        if not self.tty:
+            threading.Thread(target=self._write_progress, name="moekd-progress", daemon=True).start()
         return self
 
     def __exit__(self, exc_type, *exc) -> None:
         global _active
         real_out, real_err, handlers = self.saved
+        self.stopped.set()
         with self.lock:
             if exc_type is None:
                 self._open_deferred_log()

@@ -1,4 +1,5 @@
-"""The console of `moekd`: its own lines and a live status line on the terminal, everything else in the log file;
+"""The console of `moekd`: its own lines and a live status line on the terminal (plain progress lines into a file or
+pipe), everything else in the log file;
 and, end to end, a real `moekd run` whose console is short and whose MLflow runs a person can read."""
 
 from __future__ import annotations
@@ -6,7 +7,9 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 import sys
+import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -61,6 +64,66 @@ def test_a_finished_task_leaves_the_status_line():
         assert "router" not in console.status_line()
 
 
+def test_outside_a_terminal_progress_is_plain_periodic_lines():
+    """Into a file or pipe (`moekd run ... > log`, CI, `ray job submit`): no carriage return or escape sequence, a
+    progress line (the time since the start, the stage, each task's share and ETA) every `progress_every` seconds,
+    even while no marker arrives, each line at most 120 characters, the tasks wrapped whole across lines."""
+    log = io.StringIO()  # not a terminal
+    with Console(stream=log, progress_every=0.2) as console:
+        progress.stage("experts", 3, 7)
+        for fold in range(4):  # four tasks with long names: one status too long for one line
+            progress.report(f"expert_{fold % 2}_fold_{fold // 2}", 10, 100, note="epoch 1/3, val auc 0.69")
+        time.sleep(0.01)
+        for fold in range(4):
+            progress.report(f"expert_{fold % 2}_fold_{fold // 2}", 20, 100, note="epoch 1/3, val auc 0.69")
+        console.say("expert_0: epoch 2 of 3 kept")
+        time.sleep(0.7)  # no marker meanwhile: progress lines still come
+    shown = log.getvalue()
+    assert "\r" not in shown and "\x1b" not in shown
+    lines = shown.splitlines()
+    assert "expert_0: epoch 2 of 3 kept" in lines
+    assert all(len(line) <= 120 for line in lines), lines
+    starts = [i for i, line in enumerate(lines) if line.startswith("progress ")]
+    assert len(starts) >= 2, lines  # every 0.2 s over 0.7 s
+    first = [lines[starts[0]]]  # one report: its first line, then the lines it wrapped to
+    first += [line for line in lines[starts[0] + 1:starts[1]] if line.startswith("  | ")]
+    assert len(first) > 1, first
+    head, *tasks = (first[0] + "".join(line[1:] for line in first[1:])).split(" | ")
+    assert re.fullmatch(r"progress \d+s: \[3/7\] experts", head), first
+    assert [t.split()[0] for t in tasks] == ["expert_0_fold_0", "expert_1_fold_0", "expert_0_fold_1", "expert_1_fold_1"]
+    assert all(re.fullmatch(r"\S+ epoch 1/3, val auc 0\.69 20% ETA \w+", t) for t in tasks), tasks
+
+
+def test_on_a_terminal_the_status_line_redraws_in_place():
+    """Through a real pseudo-terminal: one status line, redrawn with a carriage return, cleared before moekd's own
+    lines; no progress lines."""
+    import os
+    import select
+
+    main_fd, term_fd = os.openpty()
+    term = os.fdopen(term_fd, "w")
+    try:
+        assert term.isatty()
+        with Console(stream=term, redraw_every=0, progress_every=0.05):
+            progress.stage("distil", 5, 7)
+            progress.report("student", 1, 8, note="epoch 1/8")
+            progress.report("student", 2, 8, note="epoch 1/8")
+            time.sleep(0.2)
+            print("a worker line")  # to the log only: it redraws the line
+            progress.report("student", 3, 8, note="epoch 1/8")
+        term.flush()
+        shown = b""
+        while select.select([main_fd], [], [], 0.5)[0]:  # a pty hands its output over in pieces
+            shown += os.read(main_fd, 65536)
+        shown = shown.decode()
+    finally:
+        term.close()
+        os.close(main_fd)
+    status = "[5/7] distil | student epoch 1/8 38% ETA "
+    assert status in shown and re.search(r"\r +\r", shown)  # drawn, then blanked and drawn anew
+    assert shown.count("[5/7] distil") >= 2 and "progress " not in shown and "a worker line" not in shown
+
+
 def test_ticker_reports_from_rank_0_only_and_always_the_last_step(capsys):
     progress.Ticker("student", 10, enabled=False)(10)
     assert capsys.readouterr().out == ""
@@ -73,8 +136,9 @@ def test_ticker_reports_from_rank_0_only_and_always_the_last_step(capsys):
 
 @pytest.mark.timeout(900)
 def test_moekd_run_console_is_short_and_its_mlflow_runs_readable(ray_cluster, tmp_path):
-    """A real `moekd run` (tiny): at most 40 console lines, none over 200 characters outside the table, no
-    traceback or object dump, the noise in the run's log file; through MLflow's REST API the parent run carries
+    """A real `moekd run` (tiny) into a pipe: at most 40 console lines besides the progress lines (no carriage
+    return, at least one a minute), none over 200 characters outside the table, no traceback or object dump, the
+    noise in the run's log file; through MLflow's REST API the parent run carries
     the headline metrics, each expert run spans its training, and no run plots timestamps as metrics."""
     import os
     import subprocess
@@ -92,18 +156,24 @@ def test_moekd_run_console_is_short_and_its_mlflow_runs_readable(ray_cluster, tm
             "mlflow": {"tracking_uri": f"sqlite:///{store}", "registered_model": "console-student"}}
     path = tmp_path / "console.yaml"
     path.write_text(yaml.safe_dump(tree))
+    started = time.monotonic()
     done = subprocess.run([sys.executable, "-m", "moekd_ray.cli", "run", str(path)], capture_output=True,
                           timeout=800, env={**os.environ, "PYTHONWARNINGS": "default"})
-    shown = (done.stdout + done.stderr).decode()  # bytes: text mode would turn the status line's "\r" into lines
+    seconds = time.monotonic() - started
+    shown = (done.stdout + done.stderr).decode()  # bytes: text mode would turn a "\r" into a line break
     assert done.returncode == 0, shown[-4000:]
-    lines = [x for x in shown.replace("\r", "\n").split("\n") if x.strip()]  # status redraws count as lines too
-    final = [x.rsplit("\r", 1)[-1] for x in shown.split("\n")]  # each line as it ends up on a terminal
-    assert len(final) <= 41, shown  # the last "\n" leaves one empty piece
+    assert "\r" not in shown and "\x1b" not in shown, shown  # a pipe: plain progress lines, no redraws
+    lines = shown.splitlines()
+    progress_lines = [x for x in lines if x.startswith(("progress ", "  | "))]
+    final = [x for x in lines if x not in progress_lines]
+    assert len(final) <= 40, shown
+    assert all(len(x) <= 120 for x in progress_lines), progress_lines
+    assert sum(x.startswith("progress ") for x in progress_lines) >= (seconds - 60) // 60, (seconds, shown)
     table = final.index(next(x for x in final if x.startswith("model ")))
-    assert all(len(x) <= 200 for x in lines if x not in final[table:]), shown
+    assert all(len(x) <= 200 for x in final[:table]), shown
     for noise in ("Traceback", "TrainingReport", "Warning", "pid=", progress.MARKER):
         assert noise not in shown, noise
-    assert final[-2].startswith("student model: models:/console-student/1")  # the table and its verdict come last
+    assert final[-1].startswith("student model: models:/console-student/1 (")  # the table and its verdict come last
     log_path = Path(next(x for x in final if x.startswith("full log: ")).removeprefix("full log: "))
     logged = log_path.read_text()
     assert "TrainingReport" in logged and progress.MARKER in logged and "student model:" in logged
