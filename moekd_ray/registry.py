@@ -5,8 +5,9 @@ Evidence lives in model-version tags (what an auditor reads in the UI or with `m
   metric.<name>        test_accuracy, test_f1, size_mb, params, ... and asr_<attack> once `moekd attack` ran
   moekd.student        student preset, moekd.teachers: the expert set, moekd.config_digest, moekd.data_hash,
   moekd.source_run     the MLflow run that produced the version
-  promotion.<n>        one JSON record per `moekd registry promote` attempt (alias, promoted or refused, gates,
-                       whether --force was given and whether it overrode failed gates); n = 1, 2, ... per version
+  promotion.<n>        one JSON record per promotion attempt (alias, promoted or refused, gates, whether --force
+                       was given and whether it overrode failed gates, by `moekd registry promote` or `moekd run`);
+                       n = 1, 2, ... per version
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ PROMOTION = "promotion."
 
 
 class PromotionRefused(ConfigError):
-    pass
+    def __init__(self, message: str, failed: list[str]):
+        super().__init__(message)
+        self.failed = failed  # the failed gates, each a phrase
 
 
 # -------------------------------------------------------------------------------------------------- loading
@@ -182,9 +185,9 @@ def failed_gates(tags: dict, gates: GatesConfig, champion_tags: dict | None) -> 
 
 
 def promote(client: MlflowClient, name: str, version: str, alias: str, gates: GatesConfig,
-            force: bool = False) -> list[str]:
-    """Move `alias` to `version` if it passes the gates (or `force`); record the attempt as a version tag.
-    Returns the failed gates (empty when it passed); raises PromotionRefused when refused."""
+            force: bool = False, by: str = "moekd registry promote") -> list[str]:
+    """Move `alias` to `version` if it passes the gates (or `force`); record the attempt (made `by` that command)
+    as a version tag. Returns the failed gates (empty when it passed); raises PromotionRefused when refused."""
     try:
         mv = client.get_model_version(name, version)
     except MlflowException:
@@ -201,10 +204,32 @@ def promote(client: MlflowClient, name: str, version: str, alias: str, gates: Ga
     record = {"alias": alias, "result": "promoted" if passed else "refused", "force": bool(force),
               "forced": bool(force and failed),
               "failed_gates": failed, "gates": gates.model_dump(mode="json"),
-              "previous_holder": holder.version if holder is not None else None, "time": int(time.time())}
+              "previous_holder": holder.version if holder is not None else None, "by": by, "time": int(time.time())}
     client.set_model_version_tag(name, version, f"{PROMOTION}{n}", json.dumps(record))
     if not passed:
         raise PromotionRefused(f"{name} v{version} not promoted to @{alias}: " + "; ".join(failed)
-                               + " (fix the model or the gates in registry.gates; --force overrides and is recorded)")
+                               + " (fix the model or the gates in registry.gates; --force overrides and is recorded)",
+                               failed)
     client.set_registered_model_alias(name, alias, version)
     return failed
+
+
+def promote_first(client: MlflowClient, name: str, version: str, gates: GatesConfig, alias: str = "champion") -> str:
+    """`moekd run`'s student becomes @champion when no version holds that alias yet and it passes the gates (a
+    degenerate one never does), recorded like any promotion: so `moekd predict`, whose default model is
+    models:/<name>@champion, works right after the first run. Once a version holds it, only `moekd registry
+    promote` moves it (the runs of a team differ in data and settings: their F1 alone does not rank them).
+    Returns what happened, in a few words for the run's last line."""
+    promote_command = f"`moekd registry promote --name {name} --version {version}`"
+    try:
+        holder = client.get_registered_model(name).aliases.get(alias)  # {alias: version}
+        if holder is not None and str(holder) == str(version):
+            return f"@{alias}"
+        if holder is not None:
+            return f"@{alias} stays v{holder}; {promote_command} moves it"
+        promote(client, name, version, alias, gates, by="moekd run")
+    except PromotionRefused as exc:
+        return f"not @{alias}: " + "; ".join(exc.failed)
+    except MlflowException as exc:  # the run's work is done and registered: say it, do not fail the run
+        return f"not @{alias}: the tracking store did not answer ({exc.error_code}); {promote_command}"
+    return f"now @{alias}, what `moekd predict` uses"

@@ -423,6 +423,51 @@ def test_errors_are_one_line_with_exit_code_2(student, tmp_path, capsys, case):
     assert not (tmp_path / "none.db").exists()  # a missing store is reported, not created
 
 
+def test_first_run_makes_its_student_champion_so_predict_needs_no_model(tmp_path, capsys, one_thread):
+    """What `moekd run` does after registering its student (registry.promote_first): with no @champion yet, a
+    student that passes the gates becomes it, recorded like any promotion, so `moekd predict FILE` with no --model
+    (models:/moekd-student@champion) scores FILE with it; a degenerate student never does, and a later run's
+    student leaves the champion where it is."""
+    import mlflow
+
+    from moekd_ray.config import GatesConfig
+    from moekd_ray.registry import promote_first, promotion_records
+
+    name, gates = "moekd-student", GatesConfig()  # the default model's name and gates
+    (tmp_path / "main.c").write_text(MAIN_C)
+    scan = (str(tmp_path / "main.c"), "--format", "json")
+    with registered_tiny_student(tmp_path / "store", name) as (_, store, _, _):
+        client = mlflow.MlflowClient()
+        source = client.get_model_version(name, "1").source
+        client.set_model_version_tag(name, "1", "moekd.degenerate", "true")
+        client.set_model_version_tag(name, "1", "moekd.degenerate_reason", "calls 99% of validation vulnerable")
+        assert promote_first(client, name, "1", gates) == \
+            "not @champion: degenerate model (calls 99% of validation vulnerable)"
+        code, out, err = run_cli(capsys, *scan, "--tracking-uri", store)
+        assert code == 2 and out == "" and "models:/moekd-student@champion" in err  # still one clear line
+
+        assert str(mlflow.register_model(source, name).version) == "2"  # a run's student that is not degenerate
+        assert promote_first(client, name, "2", gates) == "now @champion, what `moekd predict` uses"
+        assert promote_first(client, name, "2", gates) == "@champion"  # the same run resumed
+        assert str(mlflow.register_model(source, name).version) == "3"  # a later run's student
+        assert promote_first(client, name, "3", gates) == \
+            "@champion stays v2; `moekd registry promote --name moekd-student --version 3` moves it"
+        assert str(client.get_model_version_by_alias(name, "champion").version) == "2"
+        records = {v: promotion_records(client.get_model_version(name, v).tags) for v in "123"}
+        assert [(r["result"], r["by"], r["force"]) for _, r in records["1"] + records["2"]] == \
+            [("refused", "moekd run", False), ("promoted", "moekd run", False)]
+        assert records["3"] == []  # not attempted: the champion is a person's call
+        lines = MAIN_C.splitlines()
+        expected = direct(SimpleNamespace(model=mlflow.pyfunc.load_model(f"models:/{name}/2")),
+                          ["\n".join(lines[3:8]), "\n".join(lines[9:15])])
+
+    code, out, err = run_cli(capsys, *scan, "--tracking-uri", store)  # no --model
+    assert code == 0, err
+    rows = json.loads(out)
+    assert [r["function"] for r in rows] == ["copy", "main"]
+    assert [r["probability"] for r in rows] == pytest.approx(expected, abs=1e-6)
+
+
 # ------------------------------------------------------------------------------------------------ streaming
 
 def write_generated_tree(root: Path, files: int = 100, per_file: int = 10) -> None:

@@ -26,6 +26,7 @@ from moekd_ray.decision import decide_folder, decision_tags, load_decision, pick
 from moekd_ray.metrics import classification_metrics, comparison_figure, confusion_matrix_figure, degenerate
 from moekd_ray.models import build_model, load_model, num_params, size_mb
 from moekd_ray.partition import code_features, partition, partition_table
+from moekd_ray.registry import promote_first
 from moekd_ray.stages.aggregate import aggregate, fit_gate, load_soft_targets, save_soft_targets
 from moekd_ray.stages.distill import distill_student
 from moekd_ray.stages.experts import by_expert, encode_for_experts, expert_logits, make_tokenizers, member_names, train_experts
@@ -210,12 +211,17 @@ def run_pipeline(cfg: MoEKDConfig, log=print, resume: str | None = None) -> Pipe
                 tags={"moekd.data_hash": dataset_hash(data), **student_tags},
             )
             tracker.set_tags(student_tags)
+            champion = ""  # registered (not spooled): the first student that passes the gates becomes @champion
+            if model_uri and cfg.mlflow.registered_model:
+                registered, version = cfg.mlflow.registered_model, model_uri.rsplit("/", 1)[1]
+                champion = f" ({promote_first(tracker.client, registered, version, cfg.registry.gates)})"
         tracker.log_metrics({f"seconds_{k}": v for k, v in timer.seconds.items()})
         tracker.set_tags({f"moekd.stage.{k}": v for k, v in timer.status.items()})
         log(format_table(rows))
         for name, why in useless.items():
             log(f"warning: {name} is degenerate: it {why}")
-        log(f"student model: {model_uri or 'registered by `moekd sync` (the tracking server is unreachable)'}")
+        log(f"student model: {model_uri or 'registered by `moekd sync` (the tracking server is unreachable)'}"
+            + champion)
         return PipelineResult(run_dir, run_id, model_uri, rows, timer.seconds)
 
 
