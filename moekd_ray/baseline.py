@@ -3,7 +3,8 @@ whether the student beats it. TF-IDF of C-token uni- and bigrams (sublinear tf, 
 and scikit-learn's logistic regression, its C chosen on validation accuracy.
 
 Saved as what it is, a vocabulary and three arrays (tfidf-lr.json + tfidf-lr.safetensors, no pickle), and loaded
-as a scorer the attacks can query like any model (`__call__`, `embed_names`)."""
+as a scorer the attacks can query like any model (`__call__`, `embed_names`). With `canonical`, it reads functions
+after identifier canonicalisation (tokenization.CanonicalInput's transform), saved with it like a tokenizer's."""
 
 from __future__ import annotations
 
@@ -18,7 +19,12 @@ from sklearn.feature_extraction.text import CountVectorizer
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 
+from moekd_ray.attacks.identifiers import canonicalize
 from moekd_ray.tokenization import C_TOKEN
+
+
+def _c_tokens(canonical: bool):
+    return (lambda text: C_TOKEN.findall(canonicalize(text))) if canonical else C_TOKEN.findall
 
 C_GRID = (0.1, 0.3, 1.0, 3.0)
 SAVED = "tfidf-lr.json"  # the folder marker (attacks.victim.load_victim)
@@ -28,9 +34,9 @@ NAME_DIM = 1024  # hashed character trigrams: the names' "embedding" for ALERT's
 class TfidfLR:
     """fit(train) then predict_proba(texts) -> P(vulnerable) [N]."""
 
-    def __init__(self, seed: int = 0):
-        self.seed = seed
-        self.vectorizer = TfidfVectorizer(tokenizer=C_TOKEN.findall, token_pattern=None, lowercase=False,
+    def __init__(self, seed: int = 0, canonical: bool = False):
+        self.seed, self.canonical = seed, canonical
+        self.vectorizer = TfidfVectorizer(tokenizer=_c_tokens(canonical), token_pattern=None, lowercase=False,
                                           ngram_range=(1, 2), sublinear_tf=True, min_df=3, max_features=200_000)
         self.model: LogisticRegression | None = None
         self.fit_seconds = 0.0
@@ -65,7 +71,8 @@ class TfidfLR:
         save_file({"idf": self.vectorizer.idf_.astype(np.float64), "coef": self.model.coef_[0].astype(np.float64),
                    "intercept": self.model.intercept_.astype(np.float64)}, str(folder / "tfidf-lr.safetensors"))
         vocabulary = {term: int(i) for term, i in self.vectorizer.vocabulary_.items()}
-        (folder / SAVED).write_text(json.dumps({"C": self.c, "seed": self.seed, "vocabulary": vocabulary}))
+        (folder / SAVED).write_text(json.dumps({"C": self.c, "seed": self.seed, "canonical": self.canonical,
+                                                "vocabulary": vocabulary}))
 
 
 class SavedTfidfLR:
@@ -77,8 +84,8 @@ class SavedTfidfLR:
         saved = json.loads((folder / SAVED).read_text())
         arrays = load_file(str(folder / "tfidf-lr.safetensors"))
         self.idf, self.coef, self.intercept = arrays["idf"], arrays["coef"], float(arrays["intercept"][0])
-        self.counter = CountVectorizer(tokenizer=C_TOKEN.findall, token_pattern=None, lowercase=False,
-                                       ngram_range=(1, 2), vocabulary=saved["vocabulary"])
+        self.counter = CountVectorizer(tokenizer=_c_tokens(saved.get("canonical", False)), token_pattern=None,
+                                       lowercase=False, ngram_range=(1, 2), vocabulary=saved["vocabulary"])
         self.C = saved["C"]
 
     @property

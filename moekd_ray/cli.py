@@ -21,7 +21,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from moekd_ray.config import MoEKDConfig, PredictConfig, load_config
+from moekd_ray.config import ATTACK_NAMES, MoEKDConfig, PredictConfig, load_config
 from moekd_ray.console import Console
 from moekd_ray.errors import USER_ERRORS, ConfigError
 
@@ -104,13 +104,13 @@ def build_parser() -> Parser:
     p = sub.add_parser("search-student", help="multi-objective search over the student architecture (Pareto front)")
     p.add_argument("config", help="YAML config with a `student_search:` section, e.g. jobs/student_search.yaml")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. student_search.from_run=<run id>")
-    p = sub.add_parser("attack", help="identifier-renaming attack (mhm, wir-random, alert) on a trained model")
+    p = sub.add_parser("attack", help=f"attack a trained model ({', '.join(ATTACK_NAMES)})")
     p.add_argument("config", nargs="?", help="YAML config for data, attack and MLflow settings (default: defaults)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. attack.query_budget=500")
     p.add_argument("--model", required=True,
                    help="pipeline run id or folder, a model folder, or models:/<name>/<version> | models:/<name>@<alias>")
     p.add_argument("--target", default="student", help="in a pipeline run: student, uniform or expert_<k>")
-    p.add_argument("--attack", choices=["mhm", "wir-random", "alert"],
+    p.add_argument("--attack", choices=ATTACK_NAMES,
                    help="sets attack.method (default: the config's)")
     p.add_argument("--split", choices=["valid", "test"], help="sets attack.split (default: the config's)")
     p.add_argument("--n", type=int, help="sets attack.n, the functions sampled from the split (default: the config's)")

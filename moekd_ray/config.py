@@ -19,6 +19,12 @@ from moekd_ray.errors import ConfigError
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 
+ATTACK_NAMES = ("mhm", "wir-random", "alert", "structural")
+"""Every attack, spelled once (attacks.methods.ATTACKS has the same keys; a test checks). mhm, wir-random and alert
+rename identifiers; structural makes semantics-preserving edits of the code's shape (attacks/structural.py)."""
+AttackName = Literal[ATTACK_NAMES]  # type: ignore[valid-type]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
@@ -44,6 +50,17 @@ class DataConfig(_Strict):
     max_chars: int = Field(
         200_000, ge=1, description="Functions longer than this many characters are truncated (and counted in the log)."
     )
+    input_transform: Literal["none", "canonical_identifiers"] = Field(
+        "none", description="canonical_identifiers: every model (experts, student, the benchmark's baselines) reads "
+        "a function with its parameters and locals renamed to v0, v1, ... by first occurrence (the renaming attacks' "
+        "own tree-sitter finder), in training and in scoring alike (the transform is saved with each tokenizer, so "
+        "the pyfunc, `moekd predict` and the attacks apply it too): renaming cannot change a prediction.",
+    )
+
+    @property
+    def canonical(self) -> bool:
+        """Models read functions after identifier canonicalisation (`input_transform`)."""
+        return self.input_transform == "canonical_identifiers"
 
 
 # ----------------------------------------------------------------------------------------------- partition
@@ -251,9 +268,9 @@ class DistillConfig(_Strict):
         0.0, ge=0, le=8, description="Robust distillation: identifier-renamed copies per transfer-set function, "
         "each distilled towards its original's soft targets (0: off; 0.5: half the functions get one copy).",
     )
-    augment_attack: Literal["random", "mhm", "wir-random", "alert"] = Field(
-        "random", description="How the copies rename: random names, or the renaming an attack finds against the "
-        "plain mean of the experts (a function's first copy; random where the attack renames nothing).",
+    augment_attack: Literal[("random",) + ATTACK_NAMES] = Field(  # type: ignore[valid-type]
+        "random", description="How the copies are made: random names, or what an attack finds against the plain "
+        "mean of the experts (a function's first copy; random where the attack changes nothing).",
     )
     augment_budget: int = Field(30, ge=1, description="Attack queries per function for adversarial copies.")
     zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage.")
@@ -444,9 +461,10 @@ class TuneConfig(_Strict):
 
 # ------------------------------------------------------------------------------------------------ attack
 class AttackConfig(_Strict):
-    method: Literal["mhm", "wir-random", "alert"] = Field(
+    method: AttackName = Field(
         "mhm", description="mhm: Metropolis-Hastings renaming; wir-random: importance-ranked random renaming; "
-        "alert: embedding-nearest substitutes, greedy then genetic search."
+        "alert: embedding-nearest substitutes, greedy then genetic search; structural: semantics-preserving edits "
+        "(dead code, swaps, for/while, braces, parentheses, split/merged declarations) searched as MHM searches."
     )
     split: Literal["valid", "test"] = Field("test", description="Split the attacked functions are drawn from.")
     n: int = Field(200, ge=1, description="Functions attacked (a seeded sample of the split).")
@@ -479,7 +497,7 @@ class BenchmarkConfig(_Strict):
         "transfer set; moekd-robust-adv: the same with copies renamed by robust_adv_attack against the experts.",
     )
     seeds: list[int] = Field([0, 1, 2], min_length=1, description="Student seeds (initialisation and shuffling).")
-    attacks: list[Literal["mhm", "wir-random", "alert"]] = Field(
+    attacks: list[AttackName] = Field(
         ["mhm", "wir-random"], description="Attacks run on every student (attack.n functions, attack.query_budget)."
     )
     labelled_fraction: float = Field(
@@ -495,7 +513,7 @@ class BenchmarkConfig(_Strict):
     avatar_lr: float = Field(1e-3, gt=0, description="avatar's learning rate (AVATAR's).")
     avatar_batch_size: int = Field(64, ge=1, description="avatar's batch size (AVATAR's); epochs as distill's.")
     robust_augment_ratio: float = Field(1.0, gt=0, le=8, description="moekd-robust(-adv)'s distill.augment_ratio.")
-    robust_adv_attack: Literal["mhm", "wir-random", "alert"] = Field(
+    robust_adv_attack: AttackName = Field(
         "wir-random", description="moekd-robust-adv's distill.augment_attack (its budget: distill.augment_budget).")
     attack_teacher: bool = Field(True, description="Also attack the single teacher (a reference row).")
     teacher_expert: int = Field(0, ge=0, description="The single teacher (compressor, avatar) has this expert's model "
@@ -552,7 +570,7 @@ class StudentSearchConfig(_Strict):
     num_samples: int = Field(12, ge=1, description="Trials (sampled architectures).")
     max_concurrent: int = Field(1, ge=1, description="Trials at once (1 keeps the latency objective clean).")
     asr_n: int = Field(30, ge=1, description="Validation functions attacked per trial (the same seeded sample).")
-    asr_attack: Literal["mhm", "wir-random", "alert"] = Field("mhm", description="Attack of the ASR objective.")
+    asr_attack: AttackName = Field("mhm", description="Attack of the ASR objective.")
     asr_budget: int = Field(50, ge=1, description="Queries per attacked function for the ASR objective.")
     register_pareto: bool = Field(True, description="Register every Pareto-optimal student (objectives as tags).")
 
@@ -571,7 +589,7 @@ class GatesConfig(_Strict):
 
     min_test_f1: float | None = Field(None, ge=0, le=1, description="Test F1 at least this (None: no gate).")
     max_asr: float | None = Field(None, ge=0, le=1, description="Attack success rate at most this (None: no gate).")
-    asr_attack: Literal["mhm", "wir-random", "alert"] = Field("mhm", description="Which attack's ASR max_asr reads.")
+    asr_attack: AttackName = Field("mhm", description="Which attack's ASR max_asr reads.")
     max_size_mb: float | None = Field(None, gt=0, description="Size at most this many MB (None: no gate).")
     max_f1_drop: float | None = Field(
         0.0, ge=0, description="Test F1 may be at most this far below the alias's current holder (None: no gate)."

@@ -7,6 +7,8 @@ Weights are safetensors and the tokenizer is a saved HF tokenizer: loading unpic
 every artifact file against the checksums recorded at registration (checksums.py): a damaged model is refused.
 """
 
+import os
+
 import mlflow
 import numpy as np
 import pandas as pd
@@ -15,9 +17,16 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 try:
     from moekd_ray.checksums import verify
     from moekd_ray.scoring import Scorer
+    from moekd_ray.tokenization import load_tokenizer
 except ImportError:  # served where moekd-ray is not installed: the copies logged with the model (code_paths)
     from checksums import verify
     from scoring import Scorer
+
+    def load_tokenizer(folder):
+        if os.path.isfile(os.path.join(folder, "input_transform.json")):
+            raise RuntimeError("this student reads functions after identifier canonicalisation (tree-sitter): "
+                               "serve it where moekd-ray is installed (pip install moekd-ray)")
+        return AutoTokenizer.from_pretrained(folder)
 
 
 def sources(model_input) -> list[str]:
@@ -48,7 +57,7 @@ def sources(model_input) -> list[str]:
 class StudentClassifier(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         verify(context.artifacts)  # before anything is read from them
-        tokenizer = AutoTokenizer.from_pretrained(context.artifacts["tokenizer"])
+        tokenizer = load_tokenizer(context.artifacts["tokenizer"])  # with its input transform, if it has one
         model = AutoModelForSequenceClassification.from_pretrained(context.artifacts["model"], use_safetensors=True)
         self.scorer = Scorer(model, tokenizer)
 

@@ -1,5 +1,5 @@
 """Tokenizers: a checkpoint's own, a byte-level BPE trained on the training code, or (for the n-gram bag) a
-hasher of C-token n-grams."""
+hasher of C-token n-grams; any of them may read functions after identifier canonicalisation (`CanonicalInput`)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from tokenizers import ByteLevelBPETokenizer
 from tokenizers.processors import RobertaProcessing
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from moekd_ray.attacks.identifiers import canonicalize
+
 # Identifiers, numbers and the multi-character operators of C; everything else one character at a time.
 C_TOKEN = re.compile(r"[A-Za-z_]\w*|\d[\w.]*|->|\+\+|--|<<|>>|[<>=!]=|&&|\|\||[^\s\w]")
 
@@ -20,8 +22,11 @@ C_TOKEN = re.compile(r"[A-Za-z_]\w*|\d[\w.]*|->|\+\+|--|<<|>>|[<>=!]=|&&|\|\||[^
 SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
 
 
-def train_bpe(texts: list[str], vocab_size: int, max_length: int) -> PreTrainedTokenizerFast:
-    """A byte-level BPE (RoBERTa-style: <s> ... </s>) trained on `texts`."""
+def train_bpe(texts: list[str], vocab_size: int, max_length: int, canonical: bool = False):
+    """A byte-level BPE (RoBERTa-style: <s> ... </s>) trained on `texts` (`canonical`: on their canonical forms, and
+    reading functions that way: a CanonicalInput)."""
+    if canonical:
+        return CanonicalInput(train_bpe([canonicalize(t) for t in texts], vocab_size, max_length))
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=SPECIALS, show_progress=False)
     bpe.post_processor = RobertaProcessing(("</s>", bpe.token_to_id("</s>")), ("<s>", bpe.token_to_id("<s>")))
@@ -76,13 +81,60 @@ class NgramHasher:
             {"buckets": self.buckets, "ngram": self.ngram, "max_length": self.max_length}))
 
 
-def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerFast | NgramHasher:
-    """A saved tokenizer folder or a hub name; a clear error when it is neither cached nor reachable."""
-    hasher = Path(name_or_path) / NgramHasher.FILE
+class CanonicalInput:
+    """A tokenizer that reads each function after identifier canonicalisation (parameters and locals renamed to
+    v0, v1, ... by first occurrence, with the renaming attacks' own finder: attacks.identifiers.canonicalize), so a
+    renamed function is tokenised exactly as its original. The defence travels with the tokenizer: `save_pretrained`
+    writes a marker file beside it and `load_tokenizer` wraps the tokenizer again, so training, the attacks'
+    victims, the registered pyfunc and `moekd predict` all transform alike. Everything else is the inner
+    tokenizer's."""
+
+    FILE = "input_transform.json"
+    NAME = "canonical_identifiers"
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, texts, *args, add_special_tokens: bool = True, **kwargs):
+        if add_special_tokens:  # a function; add_special_tokens=False is a bare name (ALERT's substitute search)
+            texts = canonicalize(texts) if isinstance(texts, str) else [canonicalize(t) for t in texts]
+        return self.tokenizer(texts, *args, add_special_tokens=add_special_tokens, **kwargs)
+
+    def __len__(self) -> int:
+        return len(self.tokenizer)
+
+    def __getattr__(self, name):
+        if name == "tokenizer":  # not set yet (unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.tokenizer, name)
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        self.tokenizer.save_pretrained(str(folder))
+        (Path(folder) / self.FILE).write_text(json.dumps({"input_transform": self.NAME}))
+
+
+def with_input_transform(tokenizer, canonical: bool):
+    """`tokenizer` as it should read functions: wrapped in CanonicalInput when `canonical` (not twice)."""
+    if not canonical or isinstance(tokenizer, CanonicalInput):
+        return tokenizer
+    return CanonicalInput(tokenizer)
+
+
+def load_tokenizer(name_or_path: str | Path):
+    """A saved tokenizer folder or a hub name (with its input transform, if one was saved with it); a clear error
+    when it is neither cached nor reachable."""
+    folder = Path(name_or_path)
+    marker = folder / CanonicalInput.FILE
+    if marker.is_file():
+        name = json.loads(marker.read_text()).get("input_transform")
+        if name != CanonicalInput.NAME:
+            raise ValueError(f"{marker}: unknown input_transform {name!r}; this moekd-ray knows "
+                             f"{CanonicalInput.NAME!r} (a newer moekd-ray wrote it?)")
+    hasher = folder / NgramHasher.FILE
     if hasher.is_file():
-        return NgramHasher(**json.loads(hasher.read_text()))
+        return with_input_transform(NgramHasher(**json.loads(hasher.read_text())), marker.is_file())
     try:
-        return AutoTokenizer.from_pretrained(str(name_or_path))
+        return with_input_transform(AutoTokenizer.from_pretrained(str(name_or_path)), marker.is_file())
     except OSError as exc:
         raise ValueError(
             f"tokenizer {name_or_path!r} cannot be loaded ({str(exc).splitlines()[0][:160]}); download it on a "

@@ -29,13 +29,14 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from functools import lru_cache
 from typing import Iterable, Iterator
 
 from tree_sitter import Node, Query, QueryCursor
 
 from moekd_ray.c_parser import HEADERLESS, LANGUAGE, RETURN_TYPE, parse
 
-__all__ = ["C_KEYWORDS", "Identifiers", "error_count", "identifier_vocabulary", "parse"]
+__all__ = ["C_KEYWORDS", "Identifiers", "canonicalize", "error_count", "identifier_vocabulary", "parse"]
 
 _C_KEYWORDS = """
 auto break case char const continue default do double else enum extern float for goto if inline int long
@@ -364,6 +365,32 @@ class Identifiers:
                 last = end
         pieces.append(data[last:])
         return b"".join(pieces).decode("utf-8", "surrogatepass")
+
+    def canonical(self) -> str:
+        """The code with its renamable identifiers renamed to placeholders by order of first occurrence: v0, v1, ...
+        (a placeholder the function already uses as a non-renamable word is skipped). Any renaming the attacks can
+        make (they rename exactly :attr:`names`, to names not in :attr:`taken`) gives the same canonical code."""
+        fixed = self.taken - self._names_set  # words a renaming never touches: placeholders must avoid them
+        mapping, i = {}, 0
+        for name in self.names:
+            while f"v{i}" in fixed:
+                i += 1
+            mapping[name] = f"v{i}"
+            i += 1
+        data, pieces, last = self._bytes, [], self._start
+        for start, end, name in self._occurrences:  # splice directly: rename() refuses swaps like a->v1, v1->v0
+            pieces += [data[last:start], mapping[name].encode("ascii")]
+            last = end
+        pieces.append(data[last:])
+        return b"".join(pieces).decode("utf-8", "surrogatepass")
+
+
+@lru_cache(maxsize=65536)
+def canonicalize(code: str) -> str:
+    """``code`` with parameters and locals renamed to positional placeholders (:meth:`Identifiers.canonical`): the
+    identifier-canonicalisation defence, the same finder the renaming attacks use. Cached: training encodes every
+    function once per tokenizer, and an attack scores many near-copies."""
+    return Identifiers(code).canonical()
 
 
 def identifier_vocabulary(funcs: Iterable[str], max_size: int = 5000, min_count: int = 2) -> list[str]:

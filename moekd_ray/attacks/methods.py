@@ -1,4 +1,5 @@
-"""Identifier-renaming attacks on one function. Each takes the same arguments and returns an `Outcome`:
+"""Attacks on one function: identifier renaming (mhm, wir-random, alert) and structural edits (structural). Each
+takes the same arguments and returns an `Outcome`:
 
   victim   BudgetedVictim: P(true class) per candidate function, never more than its query budget
   ids      Identifiers of the function (parsed once; `rename(mapping)` is cheap)
@@ -14,6 +15,10 @@ mhm         Metropolis-Hastings renaming (Zhang et al., AAAI'20): pick an identi
 wir-random  Word-importance ranking then random substitution (the WIR-Random baseline): rank identifiers by the
             drop in P(true) when each is renamed to a random name, then, in that order, try `candidates` random
             pool names and keep the best if it lowers P(true).
+structural  Semantics-preserving structural edits (attacks/structural.py), searched as MHM searches names: each step
+            proposes `candidates` random edits of the current code (one batched query), picks one with probability
+            proportional to 1 - P(true), accepts it with probability min(1, (1 - P'(true)) / (1 - P(true))). It
+            renames nothing, so identifier canonicalisation cannot sidestep it. `ids` is used only for its code.
 alert       ALERT-style (Yang et al., ICSE'22): "natural" substitutes are the pool names nearest to the identifier
             in the victim's own input-embedding space (cosine; ALERT uses CodeBERT's masked LM, which needs a
             pretrained MLM this machine does not have). A greedy pass over identifiers in importance order, then,
@@ -27,6 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from moekd_ray.attacks.identifiers import Identifiers
+from moekd_ray.attacks.structural import Structure
 from moekd_ray.attacks.victim import BudgetedVictim
 
 FLIP = 0.5
@@ -38,6 +44,7 @@ class Outcome:
     p_true: float                     # P(true class) of the returned code
     mapping: dict[str, str] = field(default_factory=dict)
     code: str = ""
+    edits: list[str] = field(default_factory=list)  # structural edits made, in order (kind@byte)
 
 
 def _fresh_names(pool: list[str], ids: Identifiers, used: set[str], n: int, rng: np.random.Generator) -> list[str]:
@@ -63,6 +70,14 @@ def _importance(victim, ids, p0, pool, rng) -> list[str]:
     return [names[i] for i in np.argsort(-drop, kind="stable")]
 
 
+def _metropolis_step(p: np.ndarray, p_cur: float, rng) -> int | None:
+    """MHM's choice among scored proposals: index j drawn with probability proportional to 1 - P(true), accepted
+    with probability min(1, (1 - P_j) / (1 - P_cur)); None when rejected."""
+    score = 1.0 - p + 1e-9
+    j = int(rng.choice(len(p), p=score / score.sum()))
+    return j if rng.random() < min(1.0, score[j] / (1.0 - p_cur + 1e-9)) else None
+
+
 def mhm(victim: BudgetedVictim, ids: Identifiers, p0: float, pool, rng, candidates: int, **_) -> Outcome:
     mapping, p_cur = {}, p0
     while victim.remaining > 0:
@@ -72,13 +87,37 @@ def mhm(victim: BudgetedVictim, ids: Identifiers, p0: float, pool, rng, candidat
         p = victim.query([ids.rename({**mapping, name: c}) for c in cands])
         if len(p) == 0:
             break
-        score = 1.0 - p + 1e-9
-        j = int(rng.choice(len(p), p=score / score.sum()))
-        if rng.random() < min(1.0, score[j] / (1.0 - p_cur + 1e-9)):
+        j = _metropolis_step(p, p_cur, rng)
+        if j is not None:
             mapping, p_cur = {**mapping, name: cands[j]}, float(p[j])
             if p_cur < FLIP:
                 break
     return Outcome(p_cur < FLIP, p_cur, mapping, ids.rename(mapping))
+
+
+def structural(victim: BudgetedVictim, ids: Identifiers, p0: float, pool, rng, candidates: int, **_) -> Outcome:
+    code, p_cur, edits = ids.code, p0, []
+    while victim.remaining > 0:
+        structure = Structure(code)
+        cands, kinds = [], []
+        for j in rng.permutation(len(structure.edits)):
+            new = structure.apply(structure.edits[j])
+            if new != code and structure.valid(new):
+                cands.append(new)
+                kinds.append(structure.edits[j].describe())
+                if len(cands) == candidates:
+                    break
+        if not cands:
+            break
+        p = victim.query(cands)
+        if len(p) == 0:
+            break
+        j = _metropolis_step(p, p_cur, rng)
+        if j is not None:
+            code, p_cur, edits = cands[j], float(p[j]), edits + [kinds[j]]
+            if p_cur < FLIP:
+                break
+    return Outcome(p_cur < FLIP, p_cur, {}, code, edits)
 
 
 def _greedy(victim, ids, p0, pool, rng, substitutes) -> tuple[dict, float]:
@@ -153,4 +192,5 @@ def alert(victim: BudgetedVictim, ids: Identifiers, p0: float, pool, rng, candid
     return Outcome(p_best < FLIP, float(p_best), best_map, ids.rename(best_map))
 
 
-ATTACKS = {"mhm": mhm, "wir-random": wir_random, "alert": alert}
+ATTACKS = {"mhm": mhm, "wir-random": wir_random, "alert": alert, "structural": structural}
+RENAMING = ("mhm", "wir-random", "alert")  # the attacks that only rename identifiers

@@ -1,7 +1,7 @@
-"""The attack stage: identifier-renaming attacks (attacks/methods.py) on many functions, in parallel.
+"""The attack stage: renaming and structural attacks (attacks/methods.py) on many functions, in parallel.
 
 A seeded sample of `attack.n` functions of `attack.split` is classified once; functions the model gets wrong, or
-that have no renamable identifier, are skipped (and counted); every other function is attacked with
+that have no renamable identifier (for the structural attack: no edit site), are skipped (and counted); every other function is attacked with
 `attack.query_budget` queries. `attack.workers` Ray actors each load the model once and attack chunks of examples;
 each example has its own seeded generator, so a parallel run gives the serial run's adversarial examples.
 Metrics follow ALERT: attack success rate over attacked functions, mean queries, mean renamed identifiers,
@@ -24,7 +24,8 @@ import torch
 
 from moekd_ray import progress, ray_runtime
 from moekd_ray.attacks.identifiers import Identifiers, identifier_vocabulary
-from moekd_ray.attacks.methods import ATTACKS, FLIP
+from moekd_ray.attacks.methods import ATTACKS, FLIP, RENAMING
+from moekd_ray.attacks.structural import Structure
 from moekd_ray.attacks.victim import BudgetedVictim, load_victim
 from moekd_ray.augment import copies_per_function
 from moekd_ray.config import AttackConfig, MoEKDConfig
@@ -65,12 +66,15 @@ class AttackWorker:
     def _one(self, index: int, func: str, label: int, p_vuln: float) -> dict:
         p0 = p_vuln if label == 1 else 1.0 - p_vuln
         row = {"index": index, "label": label, "p_true": p0, "status": "", "queries": 0, "renamed": 0,
-               "p_true_adv": p0, "seconds": 0.0, "mapping": "{}", "original": func, "adversarial": func}
+               "p_true_adv": p0, "seconds": 0.0, "mapping": "{}", "edits": "[]", "original": func,
+               "adversarial": func}
         if p0 < FLIP:
             return {**row, "status": "skipped_misclassified"}
         ids = Identifiers(func, include_function_name=self.cfg.include_function_name)
-        if not ids.names:
+        if self.cfg.method in RENAMING and not ids.names:
             return {**row, "status": "skipped_no_identifiers"}
+        if self.cfg.method not in RENAMING and not Structure(func).edits:
+            return {**row, "status": "skipped_no_edits"}
         victim = BudgetedVictim(self.model, label, self.cfg.query_budget)
         start = time.perf_counter()
         out = ATTACKS[self.cfg.method](
@@ -79,7 +83,7 @@ class AttackWorker:
         )
         return {**row, "status": "success" if out.success else "failed", "queries": victim.queries,
                 "renamed": len(out.mapping), "p_true_adv": out.p_true, "seconds": time.perf_counter() - start,
-                "mapping": json.dumps(out.mapping), "adversarial": out.code}
+                "mapping": json.dumps(out.mapping), "edits": json.dumps(out.edits), "adversarial": out.code}
 
 
 def attack_examples(folder, target, cfg: MoEKDConfig, examples, pool, log=print) -> list[dict]:
@@ -131,9 +135,11 @@ def summarize(rows: list[dict], seconds: float) -> dict:
         "attacked": len(attacked),
         "skipped_misclassified": sum(r["status"] == "skipped_misclassified" for r in rows),
         "skipped_no_identifiers": sum(r["status"] == "skipped_no_identifiers" for r in rows),
+        "skipped_no_edits": sum(r["status"] == "skipped_no_edits" for r in rows),
         "asr": len(success) / max(len(attacked), 1),
         "mean_queries": float(np.mean([r["queries"] for r in attacked])) if attacked else 0.0,
         "mean_renamed": float(np.mean([r["renamed"] for r in success])) if success else 0.0,
+        "mean_edits": float(np.mean([len(json.loads(r.get("edits", "[]"))) for r in success])) if success else 0.0,
         "clean_accuracy": len(correct) / max(len(rows), 1),
         "robust_accuracy": (len(correct) - len(success)) / max(len(rows), 1),
         "seconds": seconds,
@@ -231,5 +237,5 @@ def adversarial_renamings(cfg, victim: str | Path, target: str, funcs: list[str]
     rows = attack_examples(victim, target, acfg, examples, pool, log=lambda *_: None)
     log(f"adversarial copies against the teachers ({target}): "
         f"{format_summary(acfg.attack.method, summarize(rows, time.perf_counter() - start))}")
-    return {r["index"]: r["adversarial"] for r in rows if r["mapping"] != "{}"}
+    return {r["index"]: r["adversarial"] for r in rows if r["adversarial"] != r["original"]}
 

@@ -146,7 +146,8 @@ def run_benchmark(cfg: MoEKDConfig, log=print, resume: str | None = None) -> Ben
                 arch = mcfg.distill.arch()
                 key = (arch.vocab_size, arch.max_length)
                 if key not in tokenizers:
-                    tok = train_bpe(funcs["train"] + funcs["transfer"], arch.vocab_size, arch.max_length)
+                    tok = train_bpe(funcs["train"] + funcs["transfer"], arch.vocab_size, arch.max_length,
+                                    cfg.data.canonical)
                     tokenizers[key] = (tok, {s: encode(tok, funcs[s], arch.max_length) for s in PROTOCOL_SPLITS[1:]})
                 encoded[m] = tokenizers[key]
                 if (student_folder(bench_dir, m, seed) / "distill.json").is_file():
@@ -443,7 +444,8 @@ def evaluate_reference(cfg: MoEKDConfig, name: str, teachers: Teachers, gates: d
     and saved into `folder` for the attacks)."""
     if name == "tfidf-lr":
         start = time.perf_counter()
-        TfidfLR(cfg.seed).fit(funcs["train"], labels["train"], funcs["valid"], labels["valid"]).save(folder)
+        TfidfLR(cfg.seed, cfg.data.canonical).fit(funcs["train"], labels["train"], funcs["valid"],
+                                                  labels["valid"]).save(folder)
         seconds_train = time.perf_counter() - start
         model = SavedTfidfLR(folder)
         start = time.perf_counter()

@@ -271,7 +271,8 @@ def result_row(cfg, name: str, probs: dict[str, np.ndarray], labels: dict, param
 
 def reference_row(cfg, funcs: dict, labels: dict, test_probs: dict) -> dict:
     """The tfidf-lr baseline fitted on the same training rows, as a row of the final table."""
-    ref = TfidfLR(cfg.seed).fit(funcs["train"], labels["train"], funcs["valid"], labels["valid"])
+    ref = TfidfLR(cfg.seed, cfg.data.canonical).fit(funcs["train"], labels["train"], funcs["valid"],
+                                                    labels["valid"])
     probs = {s: ref.predict_proba(funcs[s]) for s in ("valid", "test")}
     start = time.perf_counter()
     ref.predict_proba(funcs["test"][:256])

@@ -20,7 +20,7 @@ from moekd_ray import progress, ray_runtime
 from moekd_ray.config import ModelSource, MoEKDConfig, NgramConfig, PretrainedConfig, Schedule
 from moekd_ray.metrics import validation_metrics
 from moekd_ray.models import build_model, load_model
-from moekd_ray.tokenization import NgramHasher, encode, load_tokenizer, train_bpe
+from moekd_ray.tokenization import NgramHasher, encode, load_tokenizer, train_bpe, with_input_transform
 from moekd_ray.train_loop import (BestEpoch, make_loader, predict_logits, scheduled, start_epoch, torch_step,
                                   train_epoch, weighted_ce)
 
@@ -31,23 +31,24 @@ def unwrap(model):
 
 def make_tokenizers(cfg: MoEKDConfig, train_funcs: list[str], run_dir: Path):
     """Experts: their checkpoint's tokenizer, the n-gram hasher, else a BPE on the training code; student: a small
-    BPE. All saved.
+    BPE. All saved, each with `data.input_transform` (tokenization.CanonicalInput).
     Returns (one tokenizer per expert, student tokenizer); experts with the same spec share one object."""
+    canonical = cfg.data.canonical
     by_spec = {}
     for spec in cfg.experts.specs():
         key = spec.model_dump_json()
         if key not in by_spec:
             if isinstance(spec, PretrainedConfig):
-                by_spec[key] = load_tokenizer(spec.name_or_path)
+                by_spec[key] = with_input_transform(load_tokenizer(spec.name_or_path), canonical)
             elif isinstance(spec, NgramConfig):
-                by_spec[key] = NgramHasher(spec.buckets, spec.ngram, spec.max_length)
+                by_spec[key] = with_input_transform(NgramHasher(spec.buckets, spec.ngram, spec.max_length), canonical)
             else:
-                by_spec[key] = train_bpe(train_funcs, spec.vocab_size, spec.max_length)
+                by_spec[key] = train_bpe(train_funcs, spec.vocab_size, spec.max_length, canonical)
     expert_toks = [by_spec[spec.model_dump_json()] for spec in cfg.experts.specs()]
     for k, tok in enumerate(expert_toks):
         tok.save_pretrained(str(run_dir / "tokenizers" / f"expert_{k}"))
     arch = cfg.distill.arch()
-    student_tok = train_bpe(train_funcs, arch.vocab_size, arch.max_length)
+    student_tok = train_bpe(train_funcs, arch.vocab_size, arch.max_length, canonical)
     student_tok.save_pretrained(str(run_dir / "tokenizers" / "student"))
     return expert_toks, student_tok
 

@@ -1,0 +1,201 @@
+"""The structural attack family and the identifier-canonicalisation defence, on hand-written C with known answers
+and on synthetic functions (tests/synthetic.py): every edit keeps the function parseable with the same identifiers
+and calls and changes its text; canonicalisation makes any renaming the attacks can make invisible."""
+
+import random
+
+import numpy as np
+import pytest
+
+import synthetic
+from moekd_ray.attacks.identifiers import Identifiers, canonicalize, error_count, parse
+from moekd_ray.attacks.methods import ATTACKS, structural
+from moekd_ray.attacks.structural import TRANSFORMS, Structure, random_edits
+from moekd_ray.attacks.victim import BudgetedVictim
+from moekd_ray.config import ATTACK_NAMES
+
+CODE = """static int copy_items(struct ctx *c, const char *src, int n)
+{
+    int i, total;
+    char buf[64];
+    int a;
+    int b;
+    total = 0;
+    a = 1;
+    b = 2;
+    for (i = 0; i < n; i++) {
+        total += src[i];
+    }
+    while (total > 100)
+        total -= 3;
+    if (n > 4)
+        memcpy(buf, src, 4);
+    else {
+        buf[0] = 0;
+    }
+    log_value(c, ((total)));
+    return total + a + b;
+}
+"""
+
+
+def names_and_calls(code: str) -> tuple[set[bytes], set[bytes]]:
+    ids, calls, stack = set(), set(), [parse(code).root_node]
+    while stack:
+        node = stack.pop()
+        if node.type == "identifier":
+            ids.add(node.text)
+        if node.type == "call_expression":
+            calls.add(node.child_by_field_name("function").text)
+        stack.extend(node.children)
+    return ids, calls
+
+
+def test_every_transform_is_found_and_keeps_parse_names_and_calls():
+    structure = Structure(CODE)
+    kinds = {e.kind for e in structure.edits}
+    assert kinds == set(TRANSFORMS), f"missing: {set(TRANSFORMS) - kinds}"
+    before = names_and_calls(CODE)
+    for edit in structure.edits:
+        new = structure.apply(edit)
+        assert new != CODE, edit
+        assert error_count(new) == 0, (edit, new)
+        assert names_and_calls(new) == before, (edit, new)
+
+
+@pytest.mark.parametrize("kind, expect", [
+    ("for_to_while", "{ i = 0; while (i < n) {"),
+    ("while_to_for", "for (; total > 100; )"),
+    ("split_decl", "int i; int total;"),
+    ("merge_decl", "int a, b;"),
+    ("dead_code", "total = 0; if (0) { total = 0; }"),
+])
+def test_transform_text(kind, expect):
+    structure = Structure(CODE)
+    outs = [structure.apply(e) for e in structure.edits if e.kind == kind]
+    assert any(expect in out for out in outs), outs
+
+
+def test_unsafe_edits_are_not_proposed():
+    code = "int f(int n) {\n  int s = 0;\n  for (int i = 0; i < n; i++) { if (i & 1) continue; s += i; }\n" \
+           "  x = g(); y = x;\n  if (n) { if (s) s = 1; } else s = 2;\n  return s;\n}\n"
+    outs = [(e.kind, Structure(code).apply(e)) for e in Structure(code).edits]
+    assert not [o for k, o in outs if k == "for_to_while"]  # the body has `continue`
+    assert not [o for k, o in outs if k == "swap"]  # x = g() calls; y = x reads x
+    assert not any("if (s) s = 1; else" in o for _, o in outs)  # removing those braces would move the else
+
+
+def test_macro_heavy_code_gets_no_edit_inside_errors():
+    code = "static void f(Q *q)\n{\n    QTAILQ_FOREACH(x, &q->list, next) {\n        x->n = 0;\n    }\n    q->n = 1;\n}\n"
+    structure = Structure(code)
+    for edit in structure.edits:
+        new = structure.apply(edit)
+        assert error_count(new) <= error_count(code)
+
+
+def test_random_edits_on_synthetic_functions():
+    rng = np.random.default_rng(0)
+    changed = 0
+    for row in synthetic.rows(60, seed=3):
+        new, kinds = random_edits(row["func"], 3, rng)
+        assert error_count(new) <= error_count(row["func"])
+        assert names_and_calls(new) == names_and_calls(row["func"])
+        changed += new != row["func"]
+    assert changed == 60  # every synthetic function admits an edit
+
+
+def test_structural_attack_finds_the_edit_a_known_victim_fears():
+    """A victim that believes code with a `while` is safe: the attack must find while_to_for's inverse, for_to_while,
+    within the budget, and report what it did."""
+    def p_vulnerable(funcs):
+        return np.asarray([0.2 if "while" in f else 0.9 for f in funcs])
+
+    victim = BudgetedVictim(p_vulnerable, label=1, budget=64)
+    out = structural(victim, Identifiers(CODE.replace("while (total > 100)", "if (total > 100)")), 0.9, [],
+                     np.random.default_rng(0), candidates=8)
+    assert out.success and "while" in out.code and victim.queries <= 64
+    assert any(e.startswith("for_to_while") for e in out.edits)
+
+
+def test_structural_attack_respects_the_budget_when_nothing_works():
+    victim = BudgetedVictim(lambda funcs: np.full(len(funcs), 0.9), label=1, budget=25)
+    out = structural(victim, Identifiers(CODE), 0.9, [], np.random.default_rng(0), candidates=8)
+    assert not out.success and victim.queries == 25
+
+
+def test_attack_names_agree():
+    assert set(ATTACKS) == set(ATTACK_NAMES)
+
+
+# ---------------------------------------------------------------------------------------- canonicalisation
+def test_canonical_form_is_invariant_to_every_renaming_the_attacks_make():
+    rng = random.Random(0)
+    for row in synthetic.rows(80, seed=5):
+        ids = Identifiers(row["func"])
+        pool = [f"w{j}_{rng.randrange(10**6)}" for j in range(len(ids.names))]
+        renamed = ids.rename(dict(zip(ids.names, pool)))
+        assert renamed != row["func"]
+        assert canonicalize(renamed) == canonicalize(row["func"])
+
+
+def test_canonical_form_renames_locals_not_fields_calls_or_strings():
+    code = 'int f(int len, char *s) { int v0 = len; s->len = v0; printf("len"); return g(len); }'
+    out = canonicalize(code)
+    # v0 is a local, so it is renamed too; the placeholders are assigned in order of first occurrence.
+    assert out == 'int f(int v0, char *v1) { int v2 = v0; v1->len = v2; printf("len"); return g(v0); }'
+    assert canonicalize(out) == out
+
+
+def test_placeholders_avoid_words_the_function_cannot_rename():
+    code = "int f(int a) { return a + v0; }"  # v0 is a global here
+    assert canonicalize(code) == "int f(int v1) { return v1 + v0; }"
+
+
+def test_a_canonical_model_scores_a_renamed_function_exactly_as_its_original(tmp_path):
+    """Saved and loaded as every scoring path loads it (tokenizer folder + model folder), a student whose tokenizer
+    canonicalises gives a renamed function the very number of its original; one that does not, another number."""
+    from moekd_ray.config import ArchConfig
+    from moekd_ray.models import build_model, load_model
+    from moekd_ray.scoring import Scorer
+    from moekd_ray.tokenization import CanonicalInput, load_tokenizer, train_bpe
+
+    funcs = [r["func"] for r in synthetic.rows(60, seed=7)]
+    arch = ArchConfig(vocab_size=300, hidden_size=32, num_layers=1, num_heads=2, ffn_size=64, max_length=64)
+    model = build_model(arch, seed=0)
+    model.save_pretrained(tmp_path / "model")
+    scores = {}
+    for canonical in (False, True):
+        folder = tmp_path / f"tok-{canonical}"
+        train_bpe(funcs, 300, 64, canonical).save_pretrained(folder)
+        tok = load_tokenizer(folder)
+        assert isinstance(tok, CanonicalInput) == canonical
+        scorer = Scorer(load_model(tmp_path / "model"), tok)
+        renamed = []
+        for f in funcs[:20]:
+            ids = Identifiers(f)
+            renamed.append(ids.rename({n: f"q{i}x" for i, n in enumerate(ids.names)}))
+        scores[canonical] = (scorer(funcs[:20]), scorer(renamed))
+    assert np.array_equal(*scores[True])
+    assert not np.array_equal(*scores[False])  # (an untrained model: different, though close)
+
+
+def test_a_canonical_ngram_tokenizer_survives_save_and_load(tmp_path):
+    from moekd_ray.tokenization import NgramHasher, load_tokenizer, with_input_transform
+
+    tok = with_input_transform(NgramHasher(1024, 2, 128), True)
+    tok.save_pretrained(tmp_path)
+    loaded = load_tokenizer(tmp_path)
+    f = synthetic.rows(1, seed=1)[0]["func"]
+    ids = Identifiers(f)
+    g = ids.rename({n: f"q{i}x" for i, n in enumerate(ids.names)})
+    assert loaded([f])["input_ids"] == loaded([g])["input_ids"] != NgramHasher(1024, 2, 128)([g])["input_ids"]
+
+
+def test_an_unknown_input_transform_is_one_clear_line(tmp_path):
+    from moekd_ray.config import load_config
+    from moekd_ray.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="data.input_transform"):
+        load_config(None, ["data.input_transform=lowercase"])
+    with pytest.raises(ConfigError, match="attack.method"):
+        load_config(None, ["attack.method=structual"])
