@@ -1,15 +1,17 @@
-"""Robust distillation: the transfer set plus identifier-renamed copies of its functions.
+"""Robust distillation: the transfer set plus renamed or restructured copies of its functions.
 
-Each copy is distilled towards the soft targets of its **original** function: renaming must not change the
-answer. `distill.augment_ratio` copies per function (0.5: a seeded half of the functions get one copy; 2: every
-function gets two). A copy is either
+Each copy is distilled towards the soft targets of its **original** function: renaming or a semantics-preserving
+edit must not change the answer. `distill.augment_ratio` copies per function (0.5: a seeded half of the functions
+get one copy; 2: every function gets two). A copy is either
   random       every renamable identifier (tree-sitter, `attacks.identifiers`) gets a random name from the
-               training code's identifier vocabulary, or
-  adversarial  (`distill.augment_attack` = mhm, wir-random or alert) the renaming an attack of the attack suite
-               finds against the teachers, within `distill.augment_budget` queries: it tries to move the plain
-               mean of the experts away from the class the aggregated soft targets give the original. A
-               function's first copy is the attack's result when the attack renamed anything; other copies, and
-               functions the experts already disagree on, get random copies.
+               training code's identifier vocabulary,
+  random-edits EDITS_PER_COPY random structural edits (`attacks.structural`: dead code, swaps, for/while, braces,
+               parentheses, split/merged declarations), or
+  adversarial  (`distill.augment_attack` = an attack's name) what that attack finds against the teachers, within
+               `distill.augment_budget` queries: it tries to move the plain mean of the experts away from the class
+               the aggregated soft targets give the original. A function's first copy is the attack's result when
+               the attack changed anything; other copies, and functions the experts already disagree on, get
+               random copies (random edits after the structural attack, random names after the others).
 """
 
 from __future__ import annotations
@@ -19,7 +21,10 @@ from typing import Callable
 import numpy as np
 
 from moekd_ray.attacks.identifiers import Identifiers
+from moekd_ray.attacks.structural import random_edits
 from moekd_ray.tokenization import encode
+
+EDITS_PER_COPY = 4
 
 
 def _copies(rng: np.random.Generator, n: int, ratio: float) -> np.ndarray:
@@ -33,21 +38,28 @@ def copies_per_function(n: int, ratio: float, seed: int) -> np.ndarray:
 
 
 def renamed_variants(funcs: list[str], pool: list[str], ratio: float, seed: int,
-                     adversarial: dict[int, str] | None = None) -> tuple[list[str], np.ndarray]:
-    """Renamed copies and, for each, the index of its original in `funcs`. `adversarial` maps a function's index
-    to an attack-found renaming, used as its first copy. Functions without a renamable identifier get no copy
-    (it would equal the original)."""
+                     adversarial: dict[int, str] | None = None, edits: bool = False) -> tuple[list[str], np.ndarray]:
+    """Renamed copies (`edits`: restructured copies) and, for each, the index of its original in `funcs`.
+    `adversarial` maps a function's index to an attack-found copy, used as its first copy. Functions without a
+    renamable identifier (an edit site) get no copy (it would equal the original)."""
     rng = np.random.default_rng([seed, 7])
     copies = _copies(rng, len(funcs), ratio)  # as copies_per_function; the same generator then draws the names
     adversarial = adversarial or {}
     variants, source = [], []
     for i in np.flatnonzero(copies):
-        ids = Identifiers(funcs[i])
-        if not ids.names:
-            continue
         if i in adversarial:
             variants.append(adversarial[i])
             source.append(i)
+        if edits:
+            for _ in range(copies[i] - (i in adversarial)):
+                copy, done = random_edits(funcs[i], EDITS_PER_COPY, rng)
+                if done:
+                    variants.append(copy)
+                    source.append(i)
+            continue
+        ids = Identifiers(funcs[i])
+        if not ids.names:
+            continue
         for _ in range(copies[i] - (i in adversarial)):
             picks = rng.choice(len(pool), size=min(len(pool), 4 * len(ids.names) + 8), replace=False)
             fresh = [pool[j] for j in picks if ids.is_valid_new_name(pool[j])]
@@ -60,10 +72,10 @@ def renamed_variants(funcs: list[str], pool: list[str], ratio: float, seed: int,
 
 def with_renamed_copies(enc: dict[str, np.ndarray], labels: np.ndarray, teacher: np.ndarray, funcs: list[str],
                         tokenizer, max_length: int, pool: list[str], ratio: float, seed: int,
-                        adversarial: dict[int, str] | None = None):
-    """The encoded transfer set, its labels and teacher rows, each extended by the renamed copies (which carry
-    their original's label and teacher row). Returns (enc, labels, teacher, number of copies)."""
-    variants, source = renamed_variants(funcs, pool, ratio, seed, adversarial)
+                        adversarial: dict[int, str] | None = None, edits: bool = False):
+    """The encoded transfer set, its labels and teacher rows, each extended by the copies (which carry their
+    original's label and teacher row). Returns (enc, labels, teacher, number of copies)."""
+    variants, source = renamed_variants(funcs, pool, ratio, seed, adversarial, edits)
     if not variants:
         return enc, labels, teacher, 0
     extra = encode(tokenizer, variants, max_length)
@@ -79,9 +91,10 @@ def robust_transfer_set(distill, enc: dict[str, np.ndarray], labels: np.ndarray,
     Returns (enc, labels, teacher, counts); counts (renamed_copies, attack_found_copies) is empty without copies."""
     if not distill.augment_ratio:
         return enc, labels, teacher, {}
-    adversarial = find_adversarial() if distill.augment_attack != "random" else None
+    adversarial = find_adversarial() if not distill.augment_attack.startswith("random") else None
+    edits = distill.augment_attack in ("random-edits", "structural")
     enc, labels_out, teacher, n = with_renamed_copies(enc, labels, teacher, funcs, tokenizer, max_length, pool,
-                                                      distill.augment_ratio, seed, adversarial)
-    log(f"{n:,} identifier-renamed copies ({len(adversarial or {}):,} attack-found) join the {len(labels):,} "
-        "transfer functions")
+                                                      distill.augment_ratio, seed, adversarial, edits)
+    log(f"{n:,} {'restructured' if edits else 'identifier-renamed'} copies ({len(adversarial or {}):,} "
+        f"attack-found) join the {len(labels):,} transfer functions")
     return enc, labels_out, teacher, {"renamed_copies": n, "attack_found_copies": len(adversarial or {})}

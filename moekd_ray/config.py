@@ -268,9 +268,10 @@ class DistillConfig(_Strict):
         0.0, ge=0, le=8, description="Robust distillation: identifier-renamed copies per transfer-set function, "
         "each distilled towards its original's soft targets (0: off; 0.5: half the functions get one copy).",
     )
-    augment_attack: Literal[("random",) + ATTACK_NAMES] = Field(  # type: ignore[valid-type]
-        "random", description="How the copies are made: random names, or what an attack finds against the plain "
-        "mean of the experts (a function's first copy; random where the attack changes nothing).",
+    augment_attack: Literal[("random", "random-edits") + ATTACK_NAMES] = Field(  # type: ignore[valid-type]
+        "random", description="How the copies are made: random names (random), random structural edits "
+        "(random-edits), or what an attack finds against the plain mean of the experts (a function's first copy; "
+        "random where the attack changes nothing).",
     )
     augment_budget: int = Field(30, ge=1, description="Attack queries per function for adversarial copies.")
     zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage.")
@@ -513,9 +514,15 @@ class BenchmarkConfig(_Strict):
     avatar_lr: float = Field(1e-3, gt=0, description="avatar's learning rate (AVATAR's).")
     avatar_batch_size: int = Field(64, ge=1, description="avatar's batch size (AVATAR's); epochs as distill's.")
     robust_augment_ratio: float = Field(1.0, gt=0, le=8, description="moekd-robust(-adv)'s distill.augment_ratio.")
+    robust_copies: Literal["random", "random-edits"] = Field(
+        "random", description="moekd-robust's distill.augment_attack: randomly renamed or randomly restructured "
+        "copies (with data.input_transform canonical_identifiers, renamed copies equal their originals).")
     robust_adv_attack: AttackName = Field(
         "wir-random", description="moekd-robust-adv's distill.augment_attack (its budget: distill.augment_budget).")
     attack_teacher: bool = Field(True, description="Also attack the single teacher (a reference row).")
+    attack_experts: bool = Field(False, description="Also attack each expert and the plain mean of the experts "
+                                 "(the mixture row; the routed mixture needs the router's features, which an "
+                                 "attacked function would change): where students' sensitivity comes from.")
     teacher_expert: int = Field(0, ge=0, description="The single teacher (compressor, avatar) has this expert's model "
                                 "and schedule: the strongest single model is Compressor's setting (its CodeBERT).")
     reference_tfidf: bool = Field(True, description="Fit the tfidf-lr baseline on the labelled part and attack it "

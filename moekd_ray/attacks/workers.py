@@ -137,6 +137,9 @@ def summarize(rows: list[dict], seconds: float) -> dict:
         "skipped_no_identifiers": sum(r["status"] == "skipped_no_identifiers" for r in rows),
         "skipped_no_edits": sum(r["status"] == "skipped_no_edits" for r in rows),
         "asr": len(success) / max(len(attacked), 1),
+        # ASR on each class: a model can be hard to flip on the class it favours and easy on the other.
+        **{f"asr_{name}": sum(r["label"] == c for r in success) / max(sum(r["label"] == c for r in attacked), 1)
+           for c, name in ((0, "safe"), (1, "vulnerable"))},
         "mean_queries": float(np.mean([r["queries"] for r in attacked])) if attacked else 0.0,
         "mean_renamed": float(np.mean([r["renamed"] for r in success])) if success else 0.0,
         "mean_edits": float(np.mean([len(json.loads(r.get("edits", "[]"))) for r in success])) if success else 0.0,

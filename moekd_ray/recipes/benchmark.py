@@ -68,7 +68,7 @@ SINGLE_TEACHER = ("compressor", "avatar")  # methods distilled from the single t
 METRICS = ("test_accuracy", "test_precision", "test_recall", "test_f1", "test_vulnerable_share", "params", "size_mb",
            "functions_per_s", "latency_p50_ms", "seconds_train")
 PREDICTIONS = "predictions/test.json"  # each model's test P(vulnerable), logged in its cell
-ATTACK_METRICS = ("asr", "mean_queries", "robust_accuracy")
+ATTACK_METRICS = ("asr", "mean_queries", "robust_accuracy", "asr_safe", "asr_vulnerable")
 
 
 @dataclass
@@ -131,8 +131,11 @@ def run_benchmark(cfg: MoEKDConfig, log=print, resume: str | None = None) -> Ben
                     reference_rows[name] = row
                     log_evaluation(row, probs, labels["test"], f"{name}, test", bench_dir / "report" / f"confusion_{name}.png")
                     log(f"{name}: test acc {row['test_accuracy']:.3f} f1 {row['test_f1']:.3f}, {row['size_mb']:.2f} MB")
-                if name == "tfidf-lr" or (name == "teacher" and b.attack_teacher):
+                if name == "tfidf-lr" or (name == "teacher" and b.attack_teacher) \
+                        or (name.startswith("expert_") and b.attack_experts):
                     attack_all(cfg, folder, examples, pool, logged, log)
+                elif name == "mixture" and b.attack_experts:  # the plain mean of the experts (uniform-moe's teacher)
+                    attack_all(cfg, teachers.folder, examples, pool, logged, log, target="uniform")
 
         tokenizers = {}  # students of the same vocabulary and length share one BPE
         for seed in b.seeds:
@@ -155,7 +158,7 @@ def run_benchmark(cfg: MoEKDConfig, log=print, resume: str | None = None) -> Ben
                 tok, enc = encoded[m]
                 soft = method_targets(mcfg, m, teachers.logits, gates)
                 # Attack-found copies depend on the teachers only: found once (base seed), the same for every seed.
-                adversarial = mcfg.distill.augment_attack != "random"
+                adversarial = not mcfg.distill.augment_attack.startswith("random")
                 train, train_labels, teacher, copies[m] = robust_transfer_set(
                     mcfg.distill, enc["transfer"], labels["transfer"], soft, funcs["transfer"], tok, arch.max_length,
                     pool, cfg.seed if adversarial else seed,
@@ -503,7 +506,7 @@ def method_config(cfg: MoEKDConfig, method: str, seed: int) -> MoEKDConfig:
             values.update({"distill.student_arch": b.ultra_student_arch.model_dump(), "distill.max_length": None})
     elif method in ("moekd-robust", "moekd-robust-adv"):
         values["distill.augment_ratio"] = b.robust_augment_ratio
-        values["distill.augment_attack"] = "random" if method == "moekd-robust" else b.robust_adv_attack
+        values["distill.augment_attack"] = b.robust_copies if method == "moekd-robust" else b.robust_adv_attack
     return cfg.with_values(values)
 
 
@@ -541,15 +544,17 @@ def log_evaluation(row: dict, probs: np.ndarray, labels: np.ndarray, title: str,
     tracking.log_figure(fig, "confusion_test.png")
 
 
-def attack_all(cfg: MoEKDConfig, folder: Path, examples: list, pool: list[str], logged: set[str], log) -> None:
-    """Every attack of benchmark.attacks not yet `logged` on the model in `folder`: metrics `<metric>_<attack>` and
-    each example's outcome (attacks/<attack>.json, the bootstrap's input) in the active run."""
+def attack_all(cfg: MoEKDConfig, folder: Path, examples: list, pool: list[str], logged: set[str], log,
+               target: str = "student") -> None:
+    """Every attack of benchmark.attacks not yet `logged` on the model in `folder` (`target`: as load_victim takes
+    it): metrics `<metric>_<attack>` and each example's outcome (attacks/<attack>.json, the bootstrap's input) in
+    the active run."""
     for method in cfg.benchmark.attacks:
         if f"asr_{method}" in logged:
             continue
         acfg = cfg.with_values({"attack.method": method})
         start = time.perf_counter()
-        rows = attack_examples(folder, "student", acfg, examples, pool, log=lambda *_: None)
+        rows = attack_examples(folder, target, acfg, examples, pool, log=lambda *_: None)
         summary = summarize(rows, time.perf_counter() - start)
         log(f"  {folder.name}: {format_summary(method, summary)}")
         tracking.log_dict({k: [r[k] for r in rows] for k in ("index", "label", "status", "queries")},
