@@ -72,14 +72,19 @@ def renamed_variants(funcs: list[str], pool: list[str], ratio: float, seed: int,
 
 def with_renamed_copies(enc: dict[str, np.ndarray], labels: np.ndarray, teacher: np.ndarray, funcs: list[str],
                         tokenizer, max_length: int, pool: list[str], ratio: float, seed: int,
-                        adversarial: dict[int, str] | None = None, edits: bool = False):
+                        adversarial: dict[int, str] | None = None, edits: bool = False, pairs: bool = False):
     """The encoded transfer set, its labels and teacher rows, each extended by the copies (which carry their
     original's label and teacher row). Returns (enc, labels, teacher, number of copies)."""
     variants, source = renamed_variants(funcs, pool, ratio, seed, adversarial, edits)
     if not variants:
         return enc, labels, teacher, 0
     extra = encode(tokenizer, variants, max_length)
+    n, original = len(labels), enc
     enc = {k: np.concatenate([a, extra[k]]) for k, a in enc.items()}
+    if pairs:  # each row also carries its original (itself for an original, has_pair 0), for the consistency term
+        pair_of = np.concatenate([np.arange(n), source])
+        enc.update({f"pair_{k}": a[pair_of] for k, a in original.items()},
+                   has_pair=np.concatenate([np.zeros(n, np.int32), np.ones(len(source), np.int32)]))
     return enc, np.concatenate([labels, labels[source]]), np.concatenate([teacher, teacher[source]]), len(variants)
 
 
@@ -94,7 +99,8 @@ def robust_transfer_set(distill, enc: dict[str, np.ndarray], labels: np.ndarray,
     adversarial = find_adversarial() if not distill.augment_attack.startswith("random") else None
     edits = distill.augment_attack in ("random-edits", "structural")
     enc, labels_out, teacher, n = with_renamed_copies(enc, labels, teacher, funcs, tokenizer, max_length, pool,
-                                                      distill.augment_ratio, seed, adversarial, edits)
+                                                      distill.augment_ratio, seed, adversarial, edits,
+                                                      pairs=distill.consistency_weight > 0)
     log(f"{n:,} {'restructured' if edits else 'identifier-renamed'} copies ({len(adversarial or {}):,} "
         f"attack-found) join the {len(labels):,} transfer functions")
     return enc, labels_out, teacher, {"renamed_copies": n, "attack_found_copies": len(adversarial or {})}

@@ -274,6 +274,12 @@ class DistillConfig(_Strict):
         "random where the attack changes nothing).",
     )
     augment_budget: int = Field(30, ge=1, description="Attack queries per function for adversarial copies.")
+    consistency_weight: float = Field(
+        0.0, ge=0, le=10, description="Consistency distillation (needs augment_ratio > 0): each copy also carries its "
+        "original into its batch, and the loss adds this weight x T^2 KL(student_T(original) || student_T(copy)), "
+        "the original's side held fixed: a copy is pulled towards the student's own answer on its original as well "
+        "as towards the teachers' target (0: off).",
+    )
     zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage.")
     bf16: bool = Field(False, description="bf16 mixed precision (GPUs with bf16; fp16 is not offered: CPU lacks it).")
     cpu_shm_comm: bool = Field(
@@ -286,6 +292,9 @@ class DistillConfig(_Strict):
 
     @model_validator(mode="after")
     def _known_preset(self):
+        if self.consistency_weight and not self.augment_ratio:
+            raise ValueError(f"consistency_weight={self.consistency_weight} needs copies to be consistent with: set "
+                             "augment_ratio > 0 (e.g. 1) or consistency_weight 0")
         if self.student not in STUDENT_PRESETS:  # checked even when student_arch overrides it: a typo is an error
             raise ValueError(f"unknown student preset {self.student!r}; use one of {sorted(STUDENT_PRESETS)}")
         return self
@@ -514,6 +523,8 @@ class BenchmarkConfig(_Strict):
     avatar_lr: float = Field(1e-3, gt=0, description="avatar's learning rate (AVATAR's).")
     avatar_batch_size: int = Field(64, ge=1, description="avatar's batch size (AVATAR's); epochs as distill's.")
     robust_augment_ratio: float = Field(1.0, gt=0, le=8, description="moekd-robust(-adv)'s distill.augment_ratio.")
+    robust_consistency_weight: float = Field(0.0, ge=0, le=10, description="moekd-robust(-adv)'s "
+                                             "distill.consistency_weight (0: copies only).")
     robust_copies: Literal["random", "random-edits"] = Field(
         "random", description="moekd-robust's distill.augment_attack: randomly renamed or randomly restructured "
         "copies (with data.input_transform canonical_identifiers, renamed copies equal their originals).")

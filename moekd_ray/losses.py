@@ -1,4 +1,4 @@
-"""The distillation loss."""
+"""The distillation losses: KD towards the teachers' targets, and the consistency term of robust distillation."""
 
 from __future__ import annotations
 
@@ -21,3 +21,13 @@ def kd_loss(
         return soft
     hard = F.cross_entropy(student_logits, labels)
     return alpha * hard + (1 - alpha) * soft
+
+
+def consistency_loss(copy_logits: torch.Tensor, original_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 * KL(student_T(original) || student_T(copy)), the original's side held fixed (no gradient): a renamed or
+    restructured copy is pulled towards the student's own answer on its original, beyond the teachers' target
+    both share (consistency distillation). copy_logits, original_logits [M, C]; 0 for an empty batch."""
+    if len(copy_logits) == 0:
+        return copy_logits.sum() * 0.0
+    target = F.softmax(original_logits.detach() / temperature, dim=-1)
+    return F.kl_div(F.log_softmax(copy_logits / temperature, dim=-1), target, reduction="batchmean") * temperature**2

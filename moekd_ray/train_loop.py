@@ -44,8 +44,10 @@ def start_epoch(loader: DataLoader, epoch: int, seed: int) -> None:
 
 def trim_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Cut the columns that are padding in every row: most functions are far shorter than max_length. Every
-    per-token tensor (shaped like input_ids: the mask, masked-LM labels) is cut alike."""
-    width, shape = int(batch["attention_mask"].sum(1).max()), batch["input_ids"].shape
+    per-token tensor (shaped like input_ids: the mask, masked-LM labels, a paired original's tokens) is cut alike,
+    to the widest of the masks."""
+    width = max(int(v.sum(1).max()) for k, v in batch.items() if k.endswith("attention_mask"))
+    shape = batch["input_ids"].shape
     return {k: (v[:, :width] if v.shape == shape else v) for k, v in batch.items()}
 
 

@@ -98,7 +98,7 @@ def tiny_pipeline(ray_cluster, tmp_path_factory):
         f"experts.model={json.dumps(TINY_ARCH)}", "experts.schedule.batch_size=16", "experts.schedule.epochs=2",
         "router.epochs=20", f"distill.student_arch={json.dumps(TINY_ARCH)}", "distill.schedule.epochs=2",
         "distill.schedule.batch_size=8", "distill.zero_stage=2", "distill.resources.num_workers=2",
-        "distill.alpha=0.5", "distill.temperature=2", "distill.augment_ratio=0.5",
+        "distill.alpha=0.5", "distill.temperature=2", "distill.augment_ratio=0.5", "distill.consistency_weight=1",
         f"mlflow.tracking_uri=sqlite:///{tmp / 'mlruns.db'}", "mlflow.registered_model=tiny-student",
     ])
     return cfg, run_pipeline(cfg, log=lambda *_: None)

@@ -199,3 +199,79 @@ def test_an_unknown_input_transform_is_one_clear_line(tmp_path):
         load_config(None, ["data.input_transform=lowercase"])
     with pytest.raises(ConfigError, match="attack.method"):
         load_config(None, ["attack.method=structual"])
+
+
+# ------------------------------------------------------------------------------------ consistency distillation
+def test_consistency_loss_pulls_only_the_copy_towards_the_original():
+    import torch
+
+    from moekd_ray.losses import consistency_loss
+
+    original = torch.tensor([[2.0, -1.0], [0.0, 1.0]], requires_grad=True)
+    copy = torch.tensor([[-1.0, 2.0], [0.0, 1.0]], requires_grad=True)
+    loss = consistency_loss(copy, original, temperature=2.0)
+    loss.backward()
+    assert loss.item() > 0
+    assert original.grad is None or not original.grad.any()  # the original's side is a fixed target
+    assert copy.grad[0, 0] < 0 < copy.grad[0, 1]  # descent raises the copy's class-0 logit, as the original's
+    assert consistency_loss(original.detach(), original.detach(), 2.0).item() == pytest.approx(0.0, abs=1e-7)
+    assert consistency_loss(copy[:0], original[:0], 2.0).item() == 0.0
+
+
+def test_copies_carry_their_original_for_the_consistency_term():
+    from moekd_ray.augment import with_renamed_copies
+    from moekd_ray.tokenization import NgramHasher, encode
+
+    funcs = [r["func"] for r in synthetic.rows(12, seed=2)]
+    tok = NgramHasher(4096, 2, 64)
+    enc, labels, teacher = encode(tok, funcs, 64), np.arange(12) % 2, np.random.default_rng(0).random((12, 2))
+    out, out_labels, out_teacher, n = with_renamed_copies(enc, labels, teacher, funcs, tok, 64, [], 1.0, 0,
+                                                          edits=True, pairs=True)
+    assert n == 12 and len(out["input_ids"]) == len(out_labels) == len(out["pair_input_ids"]) == 24
+    assert not out["has_pair"][:12].any() and out["has_pair"][12:].all()
+    assert np.array_equal(out["pair_input_ids"][:12], enc["input_ids"])  # an original is its own pair
+    assert np.array_equal(out["pair_input_ids"][12:], enc["input_ids"])  # a copy carries its original...
+    assert not np.array_equal(out["input_ids"][12:], enc["input_ids"])  # ...and differs from it
+    assert np.array_equal(out_teacher[12:], teacher) and np.array_equal(out_labels[12:], labels)
+
+
+def test_consistency_without_copies_is_one_clear_line():
+    from moekd_ray.config import load_config
+    from moekd_ray.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="consistency_weight.*augment_ratio"):
+        load_config(None, ["distill.consistency_weight=1"])
+
+
+def test_canonicalisation_lowers_the_renaming_asr_of_a_model_that_learnt_names(tmp_path):
+    """Synthetic functions whose names leak the label (vulnerable ones use *_hot names, safe ones *_cold, besides
+    the unbounded/bounded copy that decides it): tfidf-lr learns the names too, and MHM flips some of its correct
+    answers by renaming. The same model reading canonical identifiers is as accurate, not constant, and MHM flips
+    none of them."""
+    from moekd_ray.attacks.workers import attack_examples, summarize
+    from moekd_ray.baseline import TfidfLR
+    from moekd_ray.config import load_config
+
+    hot, cold = [f"{w}_hot" for w in synthetic.WORDS], [f"{w}_cold" for w in synthetic.WORDS]
+
+    def leaky(rows, seed):
+        rng, out = random.Random(seed), []
+        for row in rows:
+            ids, names = Identifiers(row["func"]), list(hot if row["target"] else cold)
+            rng.shuffle(names)
+            out.append((ids.rename(dict(zip(ids.names, names))), row["target"]))
+        return out
+
+    train, test = leaky(synthetic.rows(300, 0), 0), leaky(synthetic.rows(40, 2), 2)
+    funcs, labels = [f for f, _ in train], np.asarray([y for _, y in train])
+    cfg = load_config(None, ["attack.method=mhm", "attack.workers=1", "attack.query_budget=60"])
+    asr = {}
+    for canonical in (False, True):
+        model = TfidfLR(0, canonical).fit(funcs[:240], labels[:240], funcs[240:], labels[240:])
+        model.save(tmp_path / str(canonical))
+        called = model.predict_proba([f for f, _ in test]) >= 0.5
+        assert 0.3 < called.mean() < 0.7 and (called == np.asarray([y for _, y in test])).mean() >= 0.9
+        rows = attack_examples(tmp_path / str(canonical), "student", cfg, [(i, f, y) for i, (f, y) in enumerate(test)],
+                               hot + cold, log=lambda *_: None)
+        asr[canonical] = summarize(rows, 1.0)["asr"]
+    assert asr[False] >= 0.1 and asr[True] == 0.0

@@ -492,7 +492,7 @@ def method_config(cfg: MoEKDConfig, method: str, seed: int) -> MoEKDConfig:
     """The config a method's student is distilled with (logged as its run's params)."""
     b = cfg.benchmark
     # The transfer set is unlabelled for every method; only moekd-robust adds renamed copies to it.
-    values = {"seed": seed, "distill.alpha": 0.0, "distill.augment_ratio": 0.0}
+    values = {"seed": seed, "distill.alpha": 0.0, "distill.augment_ratio": 0.0, "distill.consistency_weight": 0.0}
     if method in SINGLE_TEACHER:
         values["distill.temperature"] = b.teacher_temperature
     if method == "avatar":
@@ -506,6 +506,7 @@ def method_config(cfg: MoEKDConfig, method: str, seed: int) -> MoEKDConfig:
             values.update({"distill.student_arch": b.ultra_student_arch.model_dump(), "distill.max_length": None})
     elif method in ("moekd-robust", "moekd-robust-adv"):
         values["distill.augment_ratio"] = b.robust_augment_ratio
+        values["distill.consistency_weight"] = b.robust_consistency_weight
         values["distill.augment_attack"] = b.robust_copies if method == "moekd-robust" else b.robust_adv_attack
     return cfg.with_values(values)
 

@@ -21,10 +21,11 @@ from pydantic import Field
 
 from moekd_ray import progress, ray_runtime
 from moekd_ray.config import ArchConfig, DistillConfig, MoEKDConfig, PretrainConfig, Schedule
-from moekd_ray.losses import kd_loss
+from moekd_ray.losses import consistency_loss, kd_loss
 from moekd_ray.metrics import validation_metrics
-from moekd_ray.models import build_model, load_model
-from moekd_ray.train_loop import BestEpoch, make_loader, predict_logits, scheduled, start_epoch, train_epoch
+from moekd_ray.models import build_model, load_model, save_float32
+from moekd_ray.train_loop import (BestEpoch, classifier_logits, make_loader, predict_logits, scheduled, start_epoch,
+                                  train_epoch)
 
 
 DEEPSPEED_TAG = "state"  # DeepSpeed's subfolder name in each checkpoint's deepspeed/ folder
@@ -77,6 +78,7 @@ class DeepSpeedJob(ray_runtime.WorkerJob):
 class DistillJob(DeepSpeedJob):
     temperature: float = Field(gt=0)
     alpha: float = Field(ge=0, le=1)
+    consistency_weight: float = Field(0.0, ge=0)
     task: str = Field(description="Its name on the console's status line.")
 
 
@@ -92,12 +94,22 @@ def start_deepspeed(job: DeepSpeedJob):
 
 
 def gathered_state(engine, rank: int) -> dict | None:
-    """The full model weights on rank 0 (a collective under ZeRO-3: every rank takes part)."""
-    import deepspeed
+    """The full model weights on rank 0, in float32 on the CPU (a collective: every rank takes part).
 
+    Under bf16 the module holds bf16 copies; the weights kept are the optimizer's fp32 master weights, so the saved
+    student is the float32 model that was trained (its size, its folded threshold and every scorer's arithmetic)."""
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    # None where the optimizer keeps no separate master copy (fp32 without ZeRO): the module's weights are it.
+    master = {id(p): safe_get_full_fp32_param(p) for p in engine.module.parameters()}
     with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
         if rank == 0:
-            return {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+            state = {}
+            for k, v in engine.module.state_dict(keep_vars=True).items():  # by identity: tied weights share a master
+                v = v if master.get(id(v)) is None else master[id(v)]
+                state[k] = v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype, copy=True)
+            return state
     return None
 
 
@@ -117,7 +129,7 @@ def save_deepspeed(engine, folder: str, rank: int, best_state: dict | None) -> N
     """A checkpoint: every rank's DeepSpeed state (for resuming) and, from rank 0, the best weights as an HF model."""
     engine.save_checkpoint(str(Path(folder) / ray_runtime.DEEPSPEED_DIR), tag=DEEPSPEED_TAG, save_latest=False)
     if rank == 0:
-        engine.module.save_pretrained(folder, state_dict=dict(best_state))  # a copy: HF empties it
+        save_float32(engine.module, folder, best_state)
 
 
 def distill_worker(config: dict) -> None:
@@ -143,8 +155,27 @@ def distill_worker(config: dict) -> None:
         make_loader(train, job.ds_config["train_micro_batch_size_per_gpu"], shuffle=True, seed=job.seed)
     )
 
+    def forward(model, batch, device):
+        """The rows' logits; with consistency on, also their originals' (no gradient), stacked after them."""
+        logits = classifier_logits(model, batch, device)
+        if not job.consistency_weight:
+            return logits
+        copies = batch["has_pair"].bool()
+        if not copies.any():
+            return logits
+        with torch.no_grad():
+            originals = model(input_ids=batch["pair_input_ids"][copies].long(),
+                              attention_mask=batch["pair_attention_mask"][copies].long()).logits
+        return torch.cat([logits, originals])
+
     def loss_fn(logits, batch):
-        return kd_loss(logits.float(), batch["teacher"].float(), batch["labels"].long(), temperature, alpha)
+        n = len(batch["input_ids"])
+        loss = kd_loss(logits[:n].float(), batch["teacher"].float(), batch["labels"].long(), temperature, alpha)
+        if job.consistency_weight:
+            copies = batch["has_pair"].bool()
+            loss = loss + job.consistency_weight * consistency_loss(logits[:n][copies].float(), logits[n:].float(),
+                                                                    temperature)
+        return loss
 
     resumed_from = len(history)
     step = deepspeed_step(engine, job, sched, len(loader), resumed_from)
@@ -153,7 +184,7 @@ def distill_worker(config: dict) -> None:
         if history and history[-1]["final"]:
             break  # stopped early before the restart
         start_epoch(loader, epoch, job.seed)
-        stats = train_epoch(engine, loader, loss_fn, step, ticker.epoch(epoch, epochs))
+        stats = train_epoch(engine, loader, loss_fn, step, ticker.epoch(epoch, epochs), forward)
         val = validation_metrics(valid["labels"], predict_logits(engine, valid, job.eval_batch_size))
         if best.update(epoch, {f"val_{k}": v for k, v in val.items()}):
             best_state = gathered_state(engine, ctx.get_world_rank())
@@ -182,6 +213,7 @@ def distill_trainer(cfg: MoEKDConfig, enc: dict, labels: dict, teacher_probs: np
     job = DistillJob(
         name="student", task=task, arch=cfg.distill.arch(), schedule=cfg.distill.schedule,
         ds_config=deepspeed_config(cfg.distill), temperature=cfg.distill.temperature, alpha=cfg.distill.alpha,
+        consistency_weight=cfg.distill.consistency_weight,
         eval_batch_size=cfg.eval.batch_size, threads=cfg.distill.resources.cpus_per_worker,
         cpu_shm_comm=cfg.distill.cpu_shm_comm, seed=cfg.seed, train=ray.put(train),
         valid=ray.put({**enc["valid"], "labels": labels["valid"]}), fault_injection=cfg.ray.fault_injection,
