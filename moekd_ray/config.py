@@ -50,6 +50,11 @@ class DataConfig(_Strict):
     max_chars: int = Field(
         200_000, ge=1, description="Functions longer than this many characters are truncated (and counted in the log)."
     )
+    train_projects: list[str] | None = Field(
+        None, description="Keep only these projects' rows in train and valid (Devign: FFmpeg, qemu); None: all. With "
+        "test_projects, a cross-project evaluation: train on FFmpeg, test on qemu, and the reverse.",
+    )
+    test_projects: list[str] | None = Field(None, description="Keep only these projects' rows in test; None: all.")
     input_transform: Literal["none", "canonical_identifiers"] = Field(
         "none", description="canonical_identifiers: every model (experts, student, the benchmark's baselines) reads "
         "a function with its parameters and locals renamed to v0, v1, ... by first occurrence (the renaming attacks' "

@@ -125,6 +125,18 @@ def _load_hub(name: str, split: str, max_chars: int) -> list[dict]:
     return [validate_row(dict(r), f"{name}[{split}][{i}]", max_chars) for i, r in enumerate(ds)]
 
 
+def of_projects(rows: list[dict], projects: list[str] | None, key: str, split: str) -> list[dict]:
+    """The rows of `projects` (all rows when None); a DataError naming the projects there are when none is left."""
+    if projects is None:
+        return rows
+    kept = [r for r in rows if r["project"] in projects]
+    if not kept:
+        there = sorted({r["project"] for r in rows})
+        raise DataError(f"data.{key}={projects}: no {split} row is from those projects; the {split} split has "
+                        f"{there} (names are case-sensitive)")
+    return kept
+
+
 def load_devign(cfg: DataConfig, seed: int) -> dict[str, datasets.Dataset]:
     """train/valid/test as `datasets.Dataset`s with columns func, target, project."""
     data_dir = resolve_data_dir(cfg)
@@ -134,6 +146,8 @@ def load_devign(cfg: DataConfig, seed: int) -> dict[str, datasets.Dataset]:
             rows = _load_hub(cfg.hub_name, split, cfg.max_chars)
         else:
             rows = read_jsonl(split_file(data_dir, split), cfg.max_chars)
+        key = "test_projects" if split == "test" else "train_projects"
+        rows = of_projects(rows, getattr(cfg, key), key, split)
         limit = cfg.train_rows if split == "train" else cfg.eval_rows
         rows = take_subset(rows, limit, cfg.subset.value, seed)
         out[split] = datasets.Dataset.from_list(rows)

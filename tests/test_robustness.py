@@ -275,3 +275,19 @@ def test_canonicalisation_lowers_the_renaming_asr_of_a_model_that_learnt_names(t
                                hot + cold, log=lambda *_: None)
         asr[canonical] = summarize(rows, 1.0)["asr"]
     assert asr[False] >= 0.1 and asr[True] == 0.0
+
+
+# ------------------------------------------------------------------------------------------------ cross-project
+def test_cross_project_split_keeps_each_side_to_its_projects(tmp_path):
+    from moekd_ray.config import load_config
+    from moekd_ray.data import load_devign
+    from moekd_ray.errors import DataError
+
+    synthetic.write_devign_like(tmp_path, n_train=120, n_eval=60)
+    cfg = load_config(None, [f"data.dir={tmp_path}", "data.train_projects=[FFmpeg]", "data.test_projects=[qemu]"])
+    data = load_devign(cfg.data, 0)
+    assert set(data["train"]["project"]) == set(data["valid"]["project"]) == {"FFmpeg"}
+    assert set(data["test"]["project"]) == {"qemu"} and len(data["test"]) < 60
+    wrong = load_config(None, [f"data.dir={tmp_path}", "data.test_projects=[QEMU]"])
+    with pytest.raises(DataError, match=r"data.test_projects=\['QEMU'\].*\['FFmpeg', 'qemu'\]"):
+        load_devign(wrong.data, 0)
