@@ -115,12 +115,19 @@ class PretrainedConfig(_Strict):
 
 
 class NgramConfig(_Strict):
-    """A fastText-style bag of hashed C-token n-grams (EmbeddingBag -> dropout -> linear): a different inductive
-    bias from the encoder's (no order beyond n tokens, the whole function read), cheap to train on CPU."""
+    """A fastText-style bag of hashed units (EmbeddingBag -> dropout -> linear): C-token n-grams, or the syntax tree's
+    node-type paths and non-variable tokens. A different inductive bias from the encoder's (no order beyond n units,
+    the whole function read), cheap to train on CPU."""
 
-    source: Literal["ngram"] = Field("ngram", description="ngram: a bag of hashed C-token n-grams.")
-    buckets: int = Field(2**18, ge=16, le=2**24, description="Hash buckets shared by all n-grams (embedding rows).")
-    ngram: int = Field(2, ge=1, le=4, description="Longest n-gram of C tokens (1: tokens only; 2: tokens + pairs).")
+    source: Literal["ngram"] = Field("ngram", description="ngram: a bag of hashed units.")
+    units: Literal["tokens", "syntax"] = Field(
+        "tokens", description="tokens: C tokens and their n-grams; syntax: tree-sitter's syntax tree as root-ward "
+        "paths of up to `ngram` node types plus every token that is not a variable's name (keywords, operators, "
+        "types, fields, numbers, called functions): a structural expert that no renaming can move.",
+    )
+    buckets: int = Field(2**18, ge=16, le=2**24, description="Hash buckets shared by all units (embedding rows).")
+    ngram: int = Field(2, ge=1, le=4, description="tokens: longest n-gram of C tokens (1: tokens only; 2: tokens + "
+                       "pairs); syntax: longest node-type path.")
     dim: int = Field(64, ge=2, description="Embedding width.")
     dropout: float = Field(0.2, ge=0, lt=1, description="Dropout on the pooled embedding.")
     max_length: int = Field(2048, ge=16, le=65536, description="N-grams read per function (from its start).")

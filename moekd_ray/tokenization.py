@@ -14,6 +14,7 @@ from tokenizers.processors import RobertaProcessing
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from moekd_ray.attacks.identifiers import canonicalize
+from moekd_ray.c_parser import HEADERLESS, RETURN_TYPE, parse
 
 # Identifiers, numbers and the multi-character operators of C; everything else one character at a time.
 C_TOKEN = re.compile(r"[A-Za-z_]\w*|\d[\w.]*|->|\+\+|--|<<|>>|[<>=!]=|&&|\|\||[^\s\w]")
@@ -44,23 +45,63 @@ def train_bpe(texts: list[str], vocab_size: int, max_length: int, canonical: boo
     )
 
 
+_NAMED_LEAF = {"primitive_type": "type", "type_identifier": "type", "field_identifier": "field",
+               "statement_identifier": "label", "number_literal": "num"}
+
+
+def syntax_units(text: str, depth: int) -> list[str]:
+    """A function as tree-sitter sees it, in pre-order: each node's root-ward path of up to `depth` node types
+    ("binary_expression<if_statement"), each token that is not a variable's name (keywords, operators, type and
+    field names, numbers, the names of called functions). Parameters' and locals' names never appear, so no
+    renaming changes these units; the shape of the code does."""
+    data = text.encode("utf-8", "surrogatepass")
+    root = parse(data).root_node
+    if root.has_error and HEADERLESS.match(data):  # Devign often drops the return type (attacks.identifiers)
+        alt = parse(RETURN_TYPE + data).root_node
+        if not alt.has_error:
+            root = alt
+    units, stack = [], [(root, ())]
+    while stack:
+        node, above = stack.pop()
+        kind = node.type
+        path = (kind,) + above[: depth - 1]
+        if node.is_named:
+            units.append("<".join(path))
+        if node.child_count == 0:
+            if not node.is_named:
+                units.append("tok:" + kind)  # `if`, `->`, `+=`, `sizeof`, ...
+            elif kind in _NAMED_LEAF:
+                units.append(f"{_NAMED_LEAF[kind]}:{node.text.decode('utf-8', 'replace')}")
+            elif kind == "identifier" and node.parent is not None and node.parent.type == "call_expression" \
+                    and node.parent.child_by_field_name("function") == node:
+                units.append("call:" + node.text.decode("utf-8", "replace"))
+        elif kind not in ("string_literal", "char_literal", "comment"):  # their insides are not code
+            stack.extend((child, path) for child in reversed(node.children))
+    return units
+
+
 class NgramHasher:
-    """The n-gram bag's tokenizer: a function's C tokens and their runs of up to `ngram` tokens, each hashed (crc32,
-    the same on every machine) to a bucket in 1..buckets (0 is padding). Nothing to train; called like a HF tokenizer."""
+    """The bag models' tokenizer: each unit hashed (crc32, the same on every machine) to a bucket in 1..buckets (0 is
+    padding). Units are a function's C tokens and their runs of up to `ngram` tokens (units "tokens"), or its
+    syntax units (units "syntax", `syntax_units` with paths of up to `ngram` node types). Nothing to train; called
+    like a HF tokenizer."""
 
     FILE = "ngram_hasher.json"
 
-    def __init__(self, buckets: int, ngram: int, max_length: int):
-        self.buckets, self.ngram, self.max_length = buckets, ngram, max_length
+    def __init__(self, buckets: int, ngram: int, max_length: int, units: str = "tokens"):
+        self.buckets, self.ngram, self.max_length, self.units = buckets, ngram, max_length, units
 
     def __len__(self) -> int:
         return self.buckets
 
     def ids(self, text: str, max_length: int, with_ngrams: bool = True) -> list[int]:
-        tokens = C_TOKEN.findall(text)
-        grams = list(tokens)
-        for n in range(2, self.ngram + 1 if with_ngrams else 1):
-            grams += [" ".join(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+        if self.units == "syntax" and with_ngrams:
+            grams = syntax_units(text, self.ngram)
+        else:  # (a bare name, for ALERT's substitute search, is its token whatever the units)
+            tokens = C_TOKEN.findall(text)
+            grams = list(tokens)
+            for n in range(2, self.ngram + 1 if with_ngrams else 1):
+                grams += [" ".join(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
         return [zlib.crc32(g.encode()) % self.buckets + 1 for g in grams[:max_length]]
 
     def __call__(self, texts, truncation: bool = True, max_length: int | None = None, padding=False,
@@ -78,7 +119,7 @@ class NgramHasher:
     def save_pretrained(self, folder: str | Path) -> None:
         Path(folder).mkdir(parents=True, exist_ok=True)
         (Path(folder) / self.FILE).write_text(json.dumps(
-            {"buckets": self.buckets, "ngram": self.ngram, "max_length": self.max_length}))
+            {"buckets": self.buckets, "ngram": self.ngram, "max_length": self.max_length, "units": self.units}))
 
 
 class CanonicalInput:

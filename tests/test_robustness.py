@@ -291,3 +291,50 @@ def test_cross_project_split_keeps_each_side_to_its_projects(tmp_path):
     wrong = load_config(None, [f"data.dir={tmp_path}", "data.test_projects=[QEMU]"])
     with pytest.raises(DataError, match=r"data.test_projects=\['QEMU'\].*\['FFmpeg', 'qemu'\]"):
         load_devign(wrong.data, 0)
+
+
+# ------------------------------------------------------------------------------------- the syntax-bag expert
+def test_syntax_units_ignore_renaming_and_follow_the_code_s_shape():
+    from moekd_ray.tokenization import NgramHasher, syntax_units
+
+    code = synthetic.rows(1, seed=4)[0]["func"]
+    ids = Identifiers(code)
+    renamed = ids.rename({n: f"q{i}x" for i, n in enumerate(ids.names)})
+    assert syntax_units(renamed, 3) == syntax_units(code, 3)
+    assert not any(n in u for u in syntax_units(code, 3) for n in ids.names if len(n) > 3)  # no variable's name
+    copies = {"call:" + c for c in ("strcpy", "sprintf", "strcat", "strncpy", "snprintf", "strncat")}
+    assert copies & set(syntax_units(code, 3))  # the copy that decides the label
+    structure = Structure(code)
+    edit = next(e for e in structure.edits if e.kind == "dead_code")
+    assert syntax_units(structure.apply(edit), 3) != syntax_units(code, 3)
+    hasher = NgramHasher(4096, 3, 256, "syntax")
+    assert hasher([code])["input_ids"] == hasher([renamed])["input_ids"]
+
+
+def test_syntax_bag_learns_the_synthetic_rule_and_round_trips(tmp_path, one_thread):
+    """Through the bag's own training loop (the one expert workers run), saved and loaded as a run saves it."""
+    import torch
+
+    from moekd_ray.config import NgramConfig
+    from moekd_ray.metrics import classification_metrics
+    from moekd_ray.models import build_model, load_model
+    from moekd_ray.tokenization import NgramHasher, encode, load_tokenizer
+    from moekd_ray.train_loop import make_loader, predict_logits, probs1, torch_step, train_epoch, weighted_ce
+
+    spec = NgramConfig(units="syntax", ngram=3, buckets=4096, dim=16, max_length=512)
+    hasher = NgramHasher(spec.buckets, spec.ngram, spec.max_length, spec.units)
+    rows = synthetic.rows(240, seed=9)
+    arrays = {**encode(hasher, [r["func"] for r in rows], 512), "labels": np.asarray([r["target"] for r in rows])}
+    train = {k: v[:180] for k, v in arrays.items()}
+    held = {k: v[180:] for k, v in arrays.items()}
+    model = build_model(spec, seed=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05)
+    for _ in range(8):
+        train_epoch(model, make_loader(train, 16, shuffle=True), weighted_ce, torch_step(opt, 1.0))
+    p = probs1(predict_logits(model.eval(), held, 64))
+    assert classification_metrics(held["labels"], p)["accuracy"] >= 0.9
+    model.save_pretrained(tmp_path / "bag")
+    hasher.save_pretrained(tmp_path / "bag" / "tokenizer")
+    again = encode(load_tokenizer(tmp_path / "bag" / "tokenizer"), [r["func"] for r in rows[180:]], 512)
+    assert np.array_equal(again["input_ids"], held["input_ids"])
+    assert np.allclose(probs1(predict_logits(load_model(tmp_path / "bag"), held, 64)), p)

@@ -41,7 +41,8 @@ def make_tokenizers(cfg: MoEKDConfig, train_funcs: list[str], run_dir: Path):
             if isinstance(spec, PretrainedConfig):
                 by_spec[key] = with_input_transform(load_tokenizer(spec.name_or_path), canonical)
             elif isinstance(spec, NgramConfig):
-                by_spec[key] = with_input_transform(NgramHasher(spec.buckets, spec.ngram, spec.max_length), canonical)
+                hasher = NgramHasher(spec.buckets, spec.ngram, spec.max_length, spec.units)
+                by_spec[key] = with_input_transform(hasher, canonical)
             else:
                 by_spec[key] = train_bpe(train_funcs, spec.vocab_size, spec.max_length, canonical)
     expert_toks = [by_spec[spec.model_dump_json()] for spec in cfg.experts.specs()]
