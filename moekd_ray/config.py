@@ -71,6 +71,7 @@ class DataConfig(_Strict):
 # ----------------------------------------------------------------------------------------------- partition
 class PartitionStrategy(str, Enum):
     kmeans = "kmeans"
+    syntax = "syntax"
     project = "project"
     length = "length"
     random = "random"
@@ -79,8 +80,9 @@ class PartitionStrategy(str, Enum):
 class PartitionConfig(_Strict):
     strategy: PartitionStrategy = Field(
         PartitionStrategy.kmeans,
-        description="kmeans: k-means over hashed token TF-IDF; project: by source project; length: by "
-        "character-length quantiles; random: seeded random split.",
+        description="kmeans: k-means over hashed token TF-IDF; syntax: k-means over the syntax tree's units (kinds of "
+        "function: pointer and memory handling, string handling, arithmetic, ...; no variable names); project: by "
+        "source project (Devign: FFmpeg, qemu); length: by character-length quantiles; random: seeded random split.",
     )
     hash_features: int = Field(2**14, ge=16, description="Hashed TF-IDF width used by kmeans and by the router.")
 

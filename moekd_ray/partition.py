@@ -13,7 +13,7 @@ from sklearn.cluster import KMeans
 from sklearn.feature_extraction.text import HashingVectorizer
 from sklearn.preprocessing import normalize
 
-from moekd_ray.tokenization import C_TOKEN
+from moekd_ray.tokenization import C_TOKEN, syntax_units
 
 
 def code_features(funcs: list[str], n_features: int) -> "np.ndarray":
@@ -27,8 +27,25 @@ def code_features(funcs: list[str], n_features: int) -> "np.ndarray":
     return normalize(x)
 
 
+def syntax_features(funcs: list[str], n_features: int):
+    """As `code_features`, over each function's syntax units (node-type paths, keywords, operators, types, fields,
+    called functions; no variable names): kinds of function by what their syntax tree holds."""
+    vec = HashingVectorizer(n_features=n_features, analyzer=lambda f: syntax_units(f, 2), alternate_sign=False,
+                            norm=None)
+    x = vec.transform(funcs)
+    x.data = 1.0 + np.log(x.data)
+    return normalize(x)
+
+
+FEATURES = {"kmeans": code_features, "syntax": syntax_features}  # the strategies that cluster
+
+
 def _kmeans(funcs, projects, k, seed, n_features):
     return KMeans(n_clusters=k, n_init=4, random_state=seed).fit_predict(code_features(funcs, n_features))
+
+
+def _syntax(funcs, projects, k, seed, n_features):
+    return KMeans(n_clusters=k, n_init=4, random_state=seed).fit_predict(syntax_features(funcs, n_features))
 
 
 def _project(funcs, projects, k, seed, n_features):
@@ -55,7 +72,7 @@ def _random(funcs, projects, k, seed, n_features):
     return np.random.default_rng(seed).permutation(np.arange(len(funcs)) % k)
 
 
-STRATEGIES = {"kmeans": _kmeans, "project": _project, "length": _length, "random": _random}
+STRATEGIES = {"kmeans": _kmeans, "syntax": _syntax, "project": _project, "length": _length, "random": _random}
 
 
 def partition(funcs: list[str], projects: list[str], strategy: str, k: int, seed: int, n_features: int) -> np.ndarray:
@@ -67,6 +84,26 @@ def partition(funcs: list[str], projects: list[str], strategy: str, k: int, seed
     if empty:
         raise ValueError(f"partition '{strategy}' left part(s) {empty} empty; lower experts.k or pick another strategy")
     return parts
+
+
+def assign_parts(strategy: str, train_funcs: list[str], train_projects: list[str], train_parts: np.ndarray,
+                 funcs: list[str], projects: list[str], k: int, seed: int, n_features: int) -> np.ndarray:
+    """The part each of `funcs` (another split) falls in, by the partition fitted on the training rows: the nearest
+    part centroid for the clustering strategies, the training mapping for `project` (an unseen project: the largest
+    part), the training quantiles for `length`, a seeded draw for `random`. What the specialisation table needs."""
+    if strategy in FEATURES:
+        train_x, x = FEATURES[strategy](train_funcs, n_features), FEATURES[strategy](funcs, n_features)
+        centroids = np.vstack([np.asarray(train_x[train_parts == j].mean(0)) for j in range(k)])
+        return np.asarray((x @ centroids.T).argmax(1)).ravel()
+    if strategy == "project":
+        largest = int(np.bincount(train_parts, minlength=k).argmax())
+        part_of = dict(zip(train_projects, train_parts.tolist()))
+        return np.array([part_of.get(p, largest) for p in projects], dtype=np.int64)
+    if strategy == "length":
+        lengths = np.array([len(f) for f in train_funcs])
+        edges = np.quantile(lengths, np.linspace(0, 1, k + 1)[1:-1])
+        return np.searchsorted(edges, np.array([len(f) for f in funcs]), side="right")
+    return np.random.default_rng([seed, 3]).integers(0, k, len(funcs))
 
 
 def partition_table(parts: np.ndarray, labels: np.ndarray, k: int) -> list[dict]:

@@ -338,3 +338,31 @@ def test_syntax_bag_learns_the_synthetic_rule_and_round_trips(tmp_path, one_thre
     again = encode(load_tokenizer(tmp_path / "bag" / "tokenizer"), [r["func"] for r in rows[180:]], 512)
     assert np.array_equal(again["input_ids"], held["input_ids"])
     assert np.allclose(probs1(predict_logits(load_model(tmp_path / "bag"), held, 64)), p)
+
+
+# ------------------------------------------------------------------------------------------ specialisation
+def test_specialisation_table_knows_which_expert_is_right_where():
+    """Expert 0 right on part 0 only, expert 1 right on part 1 only, a router that sends each part to its expert."""
+    from moekd_ray.stages.aggregate import specialisation, specialisation_lines
+
+    labels, parts = np.array([0, 1, 0, 1, 1, 0]), np.array([0, 0, 0, 1, 1, 1])
+    right = np.stack([[-1.0, 1.0] if y else [1.0, -1.0] for y in labels])
+    logits = np.stack([np.where(parts[:, None] == 0, right, -right), np.where(parts[:, None] == 1, right, -right)], 1)
+    weights = np.stack([np.where(parts == 0, 0.9, 0.1), np.where(parts == 0, 0.1, 0.9)], 1)
+    spec = specialisation({"labels": labels, "expert_logits": logits, "weights": weights}, parts, 2)
+    assert spec["accuracy"] == [[1.0, 0.0], [0.0, 1.0]]
+    assert spec["weight"] == [[pytest.approx(0.9), pytest.approx(0.1)], [pytest.approx(0.1), pytest.approx(0.9)]]
+    assert spec["routing_entropy"] < spec["max_entropy"] and spec["rows"] == [3, 3]
+    assert any("routing entropy" in line for line in specialisation_lines(spec))
+
+
+@pytest.mark.parametrize("strategy", ["kmeans", "syntax", "project", "length", "random"])
+def test_a_partition_assigns_other_splits_as_it_split_training(strategy):
+    from moekd_ray.partition import assign_parts, partition
+
+    rows = synthetic.rows(80, seed=11)
+    funcs, projects = [r["func"] for r in rows], [r["project"] for r in rows]
+    parts = partition(funcs, projects, strategy, 2, 0, 256)
+    again = assign_parts(strategy, funcs, projects, parts, funcs, projects, 2, 0, 256)
+    agree = (again == parts).mean()
+    assert agree >= (0.4 if strategy == "random" else 0.9), agree  # the training rows fall where they were put

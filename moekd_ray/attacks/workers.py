@@ -206,10 +206,12 @@ def summary_table(method: str, s: dict) -> str:
         ("functions sampled", str(s["functions"])),
         ("attacked", str(s["attacked"])),
         ("skipped: misclassified", str(s["skipped_misclassified"])),
-        ("skipped: no identifiers", str(s["skipped_no_identifiers"])),
+        ("skipped: no identifiers", str(s["skipped_no_identifiers"])) if method in RENAMING else
+        ("skipped: no edit sites", str(s.get("skipped_no_edits", 0))),
         ("ASR", f"{s['asr']:.1%}"),
         ("mean queries", f"{s['mean_queries']:.1f}"),
-        ("mean renamed", f"{s['mean_renamed']:.2f}"),
+        ("mean renamed", f"{s['mean_renamed']:.2f}") if method in RENAMING else
+        ("mean edits", f"{s.get('mean_edits', 0.0):.2f}"),
         ("accuracy -> robust", f"{s['clean_accuracy']:.3f} -> {s['robust_accuracy']:.3f}"),
         ("seconds", f"{s['seconds']:.1f}"),
         ("attacks/s", f"{s['attacks_per_s']:.2f}"),
@@ -219,9 +221,12 @@ def summary_table(method: str, s: dict) -> str:
 
 
 def format_summary(method: str, s: dict) -> str:
+    renaming = method in RENAMING
+    skipped = s.get("skipped_no_edits", 0) + s["skipped_no_identifiers"]
+    changed = f"mean renamed {s['mean_renamed']:.2f}" if renaming else f"mean edits {s.get('mean_edits', 0.0):.2f}"
     return (f"{method}: ASR {s['asr']:.1%} of {s['attacked']} attacked ({s['skipped_misclassified']} misclassified, "
-            f"{s['skipped_no_identifiers']} without identifiers skipped); mean queries {s['mean_queries']:.1f}, "
-            f"mean renamed {s['mean_renamed']:.2f}; accuracy {s['clean_accuracy']:.3f} -> robust "
+            f"{skipped} without {'identifiers' if renaming else 'edit sites'} skipped); mean queries "
+            f"{s['mean_queries']:.1f}, {changed}; accuracy {s['clean_accuracy']:.3f} -> robust "
             f"{s['robust_accuracy']:.3f}; {s['seconds']:.0f} s ({s['attacks_per_s']:.2f} attacks/s)")
 
 

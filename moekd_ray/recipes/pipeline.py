@@ -7,6 +7,7 @@ evaluate -> register. One MLflow parent run, a nested run per stage and per expe
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -25,9 +26,10 @@ from moekd_ray.baseline import TfidfLR
 from moekd_ray.decision import decide_folder, decision_tags, load_decision, pick_threshold
 from moekd_ray.metrics import classification_metrics, comparison_figure, confusion_matrix_figure, degenerate
 from moekd_ray.models import build_model, load_model, num_params, size_mb
-from moekd_ray.partition import code_features, partition, partition_table
+from moekd_ray.partition import assign_parts, code_features, partition, partition_table
 from moekd_ray.registry import promote_first
-from moekd_ray.stages.aggregate import aggregate, fit_gate, load_soft_targets, save_soft_targets
+from moekd_ray.stages.aggregate import (aggregate, fit_gate, load_soft_targets, save_soft_targets, specialisation,
+                                       specialisation_lines)
 from moekd_ray.stages.distill import distill_student
 from moekd_ray.stages.experts import by_expert, encode_for_experts, expert_logits, make_tokenizers, member_names, train_experts
 from moekd_ray.stages.pretrain import with_pretrained_encoder
@@ -145,6 +147,19 @@ def run_pipeline(cfg: MoEKDConfig, log=print, resume: str | None = None) -> Pipe
                 timer.reused("router")
             mean_w = targets["train"]["weights"].mean(0)
             tracker.log_metrics({f"train_mean_weight_{k}": float(w) for k, w in enumerate(mean_w)})
+            # Do the experts specialise, and does the router follow the parts? On validation, every run.
+            valid_parts = assign_parts(cfg.partition.strategy.value, funcs["train"], list(data["train"]["project"]),
+                                       parts, funcs["valid"], list(data["valid"]["project"]), cfg.experts.k, cfg.seed,
+                                       cfg.partition.hash_features)
+            spec = specialisation(targets["valid"], valid_parts, cfg.experts.k)
+            for line in specialisation_lines(spec):
+                log(line)
+            tracker.log_text(json.dumps(spec, indent=1), "specialisation.json")
+            tracker.log_metrics({"routing_entropy": spec["routing_entropy"],
+                                 **{f"expert_{i}_part_{j}_val_accuracy": a for i, row in enumerate(spec["accuracy"])
+                                    for j, a in enumerate(row)},
+                                 **{f"part_{j}_weight_{i}": w for j, row in enumerate(spec["weight"])
+                                    for i, w in enumerate(row)}})
 
         with timer("distill"), tracker.stage("distill", cfg.distill.model_dump(mode="json")):
             student_dir = run_dir / "student"

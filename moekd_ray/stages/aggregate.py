@@ -111,3 +111,31 @@ def load_soft_targets(path: Path, expect_digest: str | None = None) -> dict[str,
         split, name = key.split("/", 1)
         out.setdefault(split, {})[name] = arr
     return out
+
+
+def specialisation(split: dict[str, np.ndarray], parts: np.ndarray, k: int) -> dict:
+    """Whether the experts specialise and the router routes by part, on one split's aggregated targets
+    (`aggregate`'s dict) with each row's part: accuracy[i][j] of expert i on part j's rows, weight[j][i] the
+    router's mean weight of expert i on part j, and the mean routing entropy (nats; log K is a plain mean)."""
+    labels, weights = split["labels"], split["weights"]
+    correct = split["expert_logits"].argmax(-1) == labels[:, None]  # [N, K]
+    accuracy = [[float(correct[parts == j, i].mean()) if (parts == j).any() else float("nan") for j in range(k)]
+                for i in range(k)]
+    weight = [[float(weights[parts == j, i].mean()) if (parts == j).any() else float("nan") for i in range(k)]
+              for j in range(k)]
+    entropy = float(-(weights * np.log(np.clip(weights, 1e-12, None))).sum(1).mean())
+    return {"accuracy": accuracy, "weight": weight, "routing_entropy": entropy, "max_entropy": float(np.log(k)),
+            "rows": [int((parts == j).sum()) for j in range(k)]}
+
+
+def specialisation_lines(spec: dict) -> list[str]:
+    """The specialisation as console lines: a K x K accuracy table, then the router's weights per part."""
+    k = len(spec["rows"])
+    head = "expert \\ part " + "".join(f"{j:>8}" for j in range(k))
+    lines = [head] + [f"{'expert ' + str(i):<14}" + "".join(f"{a:>8.3f}" for a in row)
+                      for i, row in enumerate(spec["accuracy"])]
+    lines.append(f"{'rows':<14}" + "".join(f"{n:>8}" for n in spec["rows"]))
+    for j, row in enumerate(spec["weight"]):
+        lines.append(f"router weights on part {j}: " + " ".join(f"{w:.2f}" for w in row))
+    lines.append(f"routing entropy {spec['routing_entropy']:.3f} nats (a plain mean: {spec['max_entropy']:.3f})")
+    return lines
