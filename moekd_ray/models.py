@@ -71,8 +71,9 @@ def build_model(spec: ArchConfig | PretrainedConfig | NgramConfig, seed: int):
     torch.manual_seed(seed)
     if isinstance(spec, PretrainedConfig):
         try:
+            # float32 even where a hub checkpoint is stored in half precision: training keeps fp32 weights.
             return AutoModelForSequenceClassification.from_pretrained(spec.name_or_path, num_labels=2,
-                                                                      use_safetensors=True)
+                                                                      use_safetensors=True, dtype=torch.float32)
         except OSError as exc:
             raise ValueError(
                 f"model {spec.name_or_path!r} cannot be loaded ({str(exc).splitlines()[0][:160]}); its weights must "
@@ -103,8 +104,17 @@ def roberta_config(spec: ArchConfig, vocab_size: int | None = None) -> RobertaCo
     )
 
 
+def save_float32(model, folder: str | Path, state_dict: dict) -> None:
+    """Save float32 weights `state_dict` as `model`'s HF folder, recorded as float32 whatever dtype `model` trains in
+    (transformers writes the module's own dtype, e.g. a DeepSpeed bf16 engine's, into config.json)."""
+    model.save_pretrained(str(folder), state_dict=dict(state_dict))  # a copy: HF empties it
+    config_file = Path(folder) / "config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "dtype": "float32"}, indent=2))
+
+
 def load_model(folder: str | Path):
-    """A saved HF classifier (safetensors weights only)."""
+    """A saved HF classifier (safetensors weights only), in float32 whatever dtype its config.json records: its
+    size, its folded threshold and its scores are those of the float32 model."""
     problem = None
     config_file = Path(folder) / "config.json"
     if config_file.is_file() and json.loads(config_file.read_text()).get("model_type") == NGRAM_TYPE:
@@ -120,7 +130,7 @@ def load_model(folder: str | Path):
                              "wrote") from None
     try:
         model, info = AutoModelForSequenceClassification.from_pretrained(
-            str(folder), use_safetensors=True, output_loading_info=True)
+            str(folder), use_safetensors=True, output_loading_info=True, dtype=torch.float32)
         # transformers re-initialises mismatched or missing weights with only a report: a silently random model.
         bad = {k: v for k, v in info.items() if k in ("missing_keys", "mismatched_keys", "unexpected_keys") and v}
         if not bad:

@@ -12,6 +12,7 @@ import os
 import mlflow
 import numpy as np
 import pandas as pd
+import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 try:
@@ -58,7 +59,8 @@ class StudentClassifier(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         verify(context.artifacts)  # before anything is read from them
         tokenizer = load_tokenizer(context.artifacts["tokenizer"])  # with its input transform, if it has one
-        model = AutoModelForSequenceClassification.from_pretrained(context.artifacts["model"], use_safetensors=True)
+        model = AutoModelForSequenceClassification.from_pretrained(context.artifacts["model"], use_safetensors=True,
+                                                                   dtype=torch.float32)  # as models.load_model
         self.scorer = Scorer(model, tokenizer)
 
     def predict(self, context, model_input, params=None):

@@ -40,8 +40,10 @@ def deepspeed_config(cfg: DistillConfig | PretrainConfig) -> dict:
         "train_batch_size": sched.batch_size * res.num_workers,
         "optimizer": {
             "type": "AdamW",
-            # On CPU, DeepSpeed's CPUAdam/FusedAdam are C++ builds that take ~2 min to compile on first use.
-            "params": {"lr": sched.lr, "weight_decay": sched.weight_decay, "torch_adam": not res.use_gpu},
+            # torch's AdamW on CPU and GPU alike: DeepSpeed's FusedAdam/CPUAdam are C++/CUDA ops compiled on first
+            # use (~2 min on CPU; on a GPU node it needs nvcc, ninja and a matching CUDA_HOME, which a pip install
+            # with DS_BUILD_OPS=0 does not bring), for no gain worth it on students of a few MB.
+            "params": {"lr": sched.lr, "weight_decay": sched.weight_decay, "torch_adam": True},
         },
         "zero_optimization": {"stage": cfg.zero_stage, "stage3_gather_16bit_weights_on_model_save": True},
         "gradient_clipping": sched.grad_clip or 0.0,  # 0: off
@@ -93,21 +95,36 @@ def start_deepspeed(job: DeepSpeedJob):
     return deepspeed
 
 
+def master_weights(engine) -> dict[int, torch.Tensor]:
+    """Each parameter's full fp32 master copy, by id(parameter) (a collective under ZeRO: every rank takes part);
+    absent where the optimizer keeps none (fp32 without ZeRO: the module's weights are the master)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    opt = engine.optimizer
+    # bf16 without ZeRO (DeepSpeed's unfused wrapper around a torch optimizer): parallel lists of bf16 and fp32 params
+    master = {id(lp): hp for lps, hps in zip(getattr(opt, "fp16_groups", []), getattr(opt, "fp32_groups", []))
+              for lp, hp in zip(lps, hps)}
+    for p in engine.module.parameters():
+        if id(p) not in master:
+            full = safe_get_full_fp32_param(p)  # ZeRO 1-3 and DeepSpeed's BF16_Optimizer
+            if full is not None:
+                master[id(p)] = full
+    return master
+
+
 def gathered_state(engine, rank: int) -> dict | None:
     """The full model weights on rank 0, in float32 on the CPU (a collective: every rank takes part).
 
     Under bf16 the module holds bf16 copies; the weights kept are the optimizer's fp32 master weights, so the saved
     student is the float32 model that was trained (its size, its folded threshold and every scorer's arithmetic)."""
     import deepspeed
-    from deepspeed.utils import safe_get_full_fp32_param
 
-    # None where the optimizer keeps no separate master copy (fp32 without ZeRO): the module's weights are it.
-    master = {id(p): safe_get_full_fp32_param(p) for p in engine.module.parameters()}
+    master = master_weights(engine)
     with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
         if rank == 0:
             state = {}
             for k, v in engine.module.state_dict(keep_vars=True).items():  # by identity: tied weights share a master
-                v = v if master.get(id(v)) is None else master[id(v)]
+                v = master.get(id(v), v)
                 state[k] = v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype, copy=True)
             return state
     return None
