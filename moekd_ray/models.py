@@ -14,6 +14,7 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification, RobertaConfig, RobertaForSequenceClassification
 
 from moekd_ray.config import ArchConfig, NgramConfig, PretrainedConfig
+from moekd_ray.scoring import TRAINED_LENGTH, max_input_length
 
 PAD_ID = 1  # RoBERTa layout (see tokenization.SPECIALS)
 
@@ -69,20 +70,29 @@ def build_model(spec: ArchConfig | PretrainedConfig | NgramConfig, seed: int):
     """A fresh two-class classifier: random init from `spec`, or the pretrained weights it names (safetensors only:
     a pickled pytorch_model.bin can run code when loaded)."""
     torch.manual_seed(seed)
+    if isinstance(spec, NgramConfig):
+        return NgramBag(spec)
     if isinstance(spec, PretrainedConfig):
         try:
             # float32 even where a hub checkpoint is stored in half precision: training keeps fp32 weights.
-            return AutoModelForSequenceClassification.from_pretrained(spec.name_or_path, num_labels=2,
-                                                                      use_safetensors=True, dtype=torch.float32)
+            model = AutoModelForSequenceClassification.from_pretrained(spec.name_or_path, num_labels=2,
+                                                                       use_safetensors=True, dtype=torch.float32)
         except OSError as exc:
             raise ValueError(
                 f"model {spec.name_or_path!r} cannot be loaded ({str(exc).splitlines()[0][:160]}); its weights must "
                 "be safetensors: download it on a machine with hub access (or set HF_HOME to a cache holding it) or "
                 "give a local folder with model.safetensors"
             ) from None
-    if isinstance(spec, NgramConfig):
-        return NgramBag(spec)
-    return RobertaForSequenceClassification(roberta_config(spec))
+        positions = max_input_length(model)  # its positions (or the length a moekd run trained it on)
+        if spec.max_length > positions:
+            raise ValueError(f"max_length={spec.max_length} of expert model {spec.name_or_path!r} exceeds the "
+                             f"{positions} tokens its position embeddings hold; set that expert's max_length to at "
+                             f"most {positions}")
+    else:
+        model = RobertaForSequenceClassification(roberta_config(spec))
+    # Saved in config.json with the weights: every scorer reads the length the model was trained on.
+    setattr(model.config, TRAINED_LENGTH, spec.max_length)
+    return model
 
 
 def roberta_config(spec: ArchConfig, vocab_size: int | None = None) -> RobertaConfig:

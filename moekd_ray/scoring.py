@@ -15,12 +15,20 @@ import numpy as np
 import torch
 
 
+TRAINED_LENGTH = "moekd_max_length"  # config.json's key for the tokens per function a model was trained on
+
+
 def max_input_length(model) -> int:
-    """Tokens (n-grams for the n-gram bag) a model reads per function."""
+    """Tokens (n-grams for the n-gram bag) a model reads per function: those it was trained on (a pretrained
+    checkpoint's positions may hold more: CodeBERT's 512, an expert trained on 400)."""
     spec = getattr(model, "spec", None)  # models.NgramBag keeps its settings in `spec`
     if spec is not None:
         return int(spec.max_length)
-    return int(model.config.max_position_embeddings) - 2  # RoBERTa positions start after the padding index
+    trained = getattr(model.config, TRAINED_LENGTH, None)
+    if trained is not None:
+        return int(trained)
+    # a model saved before its length was: all its positions (RoBERTa's start after the padding index)
+    return int(model.config.max_position_embeddings) - 2
 
 
 class Scorer:

@@ -16,6 +16,7 @@ from safetensors import safe_open
 
 from moekd_ray.config import ArchConfig
 from moekd_ray.models import build_model, load_model, num_params, shift_decision, size_mb
+from moekd_ray.scoring import TRAINED_LENGTH, max_input_length
 
 TINY = ArchConfig(vocab_size=300, hidden_size=32, num_layers=1, num_heads=2, ffn_size=64, max_length=32)
 
@@ -109,3 +110,39 @@ def test_deepspeed_needs_no_op_compiled_at_run_time(use_gpu):
 
     for cfg in (DistillConfig(resources={"use_gpu": use_gpu}), PretrainConfig(resources={"use_gpu": use_gpu})):
         assert deepspeed_config(cfg)["optimizer"]["params"]["torch_adam"] is True
+
+
+def hub_like_checkpoint(folder: Path, max_length: int) -> Path:
+    """A RoBERTa checkpoint with positions for `max_length` tokens and no length of a moekd run (as a hub one)."""
+    build_model(TINY.model_copy(update={"max_length": max_length}), 0).save_pretrained(str(folder))
+    config = json.loads((folder / "config.json").read_text())
+    del config[TRAINED_LENGTH]
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_every_scorer_reads_the_length_the_model_was_trained_on(tmp_path):
+    """Item 4: an expert trained on 40 tokens of a checkpoint with 64 positions (CodeBERT: 400 of 512) is scored on
+    40 tokens by the saved folder alone (victims, benchmark, pyfunc: all use scoring.Scorer). Before: 64."""
+    from moekd_ray.config import PretrainedConfig
+    from moekd_ray.scoring import Scorer
+
+    checkpoint = hub_like_checkpoint(tmp_path / "hub", 64)
+    assert max_input_length(load_model(checkpoint)) == 64
+    build_model(PretrainedConfig(name_or_path=str(checkpoint), max_length=40), 0).save_pretrained(str(tmp_path / "e"))
+    assert json.loads((tmp_path / "e" / "config.json").read_text())[TRAINED_LENGTH] == 40
+    assert Scorer(load_model(tmp_path / "e"), tokenizer=None).max_length == 40
+    # a student (built from an architecture) records its length too
+    build_model(TINY, 0).save_pretrained(str(tmp_path / "s"))
+    assert max_input_length(load_model(tmp_path / "s")) == TINY.max_length
+
+
+def test_max_length_beyond_the_checkpoint_positions_is_one_line_before_training(tmp_path):
+    """Item 9: max_length above a checkpoint's positions is refused when the model is built (the pipeline builds
+    each pretrained expert on the driver before anything starts), naming the key and the bound. Before: accepted,
+    and the scorer cut at the positions instead."""
+    from moekd_ray.config import PretrainedConfig
+
+    checkpoint = hub_like_checkpoint(tmp_path / "hub", 64)
+    with pytest.raises(ValueError, match=r"max_length=100 .* set that expert's max_length to at most 64"):
+        build_model(PretrainedConfig(name_or_path=str(checkpoint), max_length=100), 0)
