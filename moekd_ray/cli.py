@@ -173,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.config}: valid (config digest {cfg.digest()}, {cfg.experts.k} experts, "
                   f"student {cfg.distill.student_arch and 'custom' or cfg.distill.student})")
             return 0
+        check_outputs_persist(cfg)
         log_path = None if args.command == "run" else (  # `moekd run`: in its run folder, once it exists
             Path(cfg.output_dir) / "logs" / f"{args.command}-{datetime.now():%Y%m%d-%H%M%S}.log")
         with Console(verbose=args.verbose, log_when_working=log_path) as console:
@@ -183,6 +184,24 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"moekd: error: {exc}", file=sys.stderr)
         return 2
+
+
+RAY_JOB_CACHE = "runtime_resources"  # Ray's folder of job working dirs (ray_constants.DEFAULT_RUNTIME_ENV_DIR_NAME)
+
+
+def check_outputs_persist(cfg: MoEKDConfig) -> None:
+    """What a run writes must outlive it. Under `ray job submit --working-dir .` the driver runs in Ray's copy of
+    the checkout, a cache deleted with the job (with the cluster, for a RayJob): a relative output_dir, storage path
+    or local tracking store would land there, and `--resume`, `tune.from_run` and `moekd attack --model <run>`
+    would find nothing afterwards."""
+    uri = cfg.mlflow.tracking_uri
+    local_store = uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else None if "://" in uri else uri
+    for key, path, fix in (("output_dir", cfg.output_dir, "/mnt/shared/moekd/runs"),
+                           ("ray.storage_path", cfg.ray.storage_path, "/mnt/shared/moekd/ray"),
+                           ("mlflow.tracking_uri", local_store, "http://<MLflow server> or sqlite:////mnt/shared/m.db")):
+        if path and "://" not in path and RAY_JOB_CACHE in Path(path).resolve().parts:
+            raise ConfigError(f"{key}: {Path(path).resolve()} is inside Ray's job working dir, which is deleted with "
+                              f"the job; set {key} to persistent storage, e.g. {key}={fix}")
 
 
 def _run_driver(args, cfg: MoEKDConfig, console: Console) -> None:
@@ -221,7 +240,9 @@ def _attack(args) -> int:
     for key, value in (("method", args.attack), ("split", args.split), ("n", args.n)):
         if value is not None:
             overrides.append(f"attack.{key}={value}")
-    run_attack(load_config(config, overrides), args.model, args.target)
+    cfg = load_config(config, overrides)
+    check_outputs_persist(cfg)
+    run_attack(cfg, args.model, args.target)
     return 0
 
 

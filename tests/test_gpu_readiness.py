@@ -146,3 +146,43 @@ def test_max_length_beyond_the_checkpoint_positions_is_one_line_before_training(
     checkpoint = hub_like_checkpoint(tmp_path / "hub", 64)
     with pytest.raises(ValueError, match=r"max_length=100 .* set that expert's max_length to at most 64"):
         build_model(PretrainedConfig(name_or_path=str(checkpoint), max_length=100), 0)
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def in_ray_job_dir(tmp_path, monkeypatch) -> Path:
+    """The working directory of a driver started by `ray job submit --working-dir .` (Ray's copy of the checkout)."""
+    folder = tmp_path / "session_latest" / "runtime_resources" / "working_dir_files" / "_ray_pkg_0123abcd"
+    folder.mkdir(parents=True)
+    monkeypatch.chdir(folder)
+    return folder
+
+
+@pytest.mark.parametrize("overrides, key", [
+    ([], "output_dir"),
+    (["output_dir=/mnt/x/runs", "ray.storage_path=ray"], "ray.storage_path"),
+    (["output_dir=/mnt/x/runs", "mlflow.tracking_uri=sqlite:///mlruns.db"], "mlflow.tracking_uri"),
+])
+def test_outputs_inside_rays_job_working_dir_are_one_line_before_anything(in_ray_job_dir, capsys, overrides, key):
+    """Item 7: a relative output_dir (storage path, sqlite store) under `ray job submit` would be deleted with the
+    job: one line naming the key and a persistent path, exit 2, nothing written. Before: the run went ahead there."""
+    from moekd_ray.cli import main
+
+    assert main(["run", str(REPO / "jobs" / "quickstart.yaml"), *overrides]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"moekd: error: {key}: ") and "persistent" in err, err
+    assert list(in_ray_job_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("job", ["devign_gpu.yaml", "benchmark_gpu.yaml"])
+def test_gpu_jobs_write_to_persistent_storage(in_ray_job_dir, job):
+    """Item 7: the GPU jobs set an absolute output_dir, so their run folders outlive `ray job submit`. Before: runs/
+    in Ray's working-dir cache."""
+    from moekd_ray.cli import check_outputs_persist
+    from moekd_ray.config import load_config
+
+    cfg = load_config(REPO / "jobs" / job)
+    assert Path(cfg.output_dir).is_absolute()
+    check_outputs_persist(cfg)
