@@ -18,7 +18,7 @@ Top to bottom (`run_benchmark`):
    Each student cell: test metrics, parameters, MB, throughput, p50 latency, every attack of `benchmark.attacks`
    on the same seeded functions with the same query budget.
 6. the table is read back from the MLflow runs (mean ± std over seeds), with paired bootstrap confidence
-   intervals of moekd minus compressor and avatar, and written as markdown and CSV with plots.
+   intervals of moekd minus compressor, avatar and uniform-moe (the router's own effect), and written as markdown and CSV with plots.
 No method sees labels of the transfer set (alpha is 0 for all), and all use `distill.schedule.epochs`.
 
 Every cell ((method, seed), or a reference model) is one nested MLflow run under the benchmark's run, tagged
@@ -65,6 +65,7 @@ from moekd_ray.train_loop import latency_p50_ms, predict_logits, probs1, through
 
 PROTOCOL_SPLITS = ("train", "transfer", "valid", "test")  # Compressor's protocol: "train" = the labelled half
 SINGLE_TEACHER = ("compressor", "avatar")  # methods distilled from the single teacher; the rest from the experts
+BASELINES = (*SINGLE_TEACHER, "uniform-moe")  # what moekd's bootstrap intervals are taken against
 METRICS = ("test_accuracy", "test_precision", "test_recall", "test_f1", "test_vulnerable_share", "params", "size_mb",
            "functions_per_s", "latency_p50_ms", "seconds_train")
 PREDICTIONS = "predictions/test.json"  # each model's test P(vulnerable), logged in its cell
@@ -76,7 +77,7 @@ class BenchmarkResult:
     bench_dir: Path
     run_id: str
     rows: list[dict]  # the table: one row per method or reference model, means and stds
-    differences: list[dict]  # moekd minus compressor / avatar with bootstrap confidence intervals
+    differences: list[dict]  # moekd minus compressor / avatar / uniform-moe, bootstrap intervals
 
 
 class FaultInjected(RuntimeError):
@@ -612,7 +613,8 @@ def relative_gains(rows: list[dict], attacks: list[str]) -> list[dict]:
 
 def difference_intervals(rows: list[dict], labels: np.ndarray, attacks: list[str], resamples: int,
                          seed: int) -> list[dict]:
-    """moekd minus compressor and minus avatar (each method's metric averaged over its seeds) with 95% paired
+    """moekd minus compressor, avatar and uniform-moe (the learned router against the plain mean of the same
+    experts; each method's metric averaged over its seeds) with 95% paired
     bootstrap intervals: the test functions (accuracy, F1) or the attacked sample (each attack's ASR) are resampled
     once per draw for every model, so the interval is that of the difference on this data. Read back from the
     per-function outputs logged in each student's run."""
@@ -623,7 +625,7 @@ def difference_intervals(rows: list[dict], labels: np.ndarray, attacks: list[str
     rng = np.random.default_rng([seed, 7])
     test_draws = rng.integers(len(labels), size=(resamples, len(labels)))
     outputs = {m: [logged_outputs(run_id, attacks) for run_id in by[m]["run_ids"].split()]
-               for m in ("moekd", "compressor", "avatar") if m in by}
+               for m in ("moekd", *BASELINES) if m in by}
     n_attacked = len(outputs["moekd"][0][1][attacks[0]]["status"]) if attacks else 0
     attack_draws = rng.integers(n_attacked, size=(resamples, n_attacked)) if attacks else None
 
@@ -644,7 +646,7 @@ def difference_intervals(rows: list[dict], labels: np.ndarray, attacks: list[str
     resampled = {m: test_metrics(m, test_draws) for m in outputs}
     whole = {m: test_metrics(m, full_test) for m in outputs}
     out = []
-    for base in ("compressor", "avatar"):
+    for base in BASELINES:
         if base not in outputs:
             continue
         pairs = {k: (resampled["moekd"][k], resampled[base][k], whole["moekd"][k][0] - whole[base][k][0])
@@ -675,7 +677,7 @@ def differences_markdown(differences: list[dict]) -> str:
 
 
 def differences_figure(differences: list[dict]):
-    """moekd minus each single-teacher method per metric, with its 95% bootstrap interval."""
+    """moekd minus each baseline (BASELINES) per metric, with its 95% bootstrap interval."""
     fig, ax = axes((6, 0.35 * len(differences) + 1.2))
     names = [f"{d['metric']} vs {d['against']}" for d in differences]
     y = np.arange(len(differences))
@@ -732,7 +734,7 @@ def write_outputs(rows: list[dict], differences: list[dict], bench_dir: Path, cf
                              for g in gains))
     if differences:
         pd.DataFrame(differences).to_csv(report / "differences.csv", index=False)
-        text += ("\n\nmoekd minus the single-teacher methods (students averaged over seeds), 95% paired bootstrap "
+        text += ("\n\nmoekd minus compressor, avatar and uniform-moe (students averaged over seeds), 95% paired bootstrap "
                  f"intervals over test functions / attacked functions, {cfg.benchmark.bootstrap} resamples:\n\n"
                  + differences_markdown(differences))
     text += f"\n\nwall time {wall / 60:.1f} min over {sessions} session(s)"
