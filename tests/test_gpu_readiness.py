@@ -186,3 +186,20 @@ def test_gpu_jobs_write_to_persistent_storage(in_ray_job_dir, job):
     cfg = load_config(REPO / "jobs" / job)
     assert Path(cfg.output_dir).is_absolute()
     check_outputs_persist(cfg)
+
+
+def test_pretrained_experts_load_on_every_worker_node_before_training(ray_cluster, tmp_path):
+    """Item 6: each pretrained expert is built once on every node its workers may use, before any worker starts
+    (a hub checkpoint is fetched into that node's cache there); one that cannot be is one line naming the node and
+    the checkpoint. Before: only the driver checked, and each worker fetched (or failed) on its own."""
+    import json as json_
+
+    from moekd_ray.config import load_config
+    from moekd_ray.stages.experts import fetch_on_worker_nodes
+
+    checkpoint = hub_like_checkpoint(tmp_path / "hub", 64)
+    model = {"source": "pretrained", "name_or_path": str(checkpoint), "max_length": 40}
+    missing = {**model, "name_or_path": str(tmp_path / "not-on-this-node")}
+    fetch_on_worker_nodes(load_config(None, [f"experts.models={json_.dumps([model, model])}"]))
+    with pytest.raises(ValueError, match=r"^on node [\d.]+, where expert workers may run: model '.*not-on-this-node'"):
+        fetch_on_worker_nodes(load_config(None, [f"experts.models={json_.dumps([model, missing])}"]))

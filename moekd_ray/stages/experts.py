@@ -15,6 +15,7 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from moekd_ray import progress, ray_runtime
 from moekd_ray.config import ModelSource, MoEKDConfig, NgramConfig, PretrainedConfig, Schedule
@@ -150,10 +151,40 @@ def member_names(cfg: MoEKDConfig) -> list[list[str]]:
             for k in range(cfg.experts.k)]
 
 
+@ray.remote(num_cpus=0)
+def _load_here(spec: PretrainedConfig) -> str | None:
+    """On one node: build the expert as its workers will (a hub checkpoint lands in this node's cache, once);
+    the problem, if it cannot be."""
+    try:
+        build_model(spec, 0)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def fetch_on_worker_nodes(cfg: MoEKDConfig) -> None:
+    """Every pretrained expert loads on every alive node its workers may be placed on (GPU and custom resources as
+    `experts.resources` asks), before any worker starts: a hub checkpoint is fetched once per node rather than by
+    each worker, and a node without hub access or the folder fails here with one line, not hours in. (Nodes an
+    autoscaler has yet to add are not there to check: their workers fetch for themselves.)"""
+    specs = {s.name_or_path: s for s in cfg.experts.specs() if isinstance(s, PretrainedConfig)}.values()
+    res = cfg.experts.resources
+    need = {**({"GPU": 1} if res.use_gpu else {}), "CPU": res.cpus_per_worker, **res.custom}
+    nodes = [n for n in ray.nodes()
+             if n["Alive"] and all(n["Resources"].get(key, 0) >= amount for key, amount in need.items())]
+    checks = [(n["NodeManagerAddress"], _load_here.options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(spec))
+        for n in nodes for spec in specs]
+    for (address, _), problem in zip(checks, ray.get([ref for _, ref in checks])):
+        if problem:
+            raise ValueError(f"on node {address}, where expert workers may run: {problem}")
+
+
 def expert_trainers(cfg: MoEKDConfig, enc: list[dict], labels: dict, parts: np.ndarray, name: str,
                     storage: str, members: list[str] | None = None) -> list:
     """One TorchTrainer per expert and fold (not yet fitted), expert-major; `members`: only those (by name, see
     `member_names`). enc[k] holds expert k's encoded splits (its own tokenizer)."""
+    fetch_on_worker_nodes(cfg)
     trainers, folds = [], fold_of(len(labels["train"]), cfg.experts.folds, cfg.seed)
     for k, spec in enumerate(cfg.experts.specs()):
         valid = ray.put({**enc[k]["valid"], "labels": labels["valid"]})
