@@ -222,6 +222,8 @@ class ExpertsConfig(_Strict):
         "n-gram bag than for an encoder; overrides `schedule` (fields left out take Schedule's defaults).",
     )
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Per expert.")
+    bf16: bool = Field(False, description="Train under bf16 autocast on GPU (weights and optimizer stay float32; "
+                       "~2.4x faster for a CodeBERT-sized model on an H100); no effect on CPU.")
 
     @model_validator(mode="after")
     def _one_model_per_expert(self):

@@ -203,3 +203,19 @@ def test_pretrained_experts_load_on_every_worker_node_before_training(ray_cluste
     fetch_on_worker_nodes(load_config(None, [f"experts.models={json_.dumps([model, model])}"]))
     with pytest.raises(ValueError, match=r"^on node [\d.]+, where expert workers may run: model '.*not-on-this-node'"):
         fetch_on_worker_nodes(load_config(None, [f"experts.models={json_.dumps([model, missing])}"]))
+
+
+def test_expert_bf16_autocast_is_a_switch_that_is_a_no_op_on_cpu():
+    """Item 5: experts.bf16 (set by the GPU jobs) trains experts under bf16 autocast on GPU; on CPU the forward is
+    the plain float32 one. Before: experts trained in fp32 only, with no switch."""
+    from moekd_ray.config import load_config
+    from moekd_ray.stages.experts import expert_forward
+    from moekd_ray.train_loop import classifier_logits
+
+    for job in ("devign_gpu.yaml", "benchmark_gpu.yaml"):
+        assert load_config(REPO / "jobs" / job).experts.bf16
+    model = build_model(TINY, 0).eval()
+    batch = {"input_ids": torch.randint(3, 300, (4, 16)), "attention_mask": torch.ones(4, 16, dtype=torch.long)}
+    with torch.no_grad():
+        logits = expert_forward(True)(model, batch, "cpu")
+        assert logits.dtype == torch.float32 and torch.equal(logits, classifier_logits(model, batch, "cpu"))

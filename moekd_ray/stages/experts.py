@@ -22,8 +22,8 @@ from moekd_ray.config import ModelSource, MoEKDConfig, NgramConfig, PretrainedCo
 from moekd_ray.metrics import validation_metrics
 from moekd_ray.models import build_model, load_model
 from moekd_ray.tokenization import NgramHasher, encode, load_tokenizer, train_bpe, with_input_transform
-from moekd_ray.train_loop import (BestEpoch, make_loader, predict_logits, scheduled, start_epoch, torch_step,
-                                  train_epoch, weighted_ce)
+from moekd_ray.train_loop import (BestEpoch, classifier_logits, make_loader, predict_logits, scheduled, start_epoch,
+                                  torch_step, train_epoch, weighted_ce)
 
 
 def unwrap(model):
@@ -70,6 +70,20 @@ def encode_for_experts(cfg: MoEKDConfig, expert_toks: list, funcs: dict[str, lis
 class ExpertJob(ray_runtime.WorkerJob):
     model: ModelSource
     schedule: Schedule
+    bf16: bool = False
+
+
+def expert_forward(bf16: bool):
+    """train_epoch's forward: float32 logits, computed under bf16 autocast on a GPU when `bf16` (a no-op on CPU,
+    where autocast would only slow the experts down)."""
+    def forward(model, batch, device):
+        on_gpu = torch.device(device).type == "cuda"
+        if bf16 and on_gpu and not torch.cuda.is_bf16_supported():
+            raise ValueError(f"experts.bf16: {torch.cuda.get_device_name()} has no bf16; set experts.bf16=false")
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16 and on_gpu):
+            return classifier_logits(model, batch, device).float()
+
+    return forward
 
 
 def expert_worker(config: dict) -> None:
@@ -111,7 +125,8 @@ def expert_worker(config: dict) -> None:
         if history and history[-1]["final"]:
             break  # stopped early before the restart
         start_epoch(loader, epoch, job.seed)
-        stats = train_epoch(model, loader, weighted_ce, step, ticker.epoch(epoch, sched.epochs))
+        stats = train_epoch(model, loader, weighted_ce, step, ticker.epoch(epoch, sched.epochs),
+                            expert_forward(job.bf16))
         val = validation_metrics(valid["labels"], predict_logits(unwrap(model), valid, job.eval_batch_size))
         if best.update(epoch, {f"val_{k}": v for k, v in val.items()}):
             best_state = {k: v.detach().clone() for k, v in unwrap(model).state_dict().items()}
@@ -193,7 +208,7 @@ def expert_trainers(cfg: MoEKDConfig, enc: list[dict], labels: dict, parts: np.n
                 continue
             keep = folds != f if cfg.experts.folds > 1 else None
             job = ExpertJob(
-                name=member, model=spec, schedule=cfg.experts.schedule_of(k),
+                name=member, model=spec, schedule=cfg.experts.schedule_of(k), bf16=cfg.experts.bf16,
                 threads=cfg.experts.resources.cpus_per_worker, eval_batch_size=cfg.eval.batch_size,
                 seed=cfg.seed + k + 1000 * f,
                 train=ray.put(part_arrays(enc[k]["train"], labels["train"], parts, k, cfg, keep)), valid=valid,
