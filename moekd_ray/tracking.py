@@ -53,8 +53,32 @@ def connect(tracking_uri: str, experiment: str | None = None) -> str | None:
     global _uri
     mlflow.set_tracking_uri(tracking_uri)
     _uri = tracking_uri
+    if tracking_uri.startswith(("http://", "https://")):
+        _check_login(tracking_uri)
     # The active experiment, so that nested stage runs land beside their parent.
     return mlflow.set_experiment(experiment).experiment_id if experiment else None
+
+
+def _check_login(tracking_uri: str) -> None:
+    """A server behind a login (`mlflow server --app-name basic-auth`) answers /health to anyone and refuses
+    everything else with 401: one read here turns that into one line naming the settings, before any work, instead
+    of a REST traceback (or a misleading "does not exist") at the first write."""
+    try:
+        mlflow.MlflowClient(tracking_uri).search_experiments(max_results=1)
+    except mlflow.exceptions.MlflowException as exc:
+        status = exc.get_http_status_code()
+        if status not in (401, 403):
+            return  # not a login problem: the call that needs the server reports it
+        user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+        if status == 403:
+            raise TrackingError(f"MLflow tracking server {tracking_uri} lets user {user!r} in but not read "
+                                "experiments (403); ask its admin for READ (or higher) permission") from None
+        if user and os.environ.get("MLFLOW_TRACKING_PASSWORD"):
+            raise TrackingError(f"MLflow tracking server {tracking_uri} refused the login of user {user!r} (401): "
+                                "check MLFLOW_TRACKING_PASSWORD (and MLFLOW_TRACKING_USERNAME)") from None
+        raise TrackingError(f"MLflow tracking server {tracking_uri} requires a login (401): set "
+                            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to a user of its basic-auth app")\
+            from None
 
 
 _uri: str | None = None  # where this process tracks, as connect() was told (not read back from MLflow's state)
