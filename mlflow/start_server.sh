@@ -8,7 +8,8 @@
 # Settings (environment; the names are the ones `mlflow server` itself reads):
 #   MOEKD_MLFLOW_DIR              folder for the default stores; default ~/.local/share/moekd-mlflow
 #   MLFLOW_BACKEND_STORE_URI      default sqlite:///$MOEKD_MLFLOW_DIR/mlflow.db
-#                                 PostgreSQL: postgresql://user:pass@host:5432/mlflow (pip install psycopg2-binary)
+#                                 PostgreSQL: postgresql://user:pass@host:5432/mlflow (pip install -e ".[team]":
+#                                 SQLAlchemy 2.1 reads postgresql:// as psycopg 3, not psycopg2)
 #   MLFLOW_ARTIFACTS_DESTINATION  default $MOEKD_MLFLOW_DIR/artifacts
 #                                 S3: s3://bucket/mlflow-artifacts (pip install boto3; AWS credentials for the server)
 #   MLFLOW_HOST                   default 127.0.0.1; anything else prints a warning (the server has no login)
@@ -17,6 +18,11 @@
 #   MLFLOW_SERVER_ALLOWED_HOSTS   Host headers accepted; mlflow's default is localhost and private IPs
 #   MLFLOW_SERVER_ENABLE_JOB_EXECUTION  default false here: those server-side jobs are GenAI scorers/evaluation,
 #                                 which moekd never uses, and they cost 8 more processes (mlflow's default: true)
+# With --app-name basic-auth (a login for every request but /health; pip install -e ".[team]" for Flask-WTF):
+#   MLFLOW_FLASK_SERVER_SECRET_KEY  required by mlflow (CSRF); the same on every server of one store
+#   MLFLOW_AUTH_CONFIG_PATH       an ini file: [mlflow] database_uri = postgresql://.../mlflow_auth, default_permission;
+#                                 mlflow's default keeps users in ./basic_auth.db of the folder it was started from
+#   MLFLOW_AUTH_ADMIN_PASSWORD    the admin's password, read once, when the user store is empty (mlflow has no default)
 # Stop the server by its process group (Ctrl-C in its terminal, or kill -- -PGID): mlflow's helper processes
 # outlive a signal sent to the mlflow process alone.
 # --dry-run prints the settings and the command instead of starting the server.
@@ -80,6 +86,28 @@ fi
 if ! command -v mlflow >/dev/null 2>&1; then
     echo "start_server.sh: mlflow not found on PATH; activate the project's environment (. .venv/bin/activate)" >&2
     exit 2
+fi
+# What mlflow would otherwise report as a traceback, after its ~10 s start, in the middle of its log.
+mlflow_python="$(dirname "$(command -v mlflow)")/python"  # the interpreter of the mlflow found on PATH
+[[ -x "$mlflow_python" ]] || mlflow_python=python3
+python_has() { "$mlflow_python" -c "import $1" >/dev/null 2>&1; }
+if [[ "$backend" == postgresql://* || "$backend" == postgres://* ]] && ! python_has psycopg; then
+    echo "start_server.sh: ${backend%%://*}://... needs the psycopg driver: pip install -e \".[team]\"" \
+         "(or pip install 'psycopg[binary]')" >&2
+    exit 2
+fi
+if [[ " $* " == *" basic-auth "* || " $* " == *"=basic-auth "* ]]; then
+    if ! python_has flask_wtf; then
+        echo "start_server.sh: --app-name basic-auth needs Flask-WTF: pip install -e \".[team]\"" \
+             "(or 'mlflow[auth]')" >&2
+        exit 2
+    fi
+    if [[ -z "${MLFLOW_FLASK_SERVER_SECRET_KEY:-}" ]]; then
+        echo "start_server.sh: --app-name basic-auth needs MLFLOW_FLASK_SERVER_SECRET_KEY (any long random string," \
+             "the same on every server of this store):" \
+             "export MLFLOW_FLASK_SERVER_SECRET_KEY=\$(openssl rand -hex 32)" >&2
+        exit 2
+    fi
 fi
 echo "start_server.sh: MLflow on http://$host:$port (artifacts: $artifacts)" >&2
 exec "${cmd[@]}"
