@@ -170,6 +170,39 @@ def test_best_student_is_registered_and_loads(search):
     assert result.best_metrics["size_mb"] > 0
 
 
+def test_registered_student_is_the_best_trials(search):
+    """The best trial by the search's metric (val_loss at each trial's last reported epoch, lowest wins; a trial
+    ASHA stopped counts with its last epoch), read back from the trials' MLflow runs, is the one whose values the
+    search reports and the registered version was configured with."""
+    cfg, result = search
+    client, trials = trial_runs(cfg, result)
+    last = {}
+    for run in trials:
+        history = client.get_metric_history(run.info.run_id, "val_loss")
+        last[run.info.run_id] = max(history, key=lambda m: m.step).value
+    ranked = sorted(trials, key=lambda r: last[r.info.run_id])
+    best = ranked[0]
+    assert last[best.info.run_id] < last[ranked[1].info.run_id], last  # one best trial, not a tie
+    for key, value in result.best_values.items():
+        assert float(best.data.params[key]) == pytest.approx(float(value)), (key, best.data.params, last)
+    accuracy = max(client.get_metric_history(best.info.run_id, "val_accuracy"), key=lambda m: m.step).value
+    assert result.best_metrics["val_accuracy"] == pytest.approx(accuracy)
+    # The registered model's own config holds the best trial's values.
+    import yaml
+
+    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
+    from pathlib import Path
+
+    folder = Path(mlflow.artifacts.download_artifacts(result.model_uri))
+    registered = yaml.safe_load((folder / "artifacts" / "config.yaml").read_text())
+    for key, value in result.best_values.items():
+        section, *rest = key.split(".")
+        node = registered[section]
+        for part in rest:
+            node = node[part]
+        assert node == pytest.approx(value), key
+
+
 @pytest.mark.parametrize("space, words", [
     ('{"distill.alpha": {"dist": "gauss", "low": 0, "high": 1}}', ["distill.alpha", "gauss"]),
     ('{"distill.alpha": {"dist": "uniform", "low": 0.9, "high": 0.1}}', ["low=0.9", "high=0.1"]),
