@@ -501,6 +501,8 @@ class AttackConfig(_Strict):
     vocab_rows: int = Field(4000, ge=10, description="Training functions the vocabulary is read from.")
     include_function_name: bool = Field(False, description="Also rename the function's own name.")
     workers: int = Field(2, ge=1, description="Ray tasks attacking in parallel (each loads the model once).")
+    gpus_per_worker: float = Field(0.0, ge=0, description="GPU share of each attacking worker (Ray num_gpus; e.g. 0.25: "
+                                   "four workers share a GPU); 0: CPU. A GPU cluster's CodeBERT-sized victims need it.")
     in_pipeline: bool = Field(False, description="`moekd run`: attack the student as a last stage.")
 
 

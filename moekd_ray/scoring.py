@@ -38,9 +38,10 @@ class Scorer:
     with (beyond float rounding): the attacked model and the served model give the same number for the same
     function. (tokenization.encode does the same; this file stays self-contained for the logged model.)"""
 
-    def __init__(self, model, tokenizer, max_length: int | None = None, batch_size: int = 64):
-        self.model, self.tokenizer, self.batch_size = model.eval(), tokenizer, batch_size
+    def __init__(self, model, tokenizer, max_length: int | None = None, batch_size: int = 64, device: str = "cpu"):
+        self.model, self.tokenizer, self.batch_size = model.eval().to(device), tokenizer, batch_size
         self.max_length = max_length or max_input_length(model)
+        self.device = device
 
     @torch.no_grad()
     def __call__(self, funcs: list[str]) -> np.ndarray:
@@ -48,7 +49,8 @@ class Scorer:
         for i in range(0, len(funcs), self.batch_size):
             enc = self.tokenizer(list(funcs[i : i + self.batch_size]), truncation=True, max_length=self.max_length,
                                  padding="max_length")
-            ids, mask = (torch.as_tensor(np.asarray(enc[k], dtype=np.int64)) for k in ("input_ids", "attention_mask"))
+            ids, mask = (torch.as_tensor(np.asarray(enc[k], dtype=np.int64), device=self.device)
+                         for k in ("input_ids", "attention_mask"))
             logits = self.model(input_ids=ids, attention_mask=mask).logits
-            out.append(torch.softmax(logits.float(), dim=-1)[:, 1].numpy())
+            out.append(torch.softmax(logits.float(), dim=-1)[:, 1].cpu().numpy())
         return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)

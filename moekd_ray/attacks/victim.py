@@ -31,7 +31,7 @@ class Classifier(Scorer):
 
     def embed_names(self, names: list[str]) -> np.ndarray:
         """Each identifier as the mean input embedding of its tokens (ALERT's substitute space)."""
-        table = self.model.get_input_embeddings().weight.detach()
+        table = self.model.get_input_embeddings().weight.detach().cpu()
         ids = self.tokenizer([" " + n for n in names], add_special_tokens=False)["input_ids"]
         return torch.stack([table[i].mean(0) if i else table.mean(0) for i in ids]).numpy()
 
@@ -102,26 +102,26 @@ def resolve_victim(spec: str, dst: Path) -> Path:
     return folder
 
 
-def load_victim(folder: str | Path, target: str = "student", batch_size: int = 64):
-    """The model in `folder` (from `resolve_victim`), as a callable with `embed_names`."""
+def load_victim(folder: str | Path, target: str = "student", batch_size: int = 64, device: str = "cpu"):
+    """The model in `folder` (from `resolve_victim`), as a callable with `embed_names`, scoring on `device`."""
     folder = Path(folder)
     if (folder / "MLmodel").is_file():  # a registered student: the pyfunc wrapper holds model and tokenizer
         from moekd_ray.registry import load_pyfunc
 
         scorer = load_pyfunc(str(folder)).unwrap_python_model().scorer
-        return Classifier(scorer.model, scorer.tokenizer, scorer.max_length, batch_size)
+        return Classifier(scorer.model, scorer.tokenizer, scorer.max_length, batch_size, device)
     if (folder / "config.yaml").is_file():  # a pipeline run folder
         experts = _expert_dirs(folder)
         if target == "student":
             return Classifier(load_model(folder / "student"), load_tokenizer(folder / "tokenizers" / "student"),
-                              batch_size=batch_size)
+                              batch_size=batch_size, device=device)
         if target == "uniform":
-            return Ensemble([load_victim(folder, f"expert_{k}", batch_size) for k in range(len(experts))])
+            return Ensemble([load_victim(folder, f"expert_{k}", batch_size, device) for k in range(len(experts))])
         m = re.fullmatch(r"expert_(\d+)", target)
         if m and int(m.group(1)) < len(experts):
             k = int(m.group(1))
             tok = load_tokenizer(folder / "tokenizers" / f"expert_{k}")
-            members = [Classifier(load_model(d), tok, batch_size=batch_size) for d in experts[k]]
+            members = [Classifier(load_model(d), tok, batch_size=batch_size, device=device) for d in experts[k]]
             return members[0] if len(members) == 1 else Ensemble(members)  # fold models: their mean
         raise ConfigError(f"--target {target}: {folder} has student, uniform and expert_0..expert_{len(experts) - 1}")
     if (folder / "expert_0" / "model.safetensors").is_file():  # a folder of experts (the benchmark's teachers)
@@ -129,13 +129,14 @@ def load_victim(folder: str | Path, target: str = "student", batch_size: int = 6
         while (folder / f"expert_{k}").is_dir():
             k += 1
         if target == "uniform":
-            return Ensemble([load_victim(folder / f"expert_{i}", batch_size=batch_size) for i in range(k)])
+            return Ensemble([load_victim(folder / f"expert_{i}", batch_size=batch_size, device=device)
+                             for i in range(k)])
         if re.fullmatch(r"expert_\d+", target) and (folder / target).is_dir():
-            return load_victim(folder / target, batch_size=batch_size)
+            return load_victim(folder / target, batch_size=batch_size, device=device)
         raise ConfigError(f"--target {target}: {folder} has uniform and expert_0..expert_{k - 1}")
     if (folder / TFIDF_SAVED).is_file():
         return SavedTfidfLR(folder)
     if (folder / "model.safetensors").is_file():
         tok = folder / "tokenizer" if (folder / "tokenizer").is_dir() else folder
-        return Classifier(load_model(folder), load_tokenizer(tok), batch_size=batch_size)
+        return Classifier(load_model(folder), load_tokenizer(tok), batch_size=batch_size, device=device)
     raise ConfigError(f"--model {folder}: holds no MLmodel, pipeline config.yaml or model.safetensors")
