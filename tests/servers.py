@@ -73,10 +73,12 @@ def other_address() -> str | None:
     return None if address.startswith("127.") else address
 
 
-def save_tiny_student(folder: Path, seed: int = 0, head_scale: float = 1.0) -> tuple[Path, Path]:
+def save_tiny_student(folder: Path, seed: int = 0, head_scale: float = 1.0,
+                      canonical: bool = False) -> tuple[Path, Path]:
     """A tiny random RoBERTa classifier and BPE tokenizer saved as the pipeline saves a student. At random init its
     probabilities differ only in the 5th decimal; `head_scale` multiplies the output layer to spread them (its bias
-    then centres the logits of the training snippets on 0, so that they do not all saturate)."""
+    then centres the logits of the training snippets on 0, so that they do not all saturate). `canonical`: its
+    tokenizer reads identifier-canonicalised code (data.input_transform canonical_identifiers)."""
     import torch
 
     from moekd_ray.config import ArchConfig
@@ -87,7 +89,7 @@ def save_tiny_student(folder: Path, seed: int = 0, head_scale: float = 1.0) -> t
     code = [f"int f{i}(char *buf, int n) {{ int k = {i}; if (n > k) memcpy(buf, \"x\", n); return k; }}"
             for i in range(50)]
     model_dir, tok_dir = folder / "student", folder / "tokenizer"
-    model, tokenizer = build_model(arch, seed).eval(), train_bpe(code, arch.vocab_size, arch.max_length)
+    model, tokenizer = build_model(arch, seed).eval(), train_bpe(code, arch.vocab_size, arch.max_length, canonical)
     if head_scale != 1.0:
         with torch.no_grad():
             model.classifier.out_proj.weight.mul_(head_scale)
@@ -119,3 +121,56 @@ def registered_tiny_student(folder: Path, name: str, **student):
         yield uri, tracking_uri, model_dir, tok_dir
     finally:
         mlflow.set_tracking_uri(old)
+
+
+# ------------------------------------------------------------------------------------------------ PostgreSQL
+PG_FIX = ("PostgreSQL's server binaries (initdb, pg_ctl) are not on PATH nor in /usr/lib/postgresql/*/bin: "
+          "apt-get install postgresql (Debian/Ubuntu) or dnf install postgresql-server (Fedora)")
+
+
+def postgres_bin(name: str) -> str | None:
+    """`name` (initdb, pg_ctl) from PATH, else from Debian's versioned folder (not on PATH by default), newest first."""
+    import glob
+    import shutil
+
+    found = shutil.which(name)
+    if found:
+        return found
+    versions = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"),
+                      key=lambda p: int(Path(p).parts[-3]) if Path(p).parts[-3].isdigit() else 0)
+    return versions[-1] if versions else None
+
+
+@contextlib.contextmanager
+def postgres(user: str = "moekd"):
+    """A throwaway PostgreSQL server from the machine's binaries: a temporary folder, `initdb` (trust auth, superuser
+    `user`), listening on 127.0.0.1 and a free port (its Unix socket in the folder); yields the port, then stops it
+    and removes the folder. initdb refuses to run as root, so as root the folder belongs to `nobody` and both
+    commands run through `runuser -u nobody --`."""
+    import shutil
+    import tempfile
+
+    initdb, pg_ctl = postgres_bin("initdb"), postgres_bin("pg_ctl")
+    if not (initdb and pg_ctl):
+        raise FileNotFoundError(PG_FIX)
+    # Not under pytest's tmp_path: its 0700 parents would keep `nobody` out; and a Unix socket path has ~100 chars.
+    folder = Path(tempfile.mkdtemp(prefix="moekd-pg-"))
+    as_owner = []
+    if os.geteuid() == 0:
+        shutil.chown(folder, "nobody")
+        as_owner = ["runuser", "-u", "nobody", "--"]
+    data, port = folder / "data", free_port()
+    run = dict(capture_output=True, text=True, timeout=180, cwd=folder)
+    try:
+        done = subprocess.run([*as_owner, initdb, "-D", str(data), "-U", user, "--auth=trust", "-E", "UTF8"], **run)
+        assert done.returncode == 0, f"initdb failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}"
+        done = subprocess.run([*as_owner, pg_ctl, "-D", str(data), "-w", "-t", "120", "-l", str(folder / "log"),
+                               "-o", f"-k {folder} -p {port} -c listen_addresses={LOOPBACK}", "start"], **run)
+        log = folder / "log"
+        tail = log.read_text()[-3000:] if log.exists() else ""
+        assert done.returncode == 0, f"pg_ctl start failed:\n{done.stderr[-2000:]}\n{tail}"
+        yield port
+    finally:
+        if (data / "postmaster.pid").exists():
+            subprocess.run([*as_owner, pg_ctl, "-D", str(data), "-m", "fast", "-w", "stop"], **run)
+        shutil.rmtree(folder, ignore_errors=True)

@@ -366,3 +366,19 @@ def test_a_partition_assigns_other_splits_as_it_split_training(strategy):
     again = assign_parts(strategy, funcs, projects, parts, funcs, projects, 2, 0, 256)
     agree = (again == parts).mean()
     assert agree >= (0.4 if strategy == "random" else 0.9), agree  # the training rows fall where they were put
+
+
+def test_the_registered_pyfunc_applies_the_input_transform(tmp_path):
+    """Loaded through mlflow.pyfunc as a user loads it, a canonical student scores a renamed function exactly as
+    its original; the same student without the transform does not."""
+    import mlflow
+    from servers import registered_tiny_student
+
+    code = "int f(char *buf, int n) { int k = 3; if (n > k) memcpy(buf, \"x\", n); return k; }"
+    ids = Identifiers(code)
+    renamed = ids.rename({n: f"zq{i}" for i, n in enumerate(ids.names)})
+    for canonical in (True, False):
+        with registered_tiny_student(tmp_path / str(canonical), f"canon-{canonical}", head_scale=50.0,
+                                     canonical=canonical) as (uri, *_):
+            p = mlflow.pyfunc.load_model(uri).predict([code, renamed])["probability"].to_numpy()
+        assert (p[0] == p[1]) == canonical, p
