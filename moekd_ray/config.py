@@ -519,9 +519,10 @@ class BenchmarkConfig(_Strict):
 
     methods: list[Literal[METHODS]] = Field(  # type: ignore[valid-type]
         default_factory=lambda: list(METHODS), min_length=1,
-        description="compressor: one teacher, T=teacher_temperature, alpha 0; avatar: the same teacher, AVATAR's "
-        "student; uniform-moe: mean of the K experts; moekd: experts + learned router; moekd-ultra: moekd with "
-        "the ultra_student preset; moekd-robust: moekd with robust_augment_ratio randomly renamed copies in the "
+        description="compressor: one teacher, T=teacher_temperature, alpha 0, no copies; avatar: the same teacher, "
+        "AVATAR's student; uniform-moe: mean of the K experts; moekd: experts + learned router (the mixture methods "
+        "distil with distill's augment_* and consistency_weight, MoEKD's robust recipe when the job sets them); "
+        "moekd-ultra: moekd with the ultra_student preset; moekd-robust: moekd with robust_augment_ratio randomly renamed copies in the "
         "transfer set; moekd-robust-adv: the same with copies renamed by robust_adv_attack against the experts.",
     )
     seeds: list[int] = Field([0, 1, 2], min_length=1, description="Student seeds (initialisation and shuffling).")

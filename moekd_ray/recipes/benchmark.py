@@ -492,10 +492,13 @@ def single_call_p50_ms(model, funcs: list[str]) -> float:
 def method_config(cfg: MoEKDConfig, method: str, seed: int) -> MoEKDConfig:
     """The config a method's student is distilled with (logged as its run's params)."""
     b = cfg.benchmark
-    # The transfer set is unlabelled for every method; only moekd-robust adds renamed copies to it.
-    values = {"seed": seed, "distill.alpha": 0.0, "distill.augment_ratio": 0.0, "distill.consistency_weight": 0.0}
+    # The transfer set is unlabelled for every method. Compressor and AVATAR distil as published (no copies); the
+    # mixture methods with the config's distill section (copies and consistency, when it sets them: MoEKD's recipe);
+    # moekd-robust(-adv) with the benchmark's robust_* settings.
+    values = {"seed": seed, "distill.alpha": 0.0}
     if method in SINGLE_TEACHER:
-        values["distill.temperature"] = b.teacher_temperature
+        values.update({"distill.temperature": b.teacher_temperature, "distill.augment_ratio": 0.0,
+                       "distill.consistency_weight": 0.0})
     if method == "avatar":
         values.update({"distill.student_arch": b.avatar_student.model_dump(), "distill.max_length": None,
                        "distill.schedule.lr": b.avatar_lr, "distill.schedule.batch_size": b.avatar_batch_size})
