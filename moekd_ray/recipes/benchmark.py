@@ -53,8 +53,9 @@ from moekd_ray.data import dataset_hash, describe, load_devign
 from moekd_ray.metrics import axes, classification_metrics, confusion_matrix_figure, finish, points_figure
 from moekd_ray.models import load_model, num_params, size_mb
 from moekd_ray.scoring import max_input_length
-from moekd_ray.partition import code_features, partition
-from moekd_ray.stages.aggregate import fit_gate, load_soft_targets, save_soft_targets, soft_targets
+from moekd_ray.partition import assign_parts, code_features, partition
+from moekd_ray.stages.aggregate import (expert_weights, fit_gate, load_soft_targets, save_soft_targets, soft_targets,
+                                       specialisation, specialisation_lines)
 from moekd_ray.attacks.workers import adversarial_renamings, attack_examples, format_summary, sample_examples, summarize
 from moekd_ray.stages.distill import distill_trainer
 from moekd_ray.stages.experts import encode_for_experts, expert_logits, expert_trainers, make_tokenizers
@@ -113,6 +114,7 @@ def run_benchmark(cfg: MoEKDConfig, log=print, resume: str | None = None) -> Ben
         features = {s: code_features(funcs[s], cfg.partition.hash_features) for s in PROTOCOL_SPLITS}
         gates = fit_gate(tcfg, features, teachers.logits["experts"], labels, log=log)
         router_seconds = time.perf_counter() - start
+        log_specialisation(tcfg, funcs, labels, projects, teachers, gates, log)
 
         log("== references: the teachers and tfidf-lr")
         references = ([f"expert_{k}" for k in range(cfg.experts.k)] + ["mixture", "teacher"]
@@ -439,6 +441,23 @@ def train_teachers(cfg: MoEKDConfig, funcs: dict, labels: dict, projects: dict, 
     (folder / "teachers.json").write_text(json.dumps(info))  # last: marks the cache complete
     log(f"== teachers trained in {info['seconds_train']:.0f} s, cached in {folder}")
     return Teachers(folder, logits, info)
+
+
+def log_specialisation(cfg: MoEKDConfig, funcs: dict, labels: dict, projects: dict, teachers: Teachers, gates: dict,
+                       log) -> None:
+    """The experts' K x K validation accuracy by part and the router's weights per part (as `moekd run` prints them),
+    on the benchmark's run."""
+    p = cfg.partition
+    parts = partition(funcs["train"], projects["train"], p.strategy.value, cfg.experts.k, cfg.seed, p.hash_features)
+    valid_parts = assign_parts(p.strategy.value, funcs["train"], projects["train"], parts, funcs["valid"],
+                               projects["valid"], cfg.experts.k, cfg.seed, p.hash_features)
+    split = {"labels": labels["valid"], "expert_logits": teachers.logits["experts"]["valid"],
+             "weights": expert_weights(cfg, gates["valid"])}
+    spec = specialisation(split, valid_parts, cfg.experts.k)
+    for line in specialisation_lines(spec):
+        log(line)
+    tracking.log_dict(spec, "specialisation.json")
+    tracking.log_metrics({"routing_entropy": spec["routing_entropy"]})
 
 
 def evaluate_reference(cfg: MoEKDConfig, name: str, teachers: Teachers, gates: dict, funcs: dict, labels: dict,
