@@ -175,7 +175,7 @@ def distill_worker(config: dict) -> None:
     def forward(model, batch, device):
         """The rows' logits; with consistency on, also their originals' (no gradient), stacked after them."""
         logits = classifier_logits(model, batch, device)
-        if not job.consistency_weight:
+        if not job.consistency_weight or "has_pair" not in batch:  # (a transfer set without copies: KD only)
             return logits
         copies = batch["has_pair"].bool()
         if not copies.any():
@@ -188,7 +188,7 @@ def distill_worker(config: dict) -> None:
     def loss_fn(logits, batch):
         n = len(batch["input_ids"])
         loss = kd_loss(logits[:n].float(), batch["teacher"].float(), batch["labels"].long(), temperature, alpha)
-        if job.consistency_weight:
+        if job.consistency_weight and "has_pair" in batch:
             copies = batch["has_pair"].bool()
             loss = loss + job.consistency_weight * consistency_loss(logits[:n][copies].float(), logits[n:].float(),
                                                                     temperature)
