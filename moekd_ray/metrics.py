@@ -140,3 +140,22 @@ def points_figure(points: dict[str, tuple[float, float, float]], xlabel: str, yl
     for name, (x, y, err) in points.items():
         ax.errorbar([x], [y], yerr=[err], marker="o", capsize=3, linestyle="none", label=name)
     return finish(fig, ax, xlabel, ylabel, title, legend=7)
+
+
+def size_accuracy_figure(rows: list[dict], title: str, asr_key: str | None = None):
+    """Test accuracy against size (MB, log scale): one labelled point per model of the final table (experts,
+    mixture, student, reference). A model whose attack success rate was measured (`asr_key` in its row) is ringed
+    in red and its label gives the ASR."""
+    fig, ax = axes((5, 3.6))
+    for r in rows:
+        x, y = r["size_mb"], r["test_accuracy"]
+        ax.scatter([x], [y], zorder=3)
+        label = r["model"]
+        if asr_key and isinstance(r.get(asr_key), float):
+            ax.scatter([x], [y], s=180, facecolors="none", edgecolors="red", zorder=2)
+            label += f"\nASR {r[asr_key]:.2f}"
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=6)
+    ax.set_xscale("log")
+    ax.margins(x=0.25, y=0.15)
+    note = f" (red ring: ASR measured, {asr_key.removeprefix('asr_')})" if asr_key else ""
+    return finish(fig, ax, "size (MB, float32; log scale)", "test accuracy", title + note)

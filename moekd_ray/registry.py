@@ -75,7 +75,9 @@ def model_card(name: str, version: str, tags: dict) -> str:
             f"{tags.get('moekd.teachers')}. Input: C function sources (column `func`); output: P(vulnerable) "
             f"(column `probability`). Config digest {tags.get('moekd.config_digest')}, data "
             f"{tags.get('moekd.data_hash', '?')}, source run {tags.get('moekd.source_run', '?')}.\n\n"
-            f"| metric | value |\n|---|---|\n{rows}\n")
+            + (f"Against the tfidf-lr reference fitted on the same rows: {tags['moekd.vs_reference']}.\n\n"
+               if tags.get("moekd.vs_reference") else "")
+            + f"| metric | value |\n|---|---|\n{rows}\n")
 
 
 REGISTERED_MODEL_CARD = (

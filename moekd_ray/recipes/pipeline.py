@@ -24,7 +24,8 @@ from moekd_ray.recipes.attack import attack_model, log_attack
 from moekd_ray.data import SPLITS, dataset_hash, describe, load_devign
 from moekd_ray.baseline import TfidfLR
 from moekd_ray.decision import decide_folder, decision_tags, load_decision, pick_threshold
-from moekd_ray.metrics import classification_metrics, comparison_figure, confusion_matrix_figure, degenerate
+from moekd_ray.metrics import (classification_metrics, comparison_figure, confusion_matrix_figure, degenerate,
+                               size_accuracy_figure)
 from moekd_ray.models import build_model, load_model, num_params, size_mb
 from moekd_ray.partition import assign_parts, code_features, partition, partition_table
 from moekd_ray.registry import promote_first
@@ -223,7 +224,7 @@ def run_pipeline(cfg: MoEKDConfig, log=print, resume: str | None = None) -> Pipe
             model_uri = tracker.log_student_model(
                 student_dir, run_dir / "tokenizers" / "student", cfg.model_dump(mode="json"),
                 cfg.mlflow.registered_model, {k: v for k, v in student_row.items() if isinstance(v, float)},
-                tags={"moekd.data_hash": dataset_hash(data), **student_tags},
+                tags={"moekd.data_hash": dataset_hash(data), **student_tags, **reference_tags(rows)},
             )
             tracker.set_tags(student_tags)
             champion = ""  # registered (not spooled): the first student that passes the gates becomes @champion
@@ -232,6 +233,12 @@ def run_pipeline(cfg: MoEKDConfig, log=print, resume: str | None = None) -> Pipe
                 champion = f" ({promote_first(tracker.client, registered, version, cfg.registry.gates)})"
         tracker.log_metrics({f"seconds_{k}": v for k, v in timer.seconds.items()})
         tracker.set_tags({f"moekd.stage.{k}": v for k, v in timer.status.items()})
+        # What the MLflow UI shows first: the final table as the parent run's description, and accuracy against
+        # size (with the attack success rate where it was measured) as a plot.
+        asr_key = f"asr_{cfg.attack.method}" if cfg.attack.in_pipeline else None
+        tracker.set_tags({"mlflow.note.content": markdown_table(rows, asr_key)})
+        tracker.log_figure(size_accuracy_figure(rows, f"{cfg.name}: test accuracy against size", asr_key),
+                           "accuracy_vs_size.png")
         log(format_table(rows))
         for name, why in useless.items():
             log(f"warning: {name} is degenerate: it {why}")
@@ -305,6 +312,43 @@ def format_table(rows: list[dict]) -> str:
             f"{r['test_f1']:>7.3f} {r['threshold']:>5.2f} {r['params']:>11,} {r['size_mb']:>7.2f} "
             f"{r['functions_per_s']:>7.1f}" + ("  DEGENERATE" if r.get("degenerate") else "")
         )
+    return "\n".join(lines + comparison_lines(rows))
+
+
+def markdown_table(rows: list[dict], asr_key: str | None = None) -> str:
+    """The final table in Markdown (the parent run's description in the MLflow UI), with the same comparisons."""
+    asr = [asr_key] if asr_key and any(isinstance(r.get(asr_key), float) for r in rows) else []
+    head = ["model", "test acc", "test F1", "valid acc", "valid F1", "threshold", "params", "MB", "functions/s",
+            *(f"ASR ({asr_key.removeprefix('asr_')})" for _ in asr)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        name = r["model"] + (" (degenerate)" if r.get("degenerate") else "")
+        cells = [f"**{name}**" if r["model"] == "student" else name, f"{r['test_accuracy']:.3f}",
+                 f"{r['test_f1']:.3f}", f"{r['valid_accuracy']:.3f}", f"{r['valid_f1']:.3f}", f"{r['threshold']:.2f}",
+                 f"{r['params']:,}", f"{r['size_mb']:.2f}", f"{r['functions_per_s']:.1f}",
+                 *(f"{r[k]:.3f}" if isinstance(r.get(k), float) else "" for k in asr)]
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = comparison_lines(rows) + [f"{r['model']} is degenerate: it {r['degenerate']}" for r in rows
+                                      if r.get("degenerate")]
+    return "\n".join(lines) + "".join(f"\n\n{n}" for n in notes) + "\n"
+
+
+def reference_tags(rows: list[dict]) -> dict[str, str]:
+    """How the student compares with the tfidf-lr reference fitted on the same rows (for its registered version's
+    description); none without a reference row."""
+    by_name = {r["model"]: r for r in rows}
+    if "tfidf-lr" not in by_name:
+        return {}
+    st, ref = by_name["student"], by_name["tfidf-lr"]
+    return {"moekd.vs_reference": f"test accuracy {st['test_accuracy']:.3f} vs {ref['test_accuracy']:.3f} "
+                                  f"({st['test_accuracy'] - ref['test_accuracy']:+.3f}), test F1 {st['test_f1']:.3f} "
+                                  f"vs {ref['test_f1']:.3f} ({st['test_f1'] - ref['test_f1']:+.3f}), size "
+                                  f"{st['size_mb']:.2f} vs {ref['size_mb']:.2f} MB"}
+
+
+def comparison_lines(rows: list[dict]) -> list[str]:
+    """The student against the mixture (speed, size, accuracy) and against the tfidf-lr reference."""
+    lines = []
     by_name = {r["model"]: r for r in rows}
     if "mixture" in by_name and "student" in by_name:
         mix, st = by_name["mixture"], by_name["student"]
@@ -315,7 +359,7 @@ def format_table(rows: list[dict]) -> str:
         lines.append(f"student vs tfidf-lr reference: test accuracy "
                      f"{by_name['student']['test_accuracy'] - by_name['tfidf-lr']['test_accuracy']:+.3f}, test F1 "
                      f"{by_name['student']['test_f1'] - by_name['tfidf-lr']['test_f1']:+.3f}")
-    return "\n".join(lines)
+    return lines
 
 
 class StageTimer:
