@@ -7,22 +7,11 @@ edits keep functions parseable with the same identifiers and calls?
 import random
 import sys
 
-from moekd_ray.attacks.identifiers import Identifiers, canonicalize, error_count, parse
-from moekd_ray.attacks.structural import Structure
+from moekd_ray.attacks.identifiers import Identifiers, canonicalize, error_count
+from moekd_ray.attacks.structural import Structure, names_and_calls
 from moekd_ray.config import DataConfig
 from moekd_ray.data import read_jsonl, resolve_data_dir, split_file
 
-
-def names_and_calls(code: str) -> tuple[set[bytes], set[bytes]]:
-    ids, calls, stack = set(), set(), [parse(code).root_node]
-    while stack:
-        node = stack.pop()
-        if node.type == "identifier":
-            ids.add(node.text)
-        if node.type == "call_expression":
-            calls.add(node.child_by_field_name("function").text)
-        stack.extend(node.children)
-    return ids, calls
 
 
 n = int(sys.argv[1]) if len(sys.argv) > 1 else 400

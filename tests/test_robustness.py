@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 import synthetic
-from moekd_ray.attacks.identifiers import Identifiers, canonicalize, error_count, parse
+from moekd_ray.attacks.identifiers import Identifiers, canonicalize, error_count
 from moekd_ray.attacks.methods import ATTACKS, structural
-from moekd_ray.attacks.structural import TRANSFORMS, Structure, random_edits
+from moekd_ray.attacks.structural import TRANSFORMS, Structure, names_and_calls, random_edits
 from moekd_ray.attacks.victim import BudgetedVictim
 from moekd_ray.config import ATTACK_NAMES
 
@@ -37,18 +37,6 @@ CODE = """static int copy_items(struct ctx *c, const char *src, int n)
     return total + a + b;
 }
 """
-
-
-def names_and_calls(code: str) -> tuple[set[bytes], set[bytes]]:
-    ids, calls, stack = set(), set(), [parse(code).root_node]
-    while stack:
-        node = stack.pop()
-        if node.type == "identifier":
-            ids.add(node.text)
-        if node.type == "call_expression":
-            calls.add(node.child_by_field_name("function").text)
-        stack.extend(node.children)
-    return ids, calls
 
 
 def test_every_transform_is_found_and_keeps_parse_names_and_calls():

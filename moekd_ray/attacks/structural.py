@@ -238,6 +238,18 @@ class Structure:
         return _errors(parse(RETURN_TYPE + data if self._start else data).root_node) <= self.errors
 
 
+def names_and_calls(code: str) -> tuple[set[bytes], set[bytes]]:
+    """Every identifier and every called name of `code`: what each edit keeps (tests and docs/robustness_probe.py
+    check it)."""
+    ids, calls = set(), set()
+    for node in _walk(parse(code).root_node):
+        if node.type == "identifier":
+            ids.add(node.text)
+        elif node.type == "call_expression":
+            calls.add(node.child_by_field_name("function").text)
+    return ids, calls
+
+
 def random_edits(code: str, n: int, rng) -> tuple[str, list[str]]:
     """`code` after up to `n` random valid edits (one at a time, each on the result of the last), and their names:
     the structural copies robust training learns from."""
