@@ -62,10 +62,14 @@ def _project(funcs, projects, k, seed, n_features):
     return np.array([part_of[p] for p in projects])
 
 
+def _length_parts(train_funcs, funcs, k):
+    """Parts of `funcs` by the character-length quantiles of `train_funcs`."""
+    edges = np.quantile([len(f) for f in train_funcs], np.linspace(0, 1, k + 1)[1:-1])
+    return np.searchsorted(edges, [len(f) for f in funcs], side="right")
+
+
 def _length(funcs, projects, k, seed, n_features):
-    lengths = np.array([len(f) for f in funcs])
-    edges = np.quantile(lengths, np.linspace(0, 1, k + 1)[1:-1])
-    return np.searchsorted(edges, lengths, side="right")
+    return _length_parts(funcs, funcs, k)
 
 
 def _random(funcs, projects, k, seed, n_features):
@@ -87,12 +91,16 @@ def partition(funcs: list[str], projects: list[str], strategy: str, k: int, seed
 
 
 def assign_parts(strategy: str, train_funcs: list[str], train_projects: list[str], train_parts: np.ndarray,
-                 funcs: list[str], projects: list[str], k: int, seed: int, n_features: int) -> np.ndarray:
+                 funcs: list[str], projects: list[str], k: int, seed: int, n_features: int,
+                 features: tuple | None = None) -> np.ndarray:
     """The part each of `funcs` (another split) falls in, by the partition fitted on the training rows: the nearest
     part centroid for the clustering strategies, the training mapping for `project` (an unseen project: the largest
-    part), the training quantiles for `length`, a seeded draw for `random`. What the specialisation table needs."""
+    part), the training quantiles for `length`, a seeded draw for `random`. What the specialisation table needs.
+    `features`: (train, funcs) `code_features` already computed (kmeans only), so they are not hashed again."""
     if strategy in FEATURES:
-        train_x, x = FEATURES[strategy](train_funcs, n_features), FEATURES[strategy](funcs, n_features)
+        if features is None or strategy != "kmeans":
+            features = FEATURES[strategy](train_funcs, n_features), FEATURES[strategy](funcs, n_features)
+        train_x, x = features
         centroids = np.vstack([np.asarray(train_x[train_parts == j].mean(0)) for j in range(k)])
         return np.asarray((x @ centroids.T).argmax(1)).ravel()
     if strategy == "project":
@@ -100,9 +108,7 @@ def assign_parts(strategy: str, train_funcs: list[str], train_projects: list[str
         part_of = dict(zip(train_projects, train_parts.tolist()))
         return np.array([part_of.get(p, largest) for p in projects], dtype=np.int64)
     if strategy == "length":
-        lengths = np.array([len(f) for f in train_funcs])
-        edges = np.quantile(lengths, np.linspace(0, 1, k + 1)[1:-1])
-        return np.searchsorted(edges, np.array([len(f) for f in funcs]), side="right")
+        return _length_parts(train_funcs, funcs, k)
     return np.random.default_rng([seed, 3]).integers(0, k, len(funcs))
 
 

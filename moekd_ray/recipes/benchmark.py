@@ -114,7 +114,7 @@ def run_benchmark(cfg: MoEKDConfig, log=print, resume: str | None = None) -> Ben
         features = {s: code_features(funcs[s], cfg.partition.hash_features) for s in PROTOCOL_SPLITS}
         gates = fit_gate(tcfg, features, teachers.logits["experts"], labels, log=log)
         router_seconds = time.perf_counter() - start
-        log_specialisation(tcfg, funcs, labels, projects, teachers, gates, log)
+        log_specialisation(tcfg, funcs, labels, projects, features, teachers, gates, log)
 
         log("== references: the teachers and tfidf-lr")
         references = ([f"expert_{k}" for k in range(cfg.experts.k)] + ["mixture", "teacher"]
@@ -443,14 +443,15 @@ def train_teachers(cfg: MoEKDConfig, funcs: dict, labels: dict, projects: dict, 
     return Teachers(folder, logits, info)
 
 
-def log_specialisation(cfg: MoEKDConfig, funcs: dict, labels: dict, projects: dict, teachers: Teachers, gates: dict,
-                       log) -> None:
+def log_specialisation(cfg: MoEKDConfig, funcs: dict, labels: dict, projects: dict, features: dict,
+                       teachers: Teachers, gates: dict, log) -> None:
     """The experts' K x K validation accuracy by part and the router's weights per part (as `moekd run` prints them),
     on the benchmark's run."""
     p = cfg.partition
     parts = partition(funcs["train"], projects["train"], p.strategy.value, cfg.experts.k, cfg.seed, p.hash_features)
     valid_parts = assign_parts(p.strategy.value, funcs["train"], projects["train"], parts, funcs["valid"],
-                               projects["valid"], cfg.experts.k, cfg.seed, p.hash_features)
+                               projects["valid"], cfg.experts.k, cfg.seed, p.hash_features,
+                               (features["train"], features["valid"]))
     split = {"labels": labels["valid"], "expert_logits": teachers.logits["experts"]["valid"],
              "weights": expert_weights(cfg, gates["valid"])}
     spec = specialisation(split, valid_parts, cfg.experts.k)

@@ -151,7 +151,7 @@ def run_pipeline(cfg: MoEKDConfig, log=print, resume: str | None = None) -> Pipe
             # Do the experts specialise, and does the router follow the parts? On validation, every run.
             valid_parts = assign_parts(cfg.partition.strategy.value, funcs["train"], list(data["train"]["project"]),
                                        parts, funcs["valid"], list(data["valid"]["project"]), cfg.experts.k, cfg.seed,
-                                       cfg.partition.hash_features)
+                                       cfg.partition.hash_features, (features["train"], features["valid"]))
             spec = specialisation(targets["valid"], valid_parts, cfg.experts.k)
             for line in specialisation_lines(spec):
                 log(line)
