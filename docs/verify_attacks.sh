@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The attacks of BENCHMARKS.md "Scored and attacked as a user would" (the defended ablation run's folder is its own).
-cd /work/main; . .venv/bin/activate
-R=runs/robustness-ablation-20261207-040933-f1c6cac71136
+# The attacks of BENCHMARKS.md "Scored and attacked as a user would":
+#   bash docs/verify_attacks.sh runs/<defended robustness-ablation folder>   (after docs/register_folder.py)
+cd "$(dirname "$0")/.." && . .venv/bin/activate
+R=${1:?give the defended robustness-ablation benchmark folder}
 for model in models:/moekd-robust-ablation/1 models:/compressor-ablation/1 $R/references/tfidf-lr; do
   for a in mhm structural; do
     echo "== $model $a"
