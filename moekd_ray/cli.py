@@ -184,6 +184,16 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"moekd: error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # noqa: BLE001 (re-raised unless a tracking server's login refused it)
+        refused = None
+        if type(exc).__module__.startswith("mlflow.") and not (args.debug or os.environ.get("MOEKD_DEBUG")):
+            from moekd_ray.tracking import refusal
+
+            refused = refusal(exc)
+        if refused is None:
+            raise
+        print(f"moekd: error: {refused}", file=sys.stderr)
+        return 2
 
 
 RAY_JOB_CACHE = "runtime_resources"  # Ray's folder of job working dirs (ray_constants.DEFAULT_RUNTIME_ENV_DIR_NAME)

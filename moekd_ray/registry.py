@@ -233,5 +233,8 @@ def promote_first(client: MlflowClient, name: str, version: str, gates: GatesCon
     except PromotionRefused as exc:
         return f"not @{alias}: " + "; ".join(exc.failed)
     except MlflowException as exc:  # the run's work is done and registered: say it, do not fail the run
+        if exc.get_http_status_code() in (401, 403):  # a team server's login: this user may not move the alias
+            return f"not @{alias}: the tracking server refused it ({exc.error_code}); someone with EDIT on {name}: " \
+                   f"{promote_command}"
         return f"not @{alias}: the tracking store did not answer ({exc.error_code}); {promote_command}"
     return f"now @{alias}, what `moekd predict` uses"

@@ -66,19 +66,34 @@ def _check_login(tracking_uri: str) -> None:
     try:
         mlflow.MlflowClient(tracking_uri).search_experiments(max_results=1)
     except mlflow.exceptions.MlflowException as exc:
-        status = exc.get_http_status_code()
-        if status not in (401, 403):
-            return  # not a login problem: the call that needs the server reports it
-        user = os.environ.get("MLFLOW_TRACKING_USERNAME")
-        if status == 403:
-            raise TrackingError(f"MLflow tracking server {tracking_uri} lets user {user!r} in but not read "
-                                "experiments (403); ask its admin for READ (or higher) permission") from None
-        if user and os.environ.get("MLFLOW_TRACKING_PASSWORD"):
-            raise TrackingError(f"MLflow tracking server {tracking_uri} refused the login of user {user!r} (401): "
-                                "check MLFLOW_TRACKING_PASSWORD (and MLFLOW_TRACKING_USERNAME)") from None
-        raise TrackingError(f"MLflow tracking server {tracking_uri} requires a login (401): set "
-                            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to a user of its basic-auth app")\
-            from None
+        refused = refusal(exc, tracking_uri)
+        if refused is not None:
+            raise refused from None
+        # not a login problem: the call that needs the server reports it
+
+
+def refusal(exc: BaseException, tracking_uri: str | None = None) -> TrackingError | None:
+    """A tracking server's login app refusing a request (401: no or a wrong login; 403: logged in, not permitted),
+    as one line naming the fix; None for any other error. `moekd` prints it instead of a REST traceback, whichever
+    call was refused: the first read (`connect`), or a write later on (a tag, an alias, a run)."""
+    if not isinstance(exc, mlflow.exceptions.MlflowException):
+        return None
+    status = exc.get_http_status_code()
+    if status not in (401, 403):
+        return None
+    uri, user = tracking_uri or current_uri(), os.environ.get("MLFLOW_TRACKING_USERNAME")
+    endpoint = re.search(r"endpoint (\S+)", str(exc))
+    what = endpoint.group(1).removeprefix("/api/2.0/mlflow/").removeprefix("/ajax-api/2.0/mlflow/") \
+        if endpoint else "the request"
+    if status == 403:
+        return TrackingError(f"MLflow tracking server {uri} lets user {user!r} in but refused {what} (403): ask its "
+                             "admin for the permission (READ to read; EDIT to log runs, tags or aliases on that "
+                             "experiment or registered model)")
+    if user and os.environ.get("MLFLOW_TRACKING_PASSWORD"):
+        return TrackingError(f"MLflow tracking server {uri} refused the login of user {user!r} (401): check "
+                             "MLFLOW_TRACKING_PASSWORD (and MLFLOW_TRACKING_USERNAME)")
+    return TrackingError(f"MLflow tracking server {uri} requires a login (401): set MLFLOW_TRACKING_USERNAME and "
+                         "MLFLOW_TRACKING_PASSWORD to a user of its basic-auth app")
 
 
 _uri: str | None = None  # where this process tracks, as connect() was told (not read back from MLflow's state)

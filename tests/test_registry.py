@@ -207,3 +207,63 @@ def test_degenerate_version_is_refused_unless_forced(versions, tmp_path, capsys)
     assert client.get_model_version_by_alias(NAME, "useless").version == version
     n, record = promotion_records(client.get_model_version(NAME, version).tags)[-1]
     assert (record["result"], record["forced"]) == ("promoted", True) and "degenerate" in record["failed_gates"][0]
+
+
+@pytest.mark.parametrize("refuse, expect", [
+    # Bob is logged in with the default READ: he reads the registry, the record of his promotion (a version tag)
+    # is refused.
+    ({"model-versions/set-tag": 403}, ["lets user 'bob' in but refused model-versions/set-tag (403)", "EDIT"]),
+    ({"experiments/search": 403}, ["lets user 'bob' in but refused experiments/search (403)", "READ"]),
+    ({"": 401}, ["refused the login of user 'bob' (401)", "MLFLOW_TRACKING_PASSWORD"]),
+])
+def test_login_app_refusal_is_one_line(refuse, expect, monkeypatch, capsys):
+    """A basic-auth server that refuses a request (401: no or a wrong login; 403: logged in, not permitted), at
+    moekd's first read or at a later write, gives one line naming what was refused and the fix, not a REST
+    traceback. A stand-in for the login app (tests/test_team_server.py runs the real one): it answers what a READ
+    user may do and refuses the rest as MLflow's basic-auth app does (plain-text body)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    version = {"name": NAME, "version": "1", "creation_timestamp": 1, "current_stage": "None", "status": "READY",
+               "source": "models:/m-1", "tags": []}
+    answers = {"experiments/search": {"experiments": []}, "model-versions/get": {"model_version": version},
+               "registered-models/get": {"registered_model": {"name": NAME}}}  # (no alias: a 404 below)
+
+    class LoginApp(BaseHTTPRequestHandler):
+        def do_GET(self):
+            endpoint = self.path.split("?")[0].removeprefix("/api/2.0/mlflow/")
+            status = next((s for e, s in refuse.items() if endpoint.startswith(e)), 200)
+            if self.path == "/health":
+                status = 200
+            elif status == 200 and endpoint not in answers:
+                status = 404
+            body = (b"OK" if self.path == "/health" else json.dumps(answers.get(endpoint, {})).encode()) \
+                if status == 200 else {401: b"You are not authenticated.", 403: b"Permission denied",
+                                       404: b'{"error_code": "RESOURCE_DOES_NOT_EXIST", "message": "none"}'}[status]
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_POST = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer((LOOPBACK, 0), LoginApp)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    uri = f"http://{LOOPBACK}:{server.server_port}"
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "bob")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "bobs-password")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    old = mlflow.get_tracking_uri()
+    try:
+        code = main(["registry", "promote", "--name", NAME, "--version", "1", f"mlflow.tracking_uri={uri}"])
+    finally:
+        mlflow.set_tracking_uri(old)
+        server.shutdown()
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith(f"moekd: error: MLflow tracking server {uri} "), err
+    for text in expect:
+        assert text in err, err
+    assert "bobs-password" not in err

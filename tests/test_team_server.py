@@ -420,4 +420,7 @@ def test_user_with_login_promotes_and_predicts(team, auth_server, monkeypatch, t
                  MLFLOW_TRACKING_PASSWORD=password)
     proc.wait(300)
     end_group(proc)
-    assert proc.returncode != 0 and client.get_registered_model(MODEL).aliases["alice-pick"] == "1", log.read_text()
+    assert proc.returncode == 2 and client.get_registered_model(MODEL).aliases["alice-pick"] == "1", log.read_text()
+    lines = [line for line in log.read_text().splitlines() if line.strip()]
+    assert lines[-1].startswith(f"moekd: error: MLflow tracking server {auth_server} lets user 'bob' in but refused ") \
+        and "(403)" in lines[-1] and "Traceback" not in log.read_text(), lines[-5:]  # one line, no REST traceback
