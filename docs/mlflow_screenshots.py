@@ -1,6 +1,7 @@
-"""Screenshots of the MLflow UI for a finished `moekd run`: the parent run, the models compared side by side, and
-the registered model. Starts `mlflow server` on 127.0.0.1 over the run's tracking store, opens each page in
-headless Chromium (Debian's `chromium`), saves PNGs, and stops the server.
+"""Screenshots of the MLflow UI for a finished `moekd run`: the parent run (its description and datasets), its
+accuracy-against-size plot, the models compared side by side, and the registered model. Starts `mlflow server` on
+127.0.0.1 over the run's tracking store, opens each page in headless Chromium (Debian's `chromium`), saves PNGs
+(256 colours), and stops the server.
 
     python docs/mlflow_screenshots.py --tracking-uri sqlite:///mlruns.db --out docs/img [--run RUN_ID]
 
@@ -42,6 +43,9 @@ def screenshot(browser: str, url: str, path: Path, size: str = "1600,1000") -> N
     subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
                     f"--window-size={size}", "--virtual-time-budget=20000", f"--screenshot={path}", url],
                    check=True, capture_output=True, timeout=180)
+    from PIL import Image  # (matplotlib's dependency) 256 colours: a third of the bytes, the same to read
+
+    Image.open(path).convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
     print(f"{path}  <- {url}")
 
 
@@ -74,7 +78,10 @@ def main() -> int:
                         and r["info"]["run_name"] == "evaluate")
         models = [r["info"]["run_id"] for r in runs
                   if tags[r["info"]["run_id"]].get("mlflow.parentRunId") == evaluate["info"]["run_id"]]
-        screenshot(browser, f"{base}/#/experiments/{eid}/runs/{pid}", out / "mlflow_parent_run.png")
+        # Its overview: the description (the final table), the datasets it used, tags, metrics, stage runs.
+        screenshot(browser, f"{base}/#/experiments/{eid}/runs/{pid}", out / "mlflow_parent_run.png", "1600,1500")
+        screenshot(browser, f"{base}/#/experiments/{eid}/runs/{pid}/artifactPath/accuracy_vs_size.png",
+                   out / "mlflow_accuracy_vs_size.png", "1600,1100")
         compare = urllib.parse.quote(json.dumps(models))
         screenshot(browser, f"{base}/#/compare-runs?runs={compare}&experiments={urllib.parse.quote(json.dumps([eid]))}",
                    out / "mlflow_model_comparison.png", "1600,1400")
