@@ -162,6 +162,23 @@ def describe(ds: dict[str, datasets.Dataset]) -> str:
     return ", ".join(parts)
 
 
+def split_records(cfg: DataConfig, ds: dict[str, datasets.Dataset]) -> list[dict]:
+    """What trained, selected and tested a model, one plain record per split (a run logs them as its MLflow dataset
+    inputs): a name, where the split was read from (its file, or the hub dataset and split), a digest of exactly the
+    rows used (`dataset_hash` of that split alone: functions and labels, in order), row counts and column types."""
+    data_dir = resolve_data_dir(cfg)
+    base = data_dir.resolve().name if data_dir else cfg.hub_name.rsplit("/", 1)[-1]
+    records = []
+    for split, d in ds.items():
+        source = ({"uri": str(split_file(data_dir, split).resolve())} if data_dir
+                  else {"path": cfg.hub_name, "split": _HUB_SPLIT[split]})
+        records.append({"name": f"{base}-{split}", "split": split, "source_type": "local" if data_dir else
+                        "hugging_face", "source": source, "digest": dataset_hash({split: d}), "rows": len(d),
+                        "vulnerable_rows": int(sum(d["target"])),
+                        "columns": {k: getattr(v, "dtype", "string") for k, v in d.features.items()}})
+    return records
+
+
 def dataset_hash(ds: dict[str, datasets.Dataset]) -> str:
     """Short sha256 of every split's functions and labels, in order: which data a model saw, as a registry tag."""
     h = hashlib.sha256()

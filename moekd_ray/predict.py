@@ -477,10 +477,11 @@ def _indent(text: str, n: int) -> str:
 
 # ------------------------------------------------------------------------------------------ the model
 
-def load_model(uri: str, tracking_uri: str | None = None):
+def load_model(uri: str, tracking_uri: str | None = None, say: Callable[[str], None] | None = None):
     """The pyfunc student at ``uri``: a local folder holding an MLmodel file, or a models:/ (runs:/, ...) URI
-    resolved against ``tracking_uri`` (default $MLFLOW_TRACKING_URI, else the project's sqlite:///mlruns.db)."""
-    from moekd_ray.registry import MlflowException, load_pyfunc
+    resolved against ``tracking_uri`` (default $MLFLOW_TRACKING_URI, else the project's sqlite:///mlruns.db). For a
+    registered model, ``say`` is told which version (and run) an alias or name stands for: the one loaded."""
+    from moekd_ray.registry import MlflowClient, MlflowException, load_pyfunc, resolve_version
 
     if "://" not in uri and not uri.startswith(("models:/", "runs:/")):
         folder = Path(uri)
@@ -509,9 +510,20 @@ def load_model(uri: str, tracking_uri: str | None = None):
         connect(tracking_uri)  # fails with one line if an http(s) server does not answer
     except TrackingError as exc:
         raise TrackingError(f"{exc}; for moekd predict: --tracking-uri URI, or --model <local model folder>") from None
+    load, used = uri, None
+    try:  # the version an alias points at now, loaded by number (the alias may move meanwhile)
+        name, version = resolve_version(MlflowClient(), uri) or (None, None)
+    except ConfigError:  # none: the load below fails with the registered models listed
+        name = version = None
+    if name:
+        load, run_id = f"models:/{name}/{version}", MlflowClient().get_model_version(name, version).run_id
+        used = f"model {uri}: {name} version {version}" + (f" (from MLflow run {run_id})" if run_id else "")
     try:
         with _quiet_loading():
-            return load_pyfunc(uri)
+            model = load_pyfunc(load)
+        if used and say:  # once loaded: a model that fails to load gets its error as the only line
+            say(used)
+        return model
     except DamagedModel as exc:  # (the file it names lies in a download folder: say which model it came from)
         raise DamagedModel(f"--model {uri}: {exc}") from None
     except (MlflowException, OSError) as exc:
@@ -598,7 +610,8 @@ def predict(path: str, model: str = DEFAULT_MODEL, threshold: float = 0.5, fmt: 
     sources, base = _sources(path, globs, warn)  # path errors before the (slow) model load
     if scorer is None:
         t0 = time.perf_counter()
-        scorer = pyfunc_scorer(load_model(model, tracking_uri))
+        scorer = pyfunc_scorer(load_model(model, tracking_uri, lambda text: print(f"moekd: {text}", file=err,
+                                                                                     flush=True)))
         stats.load_seconds = time.perf_counter() - t0
 
     with open(output, "w", encoding="utf-8") if output else contextlib.nullcontext(sys.stdout) as out:

@@ -17,7 +17,7 @@ from datetime import datetime
 from pathlib import Path, PurePosixPath
 
 import mlflow
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
@@ -411,6 +411,10 @@ class Tracker:
         if rows and not prefix:
             self.set_tags(epoch_tags(rows))
 
+    def log_inputs(self, records: list[dict]) -> None:
+        """The data splits (`data.split_records`) as the innermost run's MLflow dataset inputs."""
+        self._write({"op": "inputs", "run": self.runs[-1], "datasets": records})
+
     def log_student_model(self, model_dir: Path, tokenizer_dir: Path, config_tree: dict, registered_name: str | None,
                           metrics: dict[str, float], tags: dict[str, str] | None = None) -> str | None:
         """`log_student_model` into the innermost run; its model URI, or None when spooled (the replay registers it)."""
@@ -522,6 +526,8 @@ def _apply(client: mlflow.MlflowClient, op: dict, ids: dict[str, str], run_dir: 
     elif kind == "artifact":
         path = Path(run_dir or "", op["path"])  # an absolute path stays as it is
         (client.log_artifacts if path.is_dir() else client.log_artifact)(run, str(path), op["artifact_path"])
+    elif kind == "inputs":  # MLflow keeps one input per dataset name and digest: a replay adds none
+        client.log_inputs(run, datasets=[dataset_input(r) for r in op["datasets"]])
     elif kind == "text":
         client.log_text(run, op["text"], op["artifact_file"])
     elif kind == "figure":
@@ -539,6 +545,21 @@ def _apply(client: mlflow.MlflowClient, op: dict, ids: dict[str, str], run_dir: 
     elif kind != "spool":
         raise ValueError(f"unknown MLflow spool entry {op!r}")
     return None
+
+
+# The splits' roles, as MLflow's dataset context tag names them in the UI's Datasets section.
+CONTEXTS = {"train": "training", "valid": "validation", "test": "test"}
+_COLUMN_TYPES = {"int64": "long", "int32": "integer", "bool": "boolean", "float32": "float", "float64": "double"}
+
+
+def dataset_input(record: dict) -> DatasetInput:
+    """One split (a `data.split_records` record) as an MLflow dataset input: a light dataset (its source, digest,
+    columns and row counts, not its rows), with the split's role as its context."""
+    schema = Schema([ColSpec(_COLUMN_TYPES.get(t, "string"), name) for name, t in record["columns"].items()])
+    dataset = Dataset(record["name"], record["digest"], record["source_type"], json.dumps(record["source"]),
+                      json.dumps({"mlflow_colspec": schema.to_dict()}),
+                      json.dumps({"num_rows": record["rows"], "vulnerable_rows": record["vulnerable_rows"]}))
+    return DatasetInput(dataset, [InputTag("mlflow.data.context", CONTEXTS.get(record["split"], record["split"]))])
 
 
 def _in_history(client: mlflow.MlflowClient, run: str, point: Metric) -> bool:

@@ -99,7 +99,8 @@ def tiny_pipeline(ray_cluster, tmp_path_factory):
         "router.epochs=20", f"distill.student_arch={json.dumps(TINY_ARCH)}", "distill.schedule.epochs=2",
         "distill.schedule.batch_size=8", "distill.zero_stage=2", "distill.resources.num_workers=2",
         "distill.alpha=0.5", "distill.temperature=2", "distill.augment_ratio=0.5", "distill.consistency_weight=1",
-        f"mlflow.tracking_uri=sqlite:///{tmp / 'mlruns.db'}", "mlflow.registered_model=tiny-student",
+        # The default registered name, so that `moekd predict` with no --model finds this run's student.
+        f"mlflow.tracking_uri=sqlite:///{tmp / 'mlruns.db'}", "mlflow.registered_model=moekd-student",
     ])
     return cfg, run_pipeline(cfg, log=lambda *_: None)
 

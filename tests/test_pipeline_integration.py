@@ -1,7 +1,11 @@
 """The whole pipeline on a tiny Devign subset through real Ray Train (2 experts at once), real DeepSpeed ZeRO-2 on
-2 workers and a real MLflow sqlite store; then the registered student is loaded back through mlflow.pyfunc."""
+2 workers and a real MLflow sqlite store; then the registered student is loaded back through mlflow.pyfunc, and
+`moekd predict` with no --model scores a file with it, as the README's first scan does after the quickstart."""
 
 import json
+import os
+import subprocess
+import sys
 
 import mlflow
 import numpy as np
@@ -81,7 +85,7 @@ def test_soft_targets_file_is_consistent(tiny_run):
 
 def test_registered_student_matches_in_memory_student(tiny_run):
     cfg, result = tiny_run
-    assert result.model_uri == "models:/tiny-student/1"
+    assert result.model_uri == "models:/moekd-student/1"
     mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
     served = mlflow.pyfunc.load_model(result.model_uri)
     funcs = [
@@ -97,3 +101,40 @@ def test_registered_student_matches_in_memory_student(tiny_run):
         want = torch.softmax(student(**enc).logits, -1)[:, 1].numpy()
     np.testing.assert_allclose(got, want, atol=1e-5)
     assert ((got > 0) & (got < 1)).all()
+
+
+def test_data_splits_are_the_runs_dataset_inputs(tiny_run):
+    """The MLflow UI's Datasets section of the parent run says what trained, selected and tested the student: each
+    split as a light dataset (its file, a digest of the rows used, row counts; not the rows) with its role."""
+    cfg, result = tiny_run
+    run = mlflow.MlflowClient(cfg.mlflow.tracking_uri).get_run(result.run_id)
+    inputs = {next(t.value for t in i.tags if t.key == "mlflow.data.context"): i.dataset
+              for i in run.inputs.dataset_inputs}
+    assert sorted(inputs) == ["test", "training", "validation"]
+    for context, split, rows in (("training", "train", 256), ("validation", "valid", 48), ("test", "test", 48)):
+        dataset = inputs[context]
+        assert dataset.name.endswith(f"-{split}") and dataset.source_type == "local"
+        assert os.path.basename(json.loads(dataset.source)["uri"]).startswith(f"{split}.jsonl")
+        assert json.loads(dataset.profile)["num_rows"] == rows
+        assert [c["name"] for c in json.loads(dataset.schema)["mlflow_colspec"]][:2] == ["func", "target"]
+        assert len(dataset.digest) == 16
+    assert len({d.digest for d in inputs.values()}) == 3
+
+
+def test_predict_without_model_scores_with_the_runs_student(tiny_run, tmp_path):
+    """After a run, `moekd predict FILE` with no --model (models:/moekd-student@champion, the run's student that
+    passed the gates: registry.promote_first) scores FILE, and says which version and run that is."""
+    cfg, result = tiny_run
+    func = "int copy(char *s) { char b[8]; strcpy(b, s); return 0; }"
+    (tmp_path / "scan.c").write_text(func + "\n")
+    proc = subprocess.run([sys.executable, "-m", "moekd_ray.cli", "predict", "scan.c", "--format", "json"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "MLFLOW_TRACKING_URI": cfg.mlflow.tracking_uri})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (row,) = json.loads(proc.stdout)
+    version = result.model_uri.rsplit("/", 1)[1]
+    assert f"moekd: model models:/moekd-student@champion: moekd-student version {version} (from MLflow run " \
+        f"{result.run_id})" in proc.stderr, proc.stderr
+    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
+    expected = mlflow.pyfunc.load_model(result.model_uri).predict({"func": [func]})["probability"].to_numpy()
+    assert row["function"] == "copy" and row["probability"] == pytest.approx(float(expected[0]), abs=1e-6)

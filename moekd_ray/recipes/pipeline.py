@@ -21,7 +21,7 @@ from moekd_ray.errors import ConfigError
 from moekd_ray.augment import robust_transfer_set
 from moekd_ray.attacks.workers import adversarial_renamings, format_summary, substitute_pool
 from moekd_ray.recipes.attack import attack_model, log_attack
-from moekd_ray.data import SPLITS, dataset_hash, describe, load_devign
+from moekd_ray.data import SPLITS, dataset_hash, describe, load_devign, split_records
 from moekd_ray.baseline import TfidfLR
 from moekd_ray.decision import decide_folder, decision_tags, load_decision, pick_threshold
 from moekd_ray.metrics import (classification_metrics, comparison_figure, confusion_matrix_figure, degenerate,
@@ -82,6 +82,7 @@ def run_pipeline(cfg: MoEKDConfig, log=print, resume: str | None = None) -> Pipe
         if parent_id is None:  # a new MLflow run (also when the resumed folder's run is not in this store)
             tracker.set_tags({"moekd.config_digest": cfg.digest(), "moekd.run_dir": str(run_dir.resolve())})
             tracker.log_config(cfg.model_dump(mode="json"))
+            tracker.log_inputs(split_records(cfg.data, data))  # the UI's Datasets: what trained and tested it
 
         with timer("tokenizers"), tracker.stage("tokenizers"):
             expert_toks, student_tok = finished.tokenizers()
