@@ -89,8 +89,92 @@ def check_trial_fits(cfg: MoEKDConfig, resources: ResourcesConfig, option: str) 
                           f"{option}.num_workers or {option}.cpus_per_worker (e.g. 0.95)")
 
 
-def storage_path(cfg: MoEKDConfig, run_dir: Path) -> str:
-    return cfg.ray.storage_path or str((run_dir / "ray").resolve())
+def storage_path(cfg: MoEKDConfig, folder: Path, default: str = "ray") -> str:
+    """Where the Ray Train runs of the run (search, benchmark) in `folder` are stored: `ray.storage_path` (shared
+    storage on a cluster: a folder or a URI such as s3://bucket/moekd) if set, else <folder>/<default>. Every
+    reader and writer of checkpoints asks here. A URI is a string, never a Path (Path("s3://b/x") is "s3:/b/x"):
+    join it with `storage_join`, read it through Ray (`saved_result`, ray.train.Checkpoint)."""
+    return cfg.ray.storage_path or str((folder / default).resolve())
+
+
+def is_uri(storage: str) -> bool:
+    return "://" in storage
+
+
+def storage_join(storage: str, *names: str) -> str:
+    """storage/names, for a folder or a URI (a URI's ?query stays at its end)."""
+    if not is_uri(storage):
+        return str(Path(storage).joinpath(*names))
+    base, sep, query = storage.partition("?")
+    return "/".join([base.rstrip("/"), *names]) + sep + query
+
+
+def run_storage(cfg: MoEKDConfig, run_dir: Path, member: str) -> str:
+    """Where the pipeline run in `run_dir` stored its Ray Train run `member` (expert_<k>, expert_<k>_fold_<f>,
+    student): each is named <run folder name>-<member> (experts.train_experts, distill.distill_student)."""
+    return storage_join(storage_path(cfg, run_dir), f"{run_dir.name}-{member}")
+
+
+def local_folder(checkpoint: ray.train.Checkpoint) -> Path:
+    """A local folder holding `checkpoint`: its own folder on a local (or shared, mounted) filesystem, else a copy
+    downloaded to a temporary folder (s3:// and other remote storage)."""
+    import pyarrow.fs
+
+    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        return Path(checkpoint.path)
+    return Path(checkpoint.to_directory())
+
+
+def worker_nodes(resources: ResourcesConfig) -> list[dict]:
+    """The alive nodes (ray.nodes() rows) that can hold one worker of `resources` (its CPUs, a GPU with use_gpu,
+    its custom resources): where that stage's workers may be placed."""
+    need = {**({"GPU": 1} if resources.use_gpu else {}), "CPU": resources.cpus_per_worker, **resources.custom}
+    return [n for n in ray.nodes()
+            if n["Alive"] and all(n["Resources"].get(key, 0) >= amount for key, amount in need.items())]
+
+
+def bf16_problem(key: str, gpu: str, supported: bool) -> str | None:
+    """The one line refusing `key` (a stage's bf16) on a GPU without bf16 (torch.cuda.is_bf16_supported(): compute
+    capability 8.0 or newer), or None where it has bf16."""
+    if supported:
+        return None
+    return (f"{key}: {gpu} has no bf16 (it needs compute capability 8.0+: A100, A10, L4, H100, ...); set {key}=false "
+            "or run that stage on such GPUs")
+
+
+@ray.remote(num_cpus=0)
+def _gpu_here() -> tuple[str, bool] | None:
+    """On one node: its GPU's name and whether it has bf16; None if this process sees no GPU (a zero-GPU task sees
+    the node's GPUs unless RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO is set)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_name(), torch.cuda.is_bf16_supported()
+
+
+def check_bf16(cfg: MoEKDConfig, stages: tuple[str, ...], timeout_s: float = 120, probe=_gpu_here) -> None:
+    """Before any training: every GPU node that the workers of `stages` (experts, distill, pretrain) with bf16 on
+    and use_gpu may use has bf16; else one line naming `<stage>.bf16` (ConfigError). A node that does not answer
+    within `timeout_s` is not checked (the experts' workers refuse at their first step instead). `probe`: the
+    remote function asked on each node (tests)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    keys = {f"{s}.bf16": getattr(cfg, s).resources for s in stages
+            if getattr(cfg, s).bf16 and getattr(cfg, s).resources.use_gpu}
+    nodes = {n["NodeID"]: n for res in keys.values() for n in worker_nodes(res)}
+    probes = {node_id: probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False))
+              .remote() for node_id in nodes}
+    ready, late = ray.wait(list(probes.values()), num_returns=len(probes), timeout=timeout_s) if probes else ([], [])
+    for ref in late:
+        ray.cancel(ref)
+    for node_id, ref in probes.items():
+        if ref not in ready or (found := ray.get(ref)) is None:
+            continue
+        for key, res in keys.items():
+            problem = bf16_problem(key, f"{found[0]} on node {nodes[node_id]['NodeManagerAddress']}", found[1])
+            if problem and node_id in {n["NodeID"] for n in worker_nodes(res)}:
+                raise ConfigError(problem)
 
 
 class WorkerJob(BaseModel):
@@ -228,10 +312,10 @@ def report_epoch(metrics: dict, history: list[dict], save: Callable[[str], None]
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
-def saved_result(folder: Path):
-    """Driver side: the Ray Train run stored in `folder` as Ray recorded it, or None if it reported no checkpoint.
-    Its checkpoint is the latest one *reported*: a folder that a killed worker wrote but never reported is not
-    taken (it may be partly written; it is what a restart of that run redoes)."""
+def saved_result(folder: str | Path):
+    """Driver side: the Ray Train run stored in `folder` (a path or URI, see `run_storage`) as Ray recorded it, or
+    None if it reported no checkpoint. Its checkpoint is the latest one *reported*: a folder that a killed worker
+    wrote but never reported is not taken (it may be partly written; it is what a restart of that run redoes)."""
     try:
         result = ray.train.Result.from_path(str(folder))
     except RuntimeError:  # no such folder, or nothing reported yet

@@ -151,6 +151,23 @@ class BestEpoch:
     def stop(self, epoch: int) -> bool:
         return self.patience is not None and epoch - self.epoch >= self.patience
 
+    def decide(self, epoch: int, metrics: dict, device: torch.device | str = "cpu") -> tuple[bool, bool]:
+        """(this epoch is now the best, stop now), as rank 0 of the process group decides them, broadcast so that
+        every rank acts alike: each rank computes its own validation figures, which may differ in their last bits,
+        and ranks that disagreed on saving (a collective gather under ZeRO-3) or on stopping would wait for each
+        other forever. Every rank's state becomes rank 0's. Without a process group (or alone): update + stop.
+        `device`: where the group's backend takes tensors (NCCL: the rank's GPU)."""
+        better, stop = self.update(epoch, metrics), self.stop(epoch)
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return better, stop
+        value = math.nan if self.value is None else float(self.value)
+        decision = torch.tensor([better, stop, self.epoch, value], dtype=torch.float64, device=device)
+        dist.broadcast(decision, src=0)
+        better, stop, best_epoch, value = decision.tolist()
+        self.epoch, self.value = int(best_epoch), None if math.isnan(value) else value
+        return bool(better), bool(stop)
+
 
 def weighted_ce(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Cross-entropy on hard labels, each row weighted by batch['weight'] when present (expert up-weighting)."""

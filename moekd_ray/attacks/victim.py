@@ -69,20 +69,22 @@ class BudgetedVictim:
         return p if self.label == 1 else 1.0 - p
 
 
-def _expert_dirs(run_dir: Path) -> list[list[Path]]:
-    """Each expert's latest checkpoint folders in a pipeline run folder: one, or one per fold model."""
+def _expert_dirs(run_dir: Path) -> tuple[list[list[Path]], str]:
+    """Each expert's checkpoint folders in a pipeline run (one, or one per fold model), from the Ray storage its
+    config.yaml names (`ray.storage_path`, else the run folder's ray/; a remote one is copied here), and that
+    storage. Stops at the first expert with none."""
+    from moekd_ray import ray_runtime
+    from moekd_ray.config import load_config
+    from moekd_ray.stages.experts import member_names
+
+    cfg = load_config(run_dir / "config.yaml")
     dirs = []
-    for k in range(1000):
-        members = []
-        for pattern in (f"ray/*-expert_{k}/", f"ray/*-expert_{k}_fold_*/"):
-            for run in sorted(p for p in run_dir.glob(pattern) if p.is_dir()):
-                found = sorted(p for p in run.glob("checkpoint_*") if p.is_dir())
-                if found:
-                    members.append(found[-1])
-        if not members:
-            return dirs
-        dirs.append(members)
-    return dirs
+    for members in member_names(cfg):
+        results = [ray_runtime.saved_result(ray_runtime.run_storage(cfg, run_dir, m)) for m in members]
+        if any(r is None for r in results):
+            break
+        dirs.append([ray_runtime.local_folder(r.checkpoint) for r in results])
+    return dirs, ray_runtime.storage_path(cfg, run_dir)
 
 
 def resolve_victim(spec: str, dst: Path) -> Path:
@@ -111,18 +113,25 @@ def load_victim(folder: str | Path, target: str = "student", batch_size: int = 6
         scorer = load_pyfunc(str(folder)).unwrap_python_model().scorer
         return Classifier(scorer.model, scorer.tokenizer, scorer.max_length, batch_size, device)
     if (folder / "config.yaml").is_file():  # a pipeline run folder
-        experts = _expert_dirs(folder)
         if target == "student":
             return Classifier(load_model(folder / "student"), load_tokenizer(folder / "tokenizers" / "student"),
                               batch_size=batch_size, device=device)
-        if target == "uniform":
-            return Ensemble([load_victim(folder, f"expert_{k}", batch_size, device) for k in range(len(experts))])
-        m = re.fullmatch(r"expert_(\d+)", target)
-        if m and int(m.group(1)) < len(experts):
-            k = int(m.group(1))
+        experts, storage = _expert_dirs(folder)
+
+        def expert(k: int):
             tok = load_tokenizer(folder / "tokenizers" / f"expert_{k}")
             members = [Classifier(load_model(d), tok, batch_size=batch_size, device=device) for d in experts[k]]
             return members[0] if len(members) == 1 else Ensemble(members)  # fold models: their mean
+
+        if target == "uniform" and experts:
+            return Ensemble([expert(k) for k in range(len(experts))])
+        m = re.fullmatch(r"expert_(\d+)", target)
+        if m and int(m.group(1)) < len(experts):
+            return expert(int(m.group(1)))
+        if not experts:
+            raise ConfigError(f"--target {target}: no expert checkpoints of {folder.name} in {storage} (the run's "
+                              "ray.storage_path, else its ray/ folder); make that storage reachable here, or attack "
+                              "--target student")
         raise ConfigError(f"--target {target}: {folder} has student, uniform and expert_0..expert_{len(experts) - 1}")
     if (folder / "expert_0" / "model.safetensors").is_file():  # a folder of experts (the benchmark's teachers)
         k = 0

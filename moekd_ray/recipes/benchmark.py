@@ -97,6 +97,7 @@ def run_benchmark(cfg: MoEKDConfig, log=print, resume: str | None = None) -> Ben
     funcs, labels, projects = split_transfer(data, b.labelled_fraction, cfg.seed)
     log(f"labelled part {len(labels['train'])} functions (teachers), transfer set {len(labels['transfer'])} (students)")
     ray_runtime.init_ray(cfg)
+    ray_runtime.check_bf16(cfg, ("experts", "distill"))  # a GPU without bf16: one line before any training
     tcfg = with_pretrained_encoder(cfg, log, data)  # `source: pretrain` experts: the encoder's folder
     examples, pool = sample_examples(cfg)  # one seeded sample, the same for every model and attack
 
@@ -422,8 +423,11 @@ def train_teachers(cfg: MoEKDConfig, funcs: dict, labels: dict, projects: dict, 
                       cfg.partition.hash_features)
     tcfg, storage = teacher_config(cfg), ray_runtime.storage_path(cfg, folder)
     k = cfg.benchmark.teacher_expert
-    trainers = (expert_trainers(cfg, enc, labels, parts, "experts", storage)
-                + expert_trainers(tcfg, enc[k : k + 1], labels, np.zeros_like(parts), "teacher", storage))
+    # Named by the setting: a shared ray.storage_path holds every benchmark's teachers, and Ray Train continues a
+    # run of the same name there (another setting's teachers, under fixed names).
+    trainers = (expert_trainers(cfg, enc, labels, parts, f"teachers-{digest}-experts", storage)
+                + expert_trainers(tcfg, enc[k : k + 1], labels, np.zeros_like(parts), f"teachers-{digest}-single",
+                                  storage))
     with tracking.stage_run("teachers", cfg.experts.model_dump(mode="json")):
         results, _ = ray_runtime.fit_all(trainers)
         names = [f"expert_{k}" for k in range(cfg.experts.k)] + ["teacher"]

@@ -67,6 +67,7 @@ def run_pipeline(cfg: MoEKDConfig, log=print, resume: str | None = None) -> Pipe
         (run_dir / "config.yaml").write_text(dump_yaml(cfg.model_dump(mode="json")))
     console.attach_log(run_dir / console.LOG_FILE)  # with `moekd run`: Ray's, DeepSpeed's and the libraries' lines go there
     ray_runtime.init_ray(cfg)
+    ray_runtime.check_bf16(cfg, ("experts", "distill"))  # a GPU without bf16: one line before any training
     labels = {s: np.asarray(data[s]["target"], dtype=np.int64) for s in SPLITS}
     funcs = {s: list(data[s]["func"]) for s in SPLITS}
     timer = StageTimer(log, ["tokenizers", "partition", "experts", "router", "distill", "evaluate",
@@ -459,10 +460,9 @@ def saved_tokenizers(cfg: MoEKDConfig, run_dir: Path):
 def finished_members(cfg: MoEKDConfig, run_dir: Path) -> dict:
     """The Ray Train results, by member name (`member_names`), of the expert models whose run finished (all its
     epochs, or stopped early), as Ray recorded them in the run's storage."""
-    storage = Path(ray_runtime.storage_path(cfg, run_dir))
     done = {}
     for member in (m for names in member_names(cfg) for m in names):
-        result = ray_runtime.saved_result(storage / f"{run_dir.name}-{member}")
+        result = ray_runtime.saved_result(ray_runtime.run_storage(cfg, run_dir, member))
         if result is not None and ray_runtime.epoch_rows(result)[-1]["final"]:
             done[member] = result
     return done

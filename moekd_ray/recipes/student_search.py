@@ -94,7 +94,7 @@ def run_student_trial(values: dict, base: dict, refs: dict) -> None:
                              task=f"trial {tune.get_context().get_trial_id()}",
                              max_failures=ray_runtime.TRIAL_RUN_FAILURES).fit()
     last = ray_runtime.epoch_rows(result)[-1]
-    folder = Path(refs["storage"]) / name / "student"
+    folder = Path(refs["trials_dir"]) / name / "student"
     outcome = attack_trial_student(result.checkpoint, folder, tok, cfg, refs["sample"], s.asr_attack, s.asr_budget)
     latency = latency_p50_ms(load_model(folder), enc["valid"], threads=1, n=50)
     tune.report({"feasible": 1, "violation": "", "size_mb": mb, "val_f1": float(last["val_f1"]),
@@ -107,12 +107,13 @@ def run_student_search(cfg: MoEKDConfig, log=print) -> StudentSearchResult:
     s = cfg.student_search
     experiment_id = tracking.connect(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)
     ray_runtime.init_ray(cfg)
+    ray_runtime.check_bf16(cfg, ("distill",))
     ray_runtime.check_trial_fits(cfg, cfg.distill.resources, "distill.resources")
     src = source_run(cfg, s.from_run, "student_search.from_run", log)
     funcs = {split: list(src.data[split]["func"]) for split in SPLITS}
     tokenizers = {v: train_bpe(funcs["train"], v, max(s.max_length)) for v in s.vocab_size}
     name = f"student-search-{cfg.name}-{cfg.digest()}"
-    storage = cfg.ray.storage_path or str((Path(cfg.output_dir) / "student_search").resolve())
+    storage = ray_runtime.storage_path(cfg, Path(cfg.output_dir), "student_search")
     refs = {
         "tokenizers": ray.put(tokenizers),
         "funcs": ray.put({split: funcs[split] for split in ("train", "valid")}),
@@ -120,6 +121,7 @@ def run_student_search(cfg: MoEKDConfig, log=print) -> StudentSearchResult:
         "teacher": ray.put(src.cache["train"]["soft_targets"]),
         "sample": validation_sample(cfg, funcs, src.labels["valid"], s.asr_n),
         "search_name": name, "storage": storage,
+        "trials_dir": str((Path(cfg.output_dir) / name / "trials").resolve()),  # local files (storage may be s3://)
     }
     space = {key: tune.choice(getattr(s, key)) for key in SPACE_KEYS}
     search = OptunaSearch(metric=list(OBJECTIVES), mode=list(OBJECTIVES.values()), seed=cfg.seed)

@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 import ray
 from ray import tune
-from ray.train import Checkpoint
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -78,7 +77,7 @@ def run_trial(values: dict, base: dict, refs: dict) -> None:
     result = trainer.fit()
     if robust:
         last = ray_runtime.epoch_rows(result)[-1]
-        s = attack_trial_student(result.checkpoint, Path(refs["storage"]) / name / "student",
+        s = attack_trial_student(result.checkpoint, Path(refs["trials_dir"]) / name / "student",
                                  ray.get(refs["tokenizer"]), cfg, refs["sample"], cfg.attack.method,
                                  cfg.attack.query_budget)
         tune.report({"val_f1": last["val_f1"], "val_accuracy": last["val_accuracy"], "asr": s["asr"],
@@ -194,6 +193,7 @@ def source_run(cfg: MoEKDConfig, from_run: str | None, option: str, log) -> Sour
 def run_search(cfg: MoEKDConfig, resume: bool = False, log=print) -> SearchResult:
     tracking.connect(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)
     ray_runtime.init_ray(cfg)
+    ray_runtime.check_bf16(cfg, ("distill",))
     ray_runtime.check_trial_fits(cfg, cfg.distill.resources, "distill.resources")
     source = source_run(cfg, cfg.tune.from_run, "tune.from_run", log)
     run_dir, cache, data, labels = source.run_dir, source.cache, source.data, source.labels
@@ -203,12 +203,13 @@ def run_search(cfg: MoEKDConfig, resume: bool = False, log=print) -> SearchResul
     enc = {s: encode(tokenizer, funcs[s], arch.max_length) for s in labels}
 
     name = f"tune-{cfg.name}-{cfg.digest()}"
-    storage = cfg.ray.storage_path or str((Path(cfg.output_dir) / "tune").resolve())
+    storage = ray_runtime.storage_path(cfg, Path(cfg.output_dir), "tune")
     refs = {
         "cache": ray.put({k: cache["train"][k] for k in ("expert_logits", "gate_logits")}),
         "enc": ray.put({s: enc[s] for s in ("train", "valid")}),
         "labels": ray.put({s: labels[s] for s in ("train", "valid")}),
         "search_name": name, "storage": storage,
+        "trials_dir": str((Path(cfg.output_dir) / name / "trials").resolve()),  # local files (storage may be s3://)
     }
     robust = cfg.tune.metric == ROBUST
     if robust:
@@ -217,7 +218,7 @@ def run_search(cfg: MoEKDConfig, resume: bool = False, log=print) -> SearchResul
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=cfg.model_dump(mode="json"), refs=refs),
                                     {"cpu": ray_runtime.TRIAL_CPU})
     start = time.perf_counter()
-    path = str(Path(storage) / name)
+    path = ray_runtime.storage_join(storage, name)
     if resume and tune.Tuner.can_restore(path):
         log(f"resuming search {path}")
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
@@ -266,10 +267,10 @@ def run_search(cfg: MoEKDConfig, resume: bool = False, log=print) -> SearchResul
 
         best_values = {k: best.config[k] for k in cfg.tune.space}
         student_dir = Path(cfg.output_dir) / name / "best_student"
-        trial_storage = Path(storage) / f"{name}-{best.metrics['trial_id']}"
-        checkpoints = sorted(p for p in trial_storage.glob("checkpoint_*") if p.is_dir())
+        # The best trial's student as its Ray Train run last reported it (a folder or a URI: read through Ray).
+        trial_run = ray_runtime.saved_result(ray_runtime.storage_join(storage, f"{name}-{best.metrics['trial_id']}"))
         decision = ray_runtime.copy_atomically(  # the threshold into its weights
-            Checkpoint.from_directory(str(checkpoints[-1])), student_dir,
+            trial_run.checkpoint, student_dir,
             lambda folder: decide_folder(cfg.eval, folder, enc["valid"], labels["valid"]))
         student = load_model(student_dir)
         test = classification_metrics(labels["test"], probs1(predict_logits(student, enc["test"], cfg.eval.batch_size)))

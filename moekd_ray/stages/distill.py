@@ -203,9 +203,9 @@ def distill_worker(config: dict) -> None:
         start_epoch(loader, epoch, job.seed)
         stats = train_epoch(engine, loader, loss_fn, step, ticker.epoch(epoch, epochs), forward)
         val = validation_metrics(valid["labels"], predict_logits(engine, valid, job.eval_batch_size))
-        if best.update(epoch, {f"val_{k}": v for k, v in val.items()}):
+        better, stop = best.decide(epoch, {f"val_{k}": v for k, v in val.items()}, engine.device)  # rank 0's
+        if better:
             best_state = gathered_state(engine, ctx.get_world_rank())
-        stop = best.stop(epoch)
         metrics = {"epoch": epoch, **stats, **{f"val_{k}": v for k, v in val.items()}, "best_epoch": best.epoch,
                    "final": int(stop or epoch == epochs), "world_size": ctx.get_world_size(),
                    "zero_stage": engine.zero_optimization_stage(), "resumed_from": resumed_from}
@@ -234,7 +234,7 @@ def distill_trainer(cfg: MoEKDConfig, enc: dict, labels: dict, teacher_probs: np
         eval_batch_size=cfg.eval.batch_size, threads=cfg.distill.resources.cpus_per_worker,
         cpu_shm_comm=cfg.distill.cpu_shm_comm, seed=cfg.seed, train=ray.put(train),
         valid=ray.put({**enc["valid"], "labels": labels["valid"]}), fault_injection=cfg.ray.fault_injection,
-        fault_marker=str(Path(storage) / f"{name}.fault_injected"),
+        fault_marker=ray_runtime.storage_join(storage, f"{name}.fault_injected"),
     )
     return ray_runtime.make_trainer(distill_worker, job.loop_config(), cfg.distill.resources, name, storage, callbacks,
                                     max_failures=cfg.ray.max_failures if max_failures is None else max_failures)

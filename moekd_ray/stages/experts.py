@@ -19,6 +19,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from moekd_ray import progress, ray_runtime
 from moekd_ray.config import ModelSource, MoEKDConfig, NgramConfig, PretrainedConfig, Schedule
+from moekd_ray.errors import ConfigError
 from moekd_ray.metrics import validation_metrics
 from moekd_ray.models import build_model, load_model
 from moekd_ray.tokenization import NgramHasher, encode, load_tokenizer, train_bpe, with_input_transform
@@ -79,7 +80,7 @@ def expert_forward(bf16: bool):
     def forward(model, batch, device):
         on_gpu = torch.device(device).type == "cuda"
         if bf16 and on_gpu and not torch.cuda.is_bf16_supported():
-            raise ValueError(f"experts.bf16: {torch.cuda.get_device_name()} has no bf16; set experts.bf16=false")
+            raise ValueError(ray_runtime.bf16_problem("experts.bf16", torch.cuda.get_device_name(), False))
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16 and on_gpu):
             return classifier_logits(model, batch, device).float()
 
@@ -128,9 +129,9 @@ def expert_worker(config: dict) -> None:
         stats = train_epoch(model, loader, weighted_ce, step, ticker.epoch(epoch, sched.epochs),
                             expert_forward(job.bf16))
         val = validation_metrics(valid["labels"], predict_logits(unwrap(model), valid, job.eval_batch_size))
-        if best.update(epoch, {f"val_{k}": v for k, v in val.items()}):
+        better, stop = best.decide(epoch, {f"val_{k}": v for k, v in val.items()}, ray.train.torch.get_device())
+        if better:  # rank 0's decision on every rank (several workers: a rank that stopped alone hangs the rest)
             best_state = {k: v.detach().clone() for k, v in unwrap(model).state_dict().items()}
-        stop = best.stop(epoch)
         metrics = {"epoch": epoch, **stats, **{f"val_{k}": v for k, v in val.items()}, "best_epoch": best.epoch,
                    "final": int(stop or epoch == sched.epochs), "started_at": started_at,
                    "finished_at": time.time(), "resumed_from": resumed_from}
@@ -180,19 +181,22 @@ def _load_here(spec: PretrainedConfig) -> str | None:
 def fetch_on_worker_nodes(cfg: MoEKDConfig) -> None:
     """Every pretrained expert loads on every alive node its workers may be placed on (GPU and custom resources as
     `experts.resources` asks), before any worker starts: a hub checkpoint is fetched once per node rather than by
-    each worker, and a node without hub access or the folder fails here with one line, not hours in. (Nodes an
-    autoscaler has yet to add are not there to check: their workers fetch for themselves.)"""
-    specs = {s.name_or_path: s for s in cfg.experts.specs() if isinstance(s, PretrainedConfig)}.values()
-    res = cfg.experts.resources
-    need = {**({"GPU": 1} if res.use_gpu else {}), "CPU": res.cpus_per_worker, **res.custom}
-    nodes = [n for n in ray.nodes()
-             if n["Alive"] and all(n["Resources"].get(key, 0) >= amount for key, amount in need.items())]
-    checks = [(n["NodeManagerAddress"], _load_here.options(
+    each worker, and a node without hub access or the folder fails here with one line naming the key, the node and
+    the fix, not hours in. (Nodes an autoscaler has yet to add are not there to check: their workers fetch for
+    themselves.)"""
+    keys = {}  # name_or_path -> (its key, its spec), the first expert that names it
+    for i, spec in enumerate(cfg.experts.specs()):
+        if isinstance(spec, PretrainedConfig) and spec.name_or_path not in keys:
+            key = f"experts.models[{i}]" if cfg.experts.models is not None else "experts.model"
+            keys[spec.name_or_path] = (f"{key}.name_or_path", spec)
+    checks = [(n["NodeManagerAddress"], key, _load_here.options(
         scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(spec))
-        for n in nodes for spec in specs]
-    for (address, _), problem in zip(checks, ray.get([ref for _, ref in checks])):
+        for n in ray_runtime.worker_nodes(cfg.experts.resources) for key, spec in keys.values()]
+    for (address, key, _), problem in zip(checks, ray.get([ref for _, _, ref in checks])):
         if problem:
-            raise ValueError(f"on node {address}, where expert workers may run: {problem}")
+            raise ConfigError(f"{key}: on node {address}, where expert workers may run: {problem}; every such node "
+                              "must reach it (a folder: on storage all nodes mount; a hub name: hub access or HF_HOME "
+                              "on a shared cache)")
 
 
 def expert_trainers(cfg: MoEKDConfig, enc: list[dict], labels: dict, parts: np.ndarray, name: str,
@@ -213,7 +217,7 @@ def expert_trainers(cfg: MoEKDConfig, enc: list[dict], labels: dict, parts: np.n
                 seed=cfg.seed + k + 1000 * f,
                 train=ray.put(part_arrays(enc[k]["train"], labels["train"], parts, k, cfg, keep)), valid=valid,
                 fault_injection=cfg.ray.fault_injection,
-                fault_marker=str(Path(storage) / f"{name}-{member}.fault_injected"),
+                fault_marker=ray_runtime.storage_join(storage, f"{name}-{member}.fault_injected"),
             )
             trainers.append(ray_runtime.make_trainer(expert_worker, job.loop_config(), cfg.experts.resources,
                                                      f"{name}-{member}", storage, max_failures=cfg.ray.max_failures))

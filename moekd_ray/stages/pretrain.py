@@ -205,9 +205,9 @@ def pretrain_worker(config: dict) -> None:
         train.epoch = epoch  # new masks every epoch
         stats = train_epoch(engine, loader, mlm_loss, step, ticker.epoch(epoch, sched.epochs), predicted_logits)
         val = held_out_metrics(engine, held_out, job.eval_batch_size)
-        if best.update(epoch, {f"val_{k}": v for k, v in val.items()}):
+        better, stop = best.decide(epoch, {f"val_{k}": v for k, v in val.items()}, engine.device)  # rank 0's
+        if better:
             best_state = gathered_state(engine, ctx.get_world_rank())
-        stop = best.stop(epoch)
         tokens_per_s = stats["samples_per_s"] * tokens_per_row * ctx.get_world_size()
         metrics = {"epoch": epoch, **stats, "tokens_per_s": tokens_per_s, "val_mlm_loss": val["loss"],
                    "val_masked_accuracy": val["masked_accuracy"], "best_epoch": best.epoch,
@@ -223,10 +223,11 @@ def pretrain_worker(config: dict) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- driver
-def pretrain_encoder(cfg: MoEKDConfig, log=print, data: dict | None = None) -> Path:
+def pretrain_encoder(cfg: MoEKDConfig, log=print, data: dict | None = None,
+                     bf16_stages: tuple[str, ...] = ("pretrain",)) -> Path:
     """The pretrained encoder's folder (model + tokenizer): reused when one with the same settings exists, else
     pretrained now (an interrupted pretraining resumes from its latest checkpoint). `data`: the splits, when the
-    caller has loaded them already."""
+    caller has loaded them already. `bf16_stages`: the stages whose bf16 the GPUs are checked for first."""
     encoder = encoder_folder(cfg)
     if (encoder / "model.safetensors").is_file():
         log(f"pretrain: reusing {encoder} (same pretraining settings, data and seed: digest {pretrain_digest(cfg)})")
@@ -245,6 +246,7 @@ def pretrain_encoder(cfg: MoEKDConfig, log=print, data: dict | None = None) -> P
         f"out; {arch.num_layers} x {arch.hidden_size} encoder, vocabulary {len(tokenizer):,}, {pc.schedule.epochs} "
         f"epochs on {pc.resources.num_workers} workers, ZeRO-{pc.zero_stage}")
     ray_runtime.init_ray(cfg)
+    ray_runtime.check_bf16(cfg, bf16_stages)  # a GPU without bf16: one line before any training
     folder = encoder.parent
     folder.mkdir(parents=True, exist_ok=True)
     name = folder.name
@@ -255,7 +257,8 @@ def pretrain_encoder(cfg: MoEKDConfig, log=print, data: dict | None = None) -> P
         valid=ray.put({k: v[held] for k, v in enc.items()}), fault_injection=cfg.ray.fault_injection,
         fault_marker=str(folder / f"{name}.fault_injected"),
     )
-    result = ray_runtime.make_trainer(pretrain_worker, job.loop_config(), pc.resources, name, str((folder / "ray").resolve()),
+    result = ray_runtime.make_trainer(pretrain_worker, job.loop_config(), pc.resources, name,
+                                      ray_runtime.storage_path(cfg, folder),
                                       max_failures=cfg.ray.max_failures).fit()
     ray_runtime.copy_atomically(result.checkpoint, encoder, lambda tmp: tokenizer.save_pretrained(str(tmp)))
     rows = ray_runtime.epoch_rows(result)
@@ -279,7 +282,8 @@ def with_pretrained_encoder(cfg: MoEKDConfig, log=print, data: dict | None = Non
     specs = cfg.experts.specs()
     if not any(isinstance(s, PretrainSource) for s in specs):
         return cfg
-    encoder = str(pretrain_encoder(cfg, log, data).resolve())
+    # bf16 of every stage checked before pretraining: the experts' and student's GPUs, too, before hours of it
+    encoder = str(pretrain_encoder(cfg, log, data, ("pretrain", "experts", "distill")).resolve())
     models = [PretrainedConfig(name_or_path=encoder, max_length=s.max_length or cfg.pretrain.arch.max_length)
               if isinstance(s, PretrainSource) else s for s in specs]
     tree = cfg.model_dump(mode="json")
