@@ -50,9 +50,24 @@ def pytest_report_header(config):
             "(tests of the real rows skip)")
 
 
+# Modules whose every test waits on a server, a cluster or a whole run started in a subprocess.
+SLOW_MODULES = {"test_team_server", "test_cluster_run", "test_predict", "test_serving"}
+
+
+def is_slow(item) -> bool:
+    """Whatever starts Ray (the session's cluster, its own, or a fixture built on one: a tiny pipeline, a benchmark)
+    or waits on a server: seconds to minutes each. The rest (components, configs, bad input) runs in a few minutes."""
+    return ("ray_cluster" in getattr(item, "fixturenames", ()) or item.get_closest_marker("own_cluster") is not None
+            or item.module.__name__.rpartition(".")[2] in SLOW_MODULES)
+
+
 def pytest_collection_modifyitems(items):
-    """Tests that start their own Ray cluster run first, before the session's shared cluster exists: two Ray
-    instances on one machine at once confuse Ray Train's placement-group cleaner."""
+    """Marks the slow tests (`-m "not slow"` is the quick subset). Tests that start their own Ray cluster run first,
+    before the session's shared cluster exists: two Ray instances on one machine at once confuse Ray Train's
+    placement-group cleaner."""
+    for item in items:
+        if is_slow(item):
+            item.add_marker(pytest.mark.slow)
     items.sort(key=lambda item: item.get_closest_marker("own_cluster") is None)
 
 

@@ -322,6 +322,7 @@ def test_identifier_vocabulary():
     assert identifier_vocabulary([]) == []
 
 
+@pytest.mark.slow  # parses and renames all 2,732 test functions
 @needs_real_devign  # real FFmpeg/QEMU C (macros, K&R quirks): the synthetic stand-in is far more regular
 def test_renaming_every_identifier_of_devign_test_functions():
     with gzip.open(DEVIGN_DIR / "test.jsonl.gz", "rt", encoding="utf-8") as fh:
