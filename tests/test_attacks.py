@@ -191,3 +191,9 @@ def test_attack_a_registered_student_by_uri(attack_cfg):
     by_run = run_attack(cfg.with_values({"attack.workers": 1, "attack.method": "wir-random"}), result.run_id,
                         log=lambda *_: None)
     assert [r["p_true"] for r in by_uri.rows] == pytest.approx([r["p_true"] for r in by_run.rows], abs=1e-5)
+    # and the attack itself ran the same on both: the same outcome, queries and adversarial text per function
+    keys = ("index", "status", "queries", "renamed", "adversarial")
+    assert [tuple(r[k] for k in keys) for r in by_uri.rows] == [tuple(r[k] for k in keys) for r in by_run.rows]
+    timing = ("seconds", "attacks_per_s")
+    assert {k: v for k, v in by_uri.summary.items() if k not in timing} == \
+        {k: v for k, v in by_run.summary.items() if k not in timing}

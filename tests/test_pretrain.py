@@ -126,7 +126,8 @@ def test_pretraining_learns_the_code_and_is_logged(pretrained):
     assert len(loss) == 8 and loss[-1] < loss[0] - 1.0, loss  # the synthetic code is regular; measured 4.48 -> 3.02
     print("held-out masked-LM loss", loss, "masked-token accuracy", accuracy)
     assert accuracy[-1] > accuracy[0] + 0.1 and accuracy[-1] > 0.25, accuracy  # measured: 0.10 -> 0.31
-    assert runs[0].data.metrics["tokens_per_s"] > 0
+    # the throughput is the run's own tokens over its own time: 8 epochs of the 90% of rows not held out
+    assert 100 < runs[0].data.metrics["tokens_per_s"] < 1e7, runs[0].data.metrics
     # The killed worker's group restarted from the checkpoint of epoch 2 and finished the 8 epochs.
     assert (encoder.parent / f"{encoder.parent.name}.fault_injected").read_text() == "killed at step 30"
     assert runs[0].data.tags["moekd.resumed_from"] == "2"

@@ -395,6 +395,15 @@ def test_driver_killed_mid_experts_and_mid_distillation_resumes(ray_cluster, dri
     assert resumed_from(done) == "0" and resumed_from(mid) == str(mid_rows[-1]["resumed_from"])
     assert resumed_from("distill") == str(rows[-1]["resumed_from"])
 
+    # 4. the same config run once without interruption (another folder) ends with the same student
+    tree.update(output_dir=str(tmp_path / "uninterrupted"))
+    (tmp_path / "uninterrupted.yaml").write_text(yaml.safe_dump(tree))
+    clean = run_pipeline(load_config(tmp_path / "uninterrupted.yaml"), log=lambda *_: None)
+    resumed, uninterrupted = load_model(folder / "student").state_dict(), load_model(clean.run_dir / "student").state_dict()
+    assert resumed.keys() == uninterrupted.keys()
+    for name, weights in uninterrupted.items():
+        torch.testing.assert_close(resumed[name], weights, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
 
 def spool_a_run(run_dir, log, experiment_id="0", student=None):
     """A parent run with one nested stage, written through a Tracker whose http server never answers: everything,
@@ -588,7 +597,13 @@ def test_tracking_server_lost_mid_run(ray_cluster, tmp_path):
         assert "seconds_register" in parent.data.metrics
         children = {r.info.run_name: r for r in client.search_runs(
             [experiment], filter_string=f"tags.mlflow.parentRunId = '{run_id}'")}
-        assert 0 <= parent.data.metrics["student_test_f1"] <= 1
+        # the replayed parent, the replayed table and the version registered after the outage agree on the student
+        table = json.loads(Path(client.download_artifacts(children["evaluate"].info.run_id, "results.json",
+                                                          str(folder / "check"))).read_text())
+        student = next(r for r in (table["data"] if isinstance(table, dict) else table) if r["model"] == "student")
+        assert parent.data.metrics["student_test_f1"] == pytest.approx(student["test_f1"])
+        assert float(client.get_model_version("outage-student", "1").tags["metric.test_f1"]) == \
+            pytest.approx(student["test_f1"], abs=1e-5)
         assert {"tokenizers", "partition", "expert_0", "expert_1", "router", "distill", "evaluate"} <= set(children)
         assert all(r.info.status == "FINISHED" for r in children.values())
         assert len(client.get_metric_history(children["distill"].info.run_id, "train_loss")) == 2
