@@ -358,7 +358,10 @@ class RayConfig(_Strict):
     )
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray (None: all).")
     storage_path: str | None = Field(
-        None, description="Ray Train checkpoint storage (shared FS/S3 on a cluster). None: <output_dir>/ray."
+        None, description="Ray Train checkpoint storage (on a cluster: a folder every node mounts, or a URI such as "
+        "s3://bucket/moekd); every reader of a run's checkpoints (--resume, attack --target expert_<k>, tune's best "
+        "trial) looks where the run's config.yaml says. None: <run folder>/ray (a search's: <output_dir>/tune or "
+        "<output_dir>/student_search)."
     )
     max_failures: int = Field(
         2, ge=0, description="Restarts of a Ray Train run after a worker dies; it resumes from its latest checkpoint. "
