@@ -132,6 +132,7 @@ def test_predict_and_attack_refuse_a_damaged_model(student, damage, tmp_path, ca
     one_line_naming(str(refused.value), damaged, student.files)
 
 
+@pytest.mark.slow  # starts `mlflow models serve`
 def test_mlflow_models_serve_refuses_a_damaged_model(student, tmp_path):
     """Nothing is served: the scoring server exits (it never answers /ping), its log naming the file."""
     damaged = truncate_weights(student.files)
@@ -154,14 +155,15 @@ def test_mlflow_models_serve_refuses_a_damaged_model(student, tmp_path):
 
 def test_model_logged_without_checksums_still_loads(student, tmp_path):
     """A student logged before checksums were recorded (no `checksums` artifact) loads unverified and predicts."""
-    from moekd_ray.tracking import CHECKSUMS_CODE, PYFUNC_CODE, SCORING_CODE
+    from moekd_ray.tracking import CHECKSUMS_CODE, PYFUNC_CODE, SCORING_CODE, _requirements
 
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=student.uri, dst_path=str(tmp_path / "local")))
     artifacts = {name: str(local / "artifacts" / sub) for name, sub in
                  (("model", "student"), ("tokenizer", "tokenizer"), ("config", "config.yaml"))}
     old = tmp_path / "old"
     mlflow.pyfunc.save_model(str(old), python_model=str(PYFUNC_CODE), artifacts=artifacts,
-                             code_paths=[str(SCORING_CODE), str(CHECKSUMS_CODE)])
+                             code_paths=[str(SCORING_CODE), str(CHECKSUMS_CODE)],
+                             pip_requirements=_requirements())  # as logged: inferring them costs ~2 min
     assert set(mlflow.models.Model.load(str(old)).flavors["python_function"]["artifacts"]) == set(artifacts)
     expected = mlflow.pyfunc.load_model(student.uri).predict(FUNCS)["probability"].to_numpy()
     assert np.array_equal(mlflow.pyfunc.load_model(str(old)).predict(FUNCS)["probability"].to_numpy(), expected)

@@ -142,7 +142,8 @@ def run_student_search(cfg: MoEKDConfig, log=print) -> StudentSearchResult:
             rows.append({"trial": r.metrics["trial_id"], **{k: c[k] for k in SPACE_KEYS},
                          "hidden_size": c["num_heads"] * c["head_dim"],
                          **{k: r.metrics[k] for k in ("feasible", "violation", "size_mb", "val_f1", "latency_ms",
-                                                      "asr", "student_dir")}})
+                                                      "asr", "student_dir")},
+                         "asr_attacked": int(r.metrics.get("asr_attacked", 0))})  # the functions ASR is over
     feasible = [r for r in rows if r["feasible"]]
     for r, on_front in zip(feasible, pareto_front(feasible)):
         r["pareto"] = int(on_front)
