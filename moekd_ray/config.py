@@ -840,3 +840,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         return MoEKDConfig.model_validate(tree)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, source)) from None
+
+
+def member_names(cfg: MoEKDConfig) -> list[list[str]]:
+    """Per expert, the names of its models (Ray Train run and checkpoint folders): expert_<k>, or
+    expert_<k>_fold_<f> when cross-fitting. Here, not in stages/, because the attacks read a run's experts too."""
+    folds = cfg.experts.folds
+    return [[f"expert_{k}"] if folds == 1 else [f"expert_{k}_fold_{f}" for f in range(folds)]
+            for k in range(cfg.experts.k)]

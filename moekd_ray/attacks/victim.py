@@ -74,8 +74,7 @@ def _expert_dirs(run_dir: Path) -> tuple[list[list[Path]], str]:
     config.yaml names (`ray.storage_path`, else the run folder's ray/; a remote one is copied here), and that
     storage. Stops at the first expert with none."""
     from moekd_ray import ray_runtime
-    from moekd_ray.config import load_config
-    from moekd_ray.stages.experts import member_names
+    from moekd_ray.config import load_config, member_names
 
     cfg = load_config(run_dir / "config.yaml")
     dirs = []

@@ -18,7 +18,7 @@ import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from moekd_ray import progress, ray_runtime
-from moekd_ray.config import ModelSource, MoEKDConfig, NgramConfig, PretrainedConfig, Schedule
+from moekd_ray.config import ModelSource, MoEKDConfig, NgramConfig, PretrainedConfig, Schedule, member_names
 from moekd_ray.errors import ConfigError
 from moekd_ray.metrics import validation_metrics
 from moekd_ray.models import build_model, load_model
@@ -158,13 +158,6 @@ def part_arrays(enc: dict[str, np.ndarray], labels: np.ndarray, parts: np.ndarra
     weight = np.where(parts == k, cfg.experts.part_weight, 1.0).astype(np.float32)
     arrays = {**enc, "labels": labels, "weight": weight}
     return arrays if keep is None else {n: a[keep] for n, a in arrays.items()}
-
-
-def member_names(cfg: MoEKDConfig) -> list[list[str]]:
-    """Per expert, the names of its models: expert_<k>, or expert_<k>_fold_<f> when cross-fitting."""
-    folds = cfg.experts.folds
-    return [[f"expert_{k}"] if folds == 1 else [f"expert_{k}_fold_{f}" for f in range(folds)]
-            for k in range(cfg.experts.k)]
 
 
 @ray.remote(num_cpus=0)
