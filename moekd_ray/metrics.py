@@ -52,7 +52,7 @@ def degenerate(labels: np.ndarray, probs1: np.ndarray, max_share: float, min_f1:
         return f"labels {share:.1%} of the validation functions {'vulnerable' if pred.mean() > 0.5 else 'safe'}"
     f1 = classification_metrics(np.asarray(labels), np.asarray(probs1), threshold)["f1"]
     if f1 < min_f1:
-        return f"validation F1 {f1:.3f} is below the floor {min_f1:g}"
+        return f"has validation F1 {f1:.3f}, below the floor eval.min_val_f1={min_f1:g}"
     return None
 
 

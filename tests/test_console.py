@@ -143,6 +143,7 @@ def test_moekd_run_console_is_short_and_its_mlflow_runs_readable(ray_cluster, tm
     import os
     import subprocess
 
+    import mlflow
     import yaml
 
     from servers import LOOPBACK, end_group, free_port, start_group, wait_http
@@ -152,6 +153,8 @@ def test_moekd_run_console_is_short_and_its_mlflow_runs_readable(ray_cluster, tm
     tree = {"name": "console", "output_dir": str(tmp_path / "runs"), "data": {"train_rows": 128, "eval_rows": 32},
             "experts": {"k": 2, "model": tiny, "schedule": {"epochs": 2, "batch_size": 16}},
             "router": {"epochs": 5}, "distill": {"student_arch": tiny, "schedule": {"epochs": 1, "batch_size": 16}},
+            # no model of this size reaches validation F1 1.0: the run itself flags its student degenerate
+            "eval": {"min_val_f1": 1.0},
             "ray": {"address": ray_cluster.get_runtime_context().gcs_address},
             "mlflow": {"tracking_uri": f"sqlite:///{store}", "registered_model": "console-student"}}
     path = tmp_path / "console.yaml"
@@ -166,14 +169,26 @@ def test_moekd_run_console_is_short_and_its_mlflow_runs_readable(ray_cluster, tm
     lines = shown.splitlines()
     progress_lines = [x for x in lines if x.startswith(("progress ", "  | "))]
     final = [x for x in lines if x not in progress_lines]
-    assert len(final) <= 40, shown
+    # a degenerate model's warning is said after the evaluation and again under the table: here all five are
+    assert len([x for x in final if " is degenerate: it " not in x]) <= 40, shown
     assert all(len(x) <= 120 for x in progress_lines), progress_lines
     assert sum(x.startswith("progress ") for x in progress_lines) >= (seconds - 60) // 60, (seconds, shown)
     table = final.index(next(x for x in final if x.startswith("model ")))
     assert all(len(x) <= 200 for x in final[:table]), shown
     for noise in ("Traceback", "TrainingReport", "Warning", "pid=", progress.MARKER):
         assert noise not in shown, noise
-    assert final[-1].startswith("student model: models:/console-student/1 (")  # the table and its verdict come last
+    # the table and its verdict come last: the degenerate student is registered, tagged, and not made @champion
+    assert final[-1].startswith("student model: models:/console-student/1 (not @champion: degenerate model"), final
+    assert "warning: student is degenerate: it " in shown
+    tags = mlflow.MlflowClient(f"sqlite:///{store}").get_model_version("console-student", "1").tags
+    assert tags["moekd.degenerate"] == "true" and tags["moekd.degenerate_reason"], tags
+    # and `moekd registry promote`, as a user types it, refuses it in one line; --force would be recorded
+    refused = subprocess.run([sys.executable, "-m", "moekd_ray.cli", "registry", "promote", "--name", "console-student",
+                              "--version", "1", f"mlflow.tracking_uri=sqlite:///{store}"], capture_output=True,
+                             text=True, timeout=300)
+    assert refused.returncode != 0 and "degenerate" in refused.stderr, refused.stdout + refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1 and "Traceback" not in refused.stderr, refused.stderr
+    assert not mlflow.MlflowClient(f"sqlite:///{store}").get_registered_model("console-student").aliases
     log_path = Path(next(x for x in final if x.startswith("full log: ")).removeprefix("full log: "))
     logged = log_path.read_text()
     assert "TrainingReport" in logged and progress.MARKER in logged and "student model:" in logged

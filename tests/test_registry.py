@@ -47,7 +47,8 @@ def versions(server, tmp_path_factory):
     tracking.connect(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)
     uris = []
     for seed, f1 in ((0, 0.61), (1, 0.40)):
-        model_dir, tok_dir = save_tiny_student(tmp / f"s{seed}", seed)
+        # head_scale: probabilities that differ from function to function far beyond the comparisons' 1e-6
+        model_dir, tok_dir = save_tiny_student(tmp / f"s{seed}", seed, head_scale=100.0)
         with mlflow.start_run():
             uris.append(tracking.log_student_model(model_dir, tok_dir, cfg.model_dump(mode="json"), NAME,
                                                    {"test_f1": f1, "test_accuracy": 0.6, "size_mb": 0.09},
@@ -159,6 +160,7 @@ def test_predict_through_the_server_matches_the_pyfunc(versions, tmp_path, capsy
     assert [(r["file"], r["function"]) for r in rows] == [("a.c", "f"), ("a.c", "g"), ("lib/b.h", "h")], err
     sources = [*FUNCS, "static int h(int *p)\n{\n    return p[0] + p[1];\n}"]
     expected = mlflow.pyfunc.load_model(f"models:/{NAME}@champion").predict(pd.DataFrame({"func": sources}))
+    assert expected["probability"].max() - expected["probability"].min() > 100 * 1e-6  # a mix-up would show
     assert [r["probability"] for r in rows] == pytest.approx(list(expected["probability"]), abs=1e-6)
 
 
@@ -180,6 +182,7 @@ def test_champion_loads_and_is_served_over_http(versions, tmp_path):
     finally:
         end_group(proc)
     served = [row["probability"] for row in answer["predictions"]]
+    assert expected["probability"].max() - expected["probability"].min() > 100 * 1e-6
     assert served == pytest.approx(list(expected["probability"]), abs=1e-6)
 
 

@@ -220,7 +220,8 @@ def test_bad_search_space_is_one_line(tmp_path, capsys, space, words):
 
 def test_killed_search_resumes_without_rerunning_finished_trials(tiny_pipeline, ray_cluster, tmp_path):
     """The driver of a real `moekd tune` is SIGKILLed after its first trial finished; `--resume` completes the
-    search from Tune's experiment state and keeps the finished trial's result (it is not run again)."""
+    search from Tune's experiment state and keeps the finished trial's result (it is not run again). Under ASHA, the
+    default scheduler, whose state (its rungs' recorded results) is restored with the experiment."""
     import os
     import signal
     import subprocess
@@ -237,7 +238,7 @@ def test_killed_search_resumes_without_rerunning_finished_trials(tiny_pipeline, 
     tree["ray"]["address"] = ray_cluster.get_runtime_context().gcs_address  # the driver joins this test's cluster
     tree["distill"]["schedule"]["epochs"] = 1
     tree["distill"]["resources"] = {"num_workers": 1, "cpus_per_worker": 0.45}
-    tree["tune"] = {"from_run": pipeline.run_id, "num_samples": 3, "max_concurrent": 1, "scheduler": "fifo",
+    tree["tune"] = {"from_run": pipeline.run_id, "num_samples": 3, "max_concurrent": 1, "scheduler": "asha",
                     "register_best": False, "space": {"distill.temperature": {"dist": "choice", "values": [1, 2, 4]}}}
     path = tmp_path / "tune.yaml"
     path.write_text(yaml.safe_dump(tree))
