@@ -1,5 +1,5 @@
 """Score a registered student as a user would: loaded through mlflow.pyfunc, on a whole Devign split, next to the
-tfidf-lr reference fitted on the full training split. The figures in README "Measured" come from this script.
+tfidf-lr reference fitted on the full training split. The figures in docs/measured.md come from this script.
 
     python docs/score_registered.py models:/moekd-student/3 --tracking-uri sqlite:///mlruns.db [--split test]
 """

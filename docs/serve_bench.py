@@ -1,5 +1,5 @@
 """Serving under load: `mlflow models serve` of a registered student answering concurrent clients on 127.0.0.1.
-The figures in README "Serving under load" come from this script.
+The figures in docs/registry.md "Serving under load" come from this script.
 
     python docs/serve_bench.py models:/moekd-student/1 --tracking-uri sqlite:///mlruns.db \
         --requests 400 --concurrency 4 --batch 1 --sample 200 --time-limit 300
@@ -278,7 +278,7 @@ def benchmark(model_uri: str, tracking_uri: str, funcs: list[str], requests: int
         raise ConfigError(f"--format {fmt}: must be one of {', '.join(FORMATS)}")
     if min(requests, concurrency, batch) < 1 or not funcs:
         raise ConfigError("--requests, --concurrency, --batch and --sample must each be at least 1")
-    # The pyfunc, loaded as README's "Using the student" does; a bad URI or store stops here, before any server starts
+    # The pyfunc, loaded as docs/registry.md's "Using the student" does; a bad URI or store stops here, before any server starts
     # (and before MLflow could create an empty sqlite store for the server).
     model = load_model(model_uri, tracking_uri)
     rows = request_rows(len(funcs), requests, batch)

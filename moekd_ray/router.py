@@ -1,6 +1,6 @@
 """The router: per input, a weight for each of the K experts; and the mixture it defines.
 
-Formulation (README "Router"): the gate is an MLP over the function's hashed TF-IDF vector x,
+Formulation (docs/pipeline.md, "Router"): the gate is an MLP over the function's hashed TF-IDF vector x,
     w(x) = softmax(g(x) / tau)              (optionally only the top-k kept, renormalised)
     p_mix(y | x) = sum_k w_k(x) * p_k(y | x)  with p_k the frozen expert k's class probabilities.
 It is trained to maximise log p_mix(label) plus a load-balancing term

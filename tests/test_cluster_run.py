@@ -1,7 +1,7 @@
 """`ray job submit` against a real two-node local cluster started here: a head (`ray start --head`, dashboard and
 Jobs API on 127.0.0.1, token authentication on) and a second node with a custom resource that the experts' workers
-require, so the job's experts must be placed on the other node. The job is README's command: the repository root
-uploaded as the working dir with README's runtime_env excludes, `moekd run jobs/quickstart.yaml` with overrides
+require, so the job's experts must be placed on the other node. The job is docs/cluster.md's command: the repository
+root uploaded as the working dir with its runtime_env excludes, `moekd run jobs/quickstart.yaml` with overrides
 that make it tiny. The test checks the upload is the small package those excludes give, the job SUCCEEDED, the
 MLflow run and registered student exist, and that a failing job reports FAILED with moekd's one-line error in its
 logs. The cluster is stopped through the processes this test started.
@@ -127,8 +127,8 @@ def cluster():
 
 
 def documented_excludes() -> list[str]:
-    """The runtime_env excludes of README's local `ray job submit` (the test uploads what a user uploads)."""
-    blocks = re.findall(r"```[^\n]*\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    """The runtime_env excludes of docs/cluster.md's local `ray job submit` (the test uploads what a user uploads)."""
+    blocks = re.findall(r"```[^\n]*\n(.*?)```", (ROOT / "docs" / "cluster.md").read_text(), flags=re.S)
     local = next(block for block in blocks if "ray start --head" in block)
     return json.loads(re.search(r"--runtime-env-json '([^']*)'", local).group(1))["excludes"]
 
