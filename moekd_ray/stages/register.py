@@ -14,7 +14,8 @@ from moekd_ray.stages.evaluate import reference_tags
 
 def register_stage(ctx: RunContext, decision: dict, rows: list[dict]) -> tuple[str | None, str]:
     """Log and register the run's student (its folder student/, its tokenizer, the resolved config, its row's
-    figures); returns (its model URI, None when spooled; " (<what promotion did>)" or "" when not registered)."""
+    figures). Returns its model URI (None while the writes are spooled) and what promotion did, as " (...)" for the
+    run's last line ("" when nothing was registered)."""
     cfg, run_dir, tracker = ctx.cfg, ctx.run_dir, ctx.tracker
     student_row = next(r for r in rows if r["model"] == "student")
     with ctx.timer("register"):
