@@ -29,6 +29,7 @@ from moekd_ray.losses import consistency_loss, kd_loss
 from moekd_ray.metrics import validation_metrics
 from moekd_ray.models import build_model, load_model, num_params, save_float32, size_mb
 from moekd_ray.stages.context import RunContext
+from moekd_ray.stages.tokenise import Encoded
 from moekd_ray.train_loop import (BestEpoch, classifier_logits, make_loader, predict_logits, scheduled, start_epoch,
                                   train_epoch)
 
@@ -252,9 +253,9 @@ def distill_student(cfg: MoEKDConfig, enc: dict, labels: dict, teacher_probs: np
     return distill_trainer(cfg, enc, labels, teacher_probs, f"{run_dir.name}-student", storage).fit()
 
 
-def distill_stage(ctx: RunContext, enc, targets: dict) -> tuple[torch.nn.Module, dict]:
+def distill_stage(ctx: RunContext, enc: Encoded, targets: dict) -> tuple[torch.nn.Module, dict]:
     """Distil the student from the training split's soft targets (on resume: reuse the saved student) into the run
-    folder's student/, with its decision threshold moved into its weights. `enc`: stages.tokenise.Encoded.
+    folder's student/, with its decision threshold moved into its weights.
     Returns (the student, its decision: threshold and how it was chosen)."""
     cfg, run_dir, tracker = ctx.cfg, ctx.run_dir, ctx.tracker
     with ctx.timer("distill"), tracker.stage("distill", cfg.distill.model_dump(mode="json")):
@@ -278,7 +279,7 @@ def distill_stage(ctx: RunContext, enc, targets: dict) -> tuple[torch.nn.Module,
     return student, decision
 
 
-def fit_student(ctx: RunContext, enc, soft: np.ndarray):
+def fit_student(ctx: RunContext, enc: Encoded, soft: np.ndarray):
     """The Ray result of distilling on the transfer set: the training split, with renamed copies when
     `distill.augment_ratio` asks for them (augment.robust_transfer_set; their counts go to the stage's run)."""
     cfg, funcs, log = ctx.cfg, ctx.funcs, ctx.log

@@ -15,13 +15,13 @@ from moekd_ray.decision import pick_threshold
 from moekd_ray.metrics import classification_metrics, comparison_figure, confusion_matrix_figure, degenerate
 from moekd_ray.models import load_model, num_params, size_mb
 from moekd_ray.stages.context import RunContext
+from moekd_ray.stages.tokenise import Encoded
 from moekd_ray.train_loop import predict_logits, probs1, throughput
 
 
-def evaluate_stage(ctx: RunContext, checkpoints: list[list], targets: dict, student, enc) -> list[dict]:
+def evaluate_stage(ctx: RunContext, checkpoints: list[list], targets: dict, student, enc: Encoded) -> list[dict]:
     """The final table's rows (`result_row`), one MLflow run per model (same metric names, so the UI compares them
-    side by side), a warning line per degenerate model; the headline metrics go on the parent run. `enc`:
-    stages.tokenise.Encoded."""
+    side by side), a warning line per degenerate model; the headline metrics go on the parent run."""
     cfg, tracker, labels = ctx.cfg, ctx.tracker, ctx.labels
     with ctx.timer("evaluate"), tracker.stage("evaluate"):
         rows, test_probs = evaluate_all(cfg, checkpoints, targets, student, enc.experts, enc.student, labels)
