@@ -249,7 +249,7 @@ def test_victim_and_resume_find_the_experts_under_ray_storage_path(ray_cluster, 
     a URI for resume)."""
     from moekd_ray.attacks.victim import load_victim
     from moekd_ray.config import dump_yaml, load_config
-    from moekd_ray.recipes.pipeline import finished_members
+    from moekd_ray.stages.context import finished_members
     from moekd_ray.stages.experts import train_experts
     from moekd_ray.tokenization import encode, train_bpe
 

@@ -63,7 +63,7 @@ def test_cross_fitted_experts_and_best_epoch(learned):
     import ray.train
 
     from moekd_ray.stages.experts import by_expert, member_names
-    from moekd_ray.recipes.pipeline import finished_members
+    from moekd_ray.stages.context import finished_members
 
     finished = finished_members(cfg, result.run_dir)
     experts = by_expert(cfg, [finished[m].checkpoint for names in member_names(cfg) for m in names])

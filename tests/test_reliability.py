@@ -216,7 +216,7 @@ def test_worker_sigkilled_several_times_resumes_equal(ray_cluster, tmp_path):
     per-epoch losses and final weights as an uninterrupted run. A checkpoint written but not reported is never used:
     the restart resumes from the latest registered one and redoes the epochs after it, and a resumed pipeline does
     not take the unreported final epoch's checkpoint for a finished expert."""
-    from moekd_ray.recipes.pipeline import finished_members
+    from moekd_ray.stages.context import finished_members
 
     enc = {"train": arrays(960, 0), "valid": arrays(32, 1)}  # 60 steps an epoch: long enough to land inside one
     labels = {s: (a["input_ids"][:, 1] % 2).astype(np.int64) for s, a in enc.items()}

@@ -7,7 +7,7 @@ each example has its own seeded generator, so a parallel run gives the serial ru
 Metrics follow ALERT: attack success rate over attacked functions, mean queries, mean renamed identifiers,
 robust accuracy (correct and not flipped, over all sampled functions).
 
-Used by `moekd attack` (recipes/attack.py), the pipeline's last stage, the benchmark, tune's robust objective and
+Used by `moekd attack` and the pipeline's attack stage (stages/attack.py), the benchmark, tune's robust objective and
 the robust students' attack-found copies (`adversarial_renamings`).
 """
 

@@ -1,4 +1,5 @@
-"""Stage: train the router on frozen experts' logits, then aggregate them into the soft-target file.
+"""Stage: train the router on frozen experts' logits, then aggregate them into the soft-target file (the pipeline's
+entry: `router_stage()`).
 
 The file (safetensors, one tensor set per split) keeps the per-expert logits and the gate logits as well as the
 aggregated targets, so another router or distillation temperature needs no expert forward pass.
@@ -7,6 +8,7 @@ aggregated targets, so another router or distillation temperature needs no exper
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +19,52 @@ from safetensors.numpy import save_file
 
 from moekd_ray import progress
 from moekd_ray.config import MoEKDConfig
+from moekd_ray.partition import assign_parts
 from moekd_ray.router import gate_logits, mixture_probs, route, train_router, uniform_weights
+from moekd_ray.stages.context import RunContext
+from moekd_ray.stages.experts import expert_logits
+
+
+def router_stage(ctx: RunContext, checkpoints: list[list], enc_expert: list[dict], features: dict[str, sp.spmatrix],
+                 parts: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
+    """Run the experts over every split, fit the router and aggregate the soft targets into the run folder's
+    soft_targets.safetensors (or reuse that file on resume); then, every run, measure on validation whether the
+    experts specialise and the router follows the parts. Returns the aggregated targets (`aggregate`'s dict)."""
+    cfg, tracker = ctx.cfg, ctx.tracker
+    with ctx.timer("router"), tracker.stage("router", cfg.router.model_dump(mode="json")):
+        soft_path = ctx.run_dir / "soft_targets.safetensors"
+        targets = cached_soft_targets(soft_path, cfg, ctx.log) if ctx.finished.resume else None
+        if targets is None:
+            logits = expert_logits(cfg, checkpoints, enc_expert)  # every expert over every split, once
+            router_epochs = []
+            gates = fit_gate(cfg, features, logits, ctx.labels, log=ctx.log, history=router_epochs)
+            tracker.log_epochs(router_epochs)
+            targets = aggregate(cfg, logits, gates, ctx.labels)
+            save_soft_targets(targets, soft_path, {"config_digest": cfg.digest()})
+            tracker.log_artifact(soft_path)
+        else:
+            ctx.timer.reused("router")
+        mean_w = targets["train"]["weights"].mean(0)
+        tracker.log_metrics({f"train_mean_weight_{k}": float(w) for k, w in enumerate(mean_w)})
+        log_specialisation(ctx, targets, features, parts)
+    return targets
+
+
+def log_specialisation(ctx: RunContext, targets: dict, features: dict[str, sp.spmatrix], parts: np.ndarray) -> None:
+    """Do the experts specialise, and does the router follow the parts? On validation, into the stage's run."""
+    cfg, data = ctx.cfg, ctx.data
+    valid_parts = assign_parts(cfg.partition.strategy.value, ctx.funcs["train"], list(data["train"]["project"]),
+                               parts, ctx.funcs["valid"], list(data["valid"]["project"]), cfg.experts.k, cfg.seed,
+                               cfg.partition.hash_features, (features["train"], features["valid"]))
+    spec = specialisation(targets["valid"], valid_parts, cfg.experts.k)
+    for line in specialisation_lines(spec):
+        ctx.log(line)
+    ctx.tracker.log_text(json.dumps(spec, indent=1), "specialisation.json")
+    ctx.tracker.log_metrics({"routing_entropy": spec["routing_entropy"],
+                             **{f"expert_{i}_part_{j}_val_accuracy": a for i, row in enumerate(spec["accuracy"])
+                                for j, a in enumerate(row)},
+                             **{f"part_{j}_weight_{i}": w for j, row in enumerate(spec["weight"])
+                                for i, w in enumerate(row)}})
 
 
 def fit_gate(cfg: MoEKDConfig, features: dict[str, sp.spmatrix], logits: dict[str, np.ndarray],
@@ -111,6 +158,17 @@ def load_soft_targets(path: Path, expect_digest: str | None = None) -> dict[str,
         split, name = key.split("/", 1)
         out.setdefault(split, {})[name] = arr
     return out
+
+
+def cached_soft_targets(path: Path, cfg: MoEKDConfig, log) -> dict | None:
+    """The soft-target file if it is intact and of this config; else None (it is rebuilt), with a warning."""
+    if not path.is_file():
+        return None
+    try:
+        return load_soft_targets(path, expect_digest=cfg.digest())
+    except ValueError as exc:
+        log(f"warning: {path} is unusable ({exc}); rebuilding it")
+        return None
 
 
 def specialisation(split: dict[str, np.ndarray], parts: np.ndarray, k: int) -> dict:

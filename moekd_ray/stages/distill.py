@@ -2,7 +2,8 @@
 
 The ZeRO config is generated from `DistillConfig` (`deepspeed_config()`), written into the run folder, and used by
 every worker. At the end of each epoch rank 0 saves the consolidated weights (gathered under ZeRO-3) as an HF
-model in safetensors: that folder, less its deepspeed/ training state (for resuming), is the student.
+model in safetensors: that folder, less its deepspeed/ training state (for resuming), is the student. The
+pipeline's entry is `distill_stage()`.
 """
 
 from __future__ import annotations
@@ -20,10 +21,15 @@ import torch
 from pydantic import Field
 
 from moekd_ray import progress, ray_runtime
+from moekd_ray.attacks.workers import adversarial_renamings, substitute_pool
+from moekd_ray.augment import robust_transfer_set
 from moekd_ray.config import ArchConfig, DistillConfig, MoEKDConfig, PretrainConfig, Schedule
+from moekd_ray.decision import decide_folder, decision_tags, load_decision
 from moekd_ray.losses import consistency_loss, kd_loss
 from moekd_ray.metrics import validation_metrics
-from moekd_ray.models import build_model, load_model, save_float32
+from moekd_ray.models import build_model, load_model, num_params, save_float32, size_mb
+from moekd_ray.stages.context import RunContext
+from moekd_ray.stages.tokenise import Encoded
 from moekd_ray.train_loop import (BestEpoch, classifier_logits, make_loader, predict_logits, scheduled, start_epoch,
                                   train_epoch)
 
@@ -245,3 +251,44 @@ def distill_student(cfg: MoEKDConfig, enc: dict, labels: dict, teacher_probs: np
     (run_dir / "deepspeed_config.json").write_text(json.dumps(deepspeed_config(cfg.distill), indent=1))
     storage = ray_runtime.storage_path(cfg, run_dir)
     return distill_trainer(cfg, enc, labels, teacher_probs, f"{run_dir.name}-student", storage).fit()
+
+
+def distill_stage(ctx: RunContext, enc: Encoded, targets: dict) -> tuple[torch.nn.Module, dict]:
+    """Distil the student from the training split's soft targets (on resume: reuse the saved student) into the run
+    folder's student/, with its decision threshold moved into its weights.
+    Returns (the student, its decision: threshold and how it was chosen)."""
+    cfg, run_dir, tracker = ctx.cfg, ctx.run_dir, ctx.tracker
+    with ctx.timer("distill"), tracker.stage("distill", cfg.distill.model_dump(mode="json")):
+        student_dir = run_dir / "student"
+        if ctx.finished.student(student_dir):
+            ctx.timer.reused("distill")
+        else:
+            result = fit_student(ctx, enc, targets["train"]["soft_targets"])
+            tracker.log_epochs(ray_runtime.epoch_rows(result))
+            tracker.log_artifact(run_dir / "deepspeed_config.json")
+            # The decision threshold, chosen on validation, goes into the student's weights (models.shift_decision)
+            # as the folder is written: a student folder is always one with its threshold applied.
+            decision = ray_runtime.copy_atomically(result.checkpoint, student_dir, lambda folder: decide_folder(
+                cfg.eval, folder, enc.student["valid"], ctx.labels["valid"]))
+            ctx.log(f"student: decision threshold {decision['threshold']:.3f} (by validation {cfg.eval.threshold}), "
+                    "moved into its weights")
+        student = load_model(student_dir)
+        decision = load_decision(student_dir)
+        tracker.set_tags(decision_tags(decision))
+        ctx.log(f"student: {num_params(student):,} parameters, {size_mb(student):.2f} MB (float32)")
+    return student, decision
+
+
+def fit_student(ctx: RunContext, enc: Encoded, soft: np.ndarray):
+    """The Ray result of distilling on the transfer set: the training split, with renamed copies when
+    `distill.augment_ratio` asks for them (augment.robust_transfer_set; their counts go to the stage's run)."""
+    cfg, funcs, log = ctx.cfg, ctx.funcs, ctx.log
+    pool = substitute_pool(cfg, funcs["train"]) if cfg.distill.augment_ratio else []
+    enc_train, train_labels, teacher, copies = robust_transfer_set(
+        cfg.distill, enc.student["train"], ctx.labels["train"], soft, funcs["train"], enc.student_tok,
+        enc.student_max, pool, cfg.seed,
+        lambda: adversarial_renamings(cfg, ctx.run_dir, "uniform", funcs["train"], soft, pool, log), log)
+    if copies:
+        ctx.tracker.log_metrics(copies)
+    return distill_student(cfg, {**enc.student, "train": enc_train}, {**ctx.labels, "train": train_labels}, teacher,
+                           ctx.run_dir)

@@ -2,7 +2,8 @@
 
 Worker side: `expert_worker(config)` is plain PyTorch around `train_epoch`/`predict_logits` (DDP through Ray when
 an expert has several workers). Driver side: `train_experts()` builds one trainer per expert and fits them
-concurrently; `expert_logits()` runs each trained expert over every split as a Ray task.
+concurrently; `expert_logits()` runs each trained expert over every split as a Ray task. The pipeline's entry is
+`experts_stage()`, which trains only the models an interrupted run did not finish.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from moekd_ray import progress, ray_runtime
-from moekd_ray.config import ModelSource, MoEKDConfig, NgramConfig, PretrainedConfig, Schedule, member_names
+from moekd_ray.config import (ModelSource, MoEKDConfig, NgramConfig, PretrainedConfig, Schedule, dump_yaml,
+                              member_names)
 from moekd_ray.errors import ConfigError
 from moekd_ray.metrics import validation_metrics
 from moekd_ray.models import build_model, load_model
+from moekd_ray.stages.context import RunContext
 from moekd_ray.tokenization import NgramHasher, encode, load_tokenizer, train_bpe, with_input_transform
 from moekd_ray.train_loop import (BestEpoch, classifier_logits, make_loader, predict_logits, scheduled, start_epoch,
                                   torch_step, train_epoch, weighted_ce)
@@ -224,6 +227,49 @@ def train_experts(cfg: MoEKDConfig, enc: list[dict], labels: dict, parts: np.nda
     `member_names`). A run that reported checkpoints before (an interrupted run, resumed) continues from its latest."""
     storage = ray_runtime.storage_path(cfg, run_dir)
     return ray_runtime.fit_all(expert_trainers(cfg, enc, labels, parts, run_dir.name, storage, members))
+
+
+def experts_stage(ctx: RunContext, enc: list[dict], parts: np.ndarray) -> list[list]:
+    """Train the expert models an interrupted run did not finish (all of them in a new run), then write one MLflow
+    run per model; returns each expert's checkpoints (`by_expert`)."""
+    cfg, log = ctx.cfg, ctx.log
+    with ctx.timer("experts"):
+        members = [m for names in member_names(cfg) for m in names]
+        results = ctx.finished.members()
+        todo = [m for m in members if m not in results]
+        if todo:
+            if results:
+                log(f"experts: {', '.join(results)} finished before the interruption (reused); training "
+                    f"{', '.join(todo)}, each from its latest reported checkpoint if it has one")
+            fitted, finished_at = train_experts(cfg, enc, ctx.labels, parts, ctx.run_dir, todo)
+            ended = {m: ray_runtime.epoch_rows(r)[-1]["finished_at"] for m, r in results.items()}
+            results.update(zip(todo, fitted))
+            ended.update(zip(todo, finished_at))
+            log_members(ctx, members, results, ended)
+        else:
+            ctx.timer.reused("experts")
+        return by_expert(cfg, [results[m].checkpoint for m in members])
+
+
+def log_members(ctx: RunContext, members: list[str], results: dict, ended: dict[str, float]) -> None:
+    """Every member's stage run (a killed driver logged none: they are logged once all have trained), spanning its
+    training, with its epochs, its spec and a summary line."""
+    specs = [spec for spec in ctx.cfg.experts.specs() for _ in range(ctx.cfg.experts.folds)]
+    for member, spec in zip(members, specs):
+        rows = ray_runtime.epoch_rows(results[member])
+        ctx.log(epoch_summary(member, rows))
+        span = (rows[0]["started_at"], ended[member])  # the MLflow run spans the training
+        with ctx.tracker.stage(member, spec.model_dump(mode="json"), span=span):
+            ctx.tracker.log_epochs(rows)
+            ctx.tracker.log_text(dump_yaml(spec.model_dump(mode="json")), "config.yaml")
+            ctx.tracker.log_table(rows, "epochs.json")
+
+
+def epoch_summary(name: str, rows: list[dict]) -> str:
+    """One line for a trained model: its kept epoch's validation figures."""
+    best = next((r for r in rows if r["epoch"] == rows[-1]["best_epoch"]), rows[-1])
+    return (f"{name}: epoch {best['epoch']} of {len(rows)} kept, val acc {best['val_accuracy']:.3f} "
+            f"f1 {best['val_f1']:.3f} auc {best['val_auc']:.3f}")
 
 
 def by_expert(cfg: MoEKDConfig, flat: list) -> list[list]:
