@@ -56,7 +56,24 @@ def connect(tracking_uri: str, experiment: str | None = None) -> str | None:
     if tracking_uri.startswith(("http://", "https://")):
         _check_login(tracking_uri)
     # The active experiment, so that nested stage runs land beside their parent.
-    return mlflow.set_experiment(experiment).experiment_id if experiment else None
+    return mlflow.set_experiment(experiment_id=experiment_id(experiment)).experiment_id if experiment else None
+
+
+def experiment_id(name: str) -> str:
+    """The id of experiment `name`, created if new. Not `mlflow.set_experiment(name)`: when two processes create
+    the same new experiment at once (two jobs, a team's first runs), the one that loses the race is handed the
+    experiment but not made active, so its runs land in Default without a word (mlflow/mlflow#10334; seen here on
+    PostgreSQL in tests/test_team_server.py)."""
+    client = mlflow.MlflowClient()
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(name)
+    except mlflow.exceptions.MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return client.get_experiment_by_name(name).experiment_id  # another process created it just now
 
 
 def _check_login(tracking_uri: str) -> None:

@@ -85,8 +85,8 @@ WRITER = """
 import sys, tempfile, time, mlflow
 from pathlib import Path
 uri, writer, runs, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-mlflow.set_tracking_uri(uri)
-mlflow.set_experiment("team-writers")
+from moekd_ray import tracking
+tracking.connect(uri, "team-writers")  # as moekd does; all writers create the experiment at once
 start = time.time()
 for i in range(runs):
     with mlflow.start_run(run_name=f"w{writer}-{i}"):
