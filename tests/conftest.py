@@ -1,5 +1,6 @@
 """Shared fixtures: one real local Ray cluster per test session (starting one costs ~10 s)."""
 
+import inspect
 import os
 import shutil
 import tempfile
@@ -58,7 +59,8 @@ def is_slow(item) -> bool:
     """Whatever starts Ray (the session's cluster, its own, or a fixture built on one: a tiny pipeline, a benchmark)
     or waits on a server: seconds to minutes each. The rest (components, configs, bad input) runs in a few minutes."""
     return ("ray_cluster" in getattr(item, "fixturenames", ()) or item.get_closest_marker("own_cluster") is not None
-            or item.module.__name__.rpartition(".")[2] in SLOW_MODULES)
+            or item.module.__name__.rpartition(".")[2] in SLOW_MODULES
+            or "wait_http(" in inspect.getsource(item.function))  # starts a server of its own
 
 
 def pytest_collection_modifyitems(items):

@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 from conftest import TINY_ARCH
-from servers import (HEALTH_TIMEOUT_S, LOOPBACK, PG_FIX, ROOT, START_SERVER, end_group, free_port, postgres,
+from servers import (LOOPBACK, PG_FIX, ROOT, START_SERVER, end_group, free_port, postgres,
                      postgres_bin, server_env, start_group, wait_http)
 
 # The first test waits for the whole fixture: 3 to 10 minutes on 2 busy cores.
@@ -127,7 +127,7 @@ def start_server(tmp: Path, pg_port: int, log_name: str, *options: str, **env: s
     try:
         # A fresh PostgreSQL store runs MLflow's whole migration chain before answering: over 120 s seen here while
         # the suite and a benchmark shared the 2 cores (a sqlite server needs far less).
-        wait_http(f"{uri}/health", proc, log, timeout_s=4 * HEALTH_TIMEOUT_S)
+        wait_http(f"{uri}/health", proc, log, timeout_s=480)
     except BaseException:
         end_group(proc)
         raise
