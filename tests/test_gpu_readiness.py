@@ -295,7 +295,9 @@ BEST_EPOCH_RANKS = textwrap.dedent("""
         seen.append([better, stop, best.epoch, best.value])
         if stop:
             break
-    print(json.dumps(seen))
+    print(json.dumps(seen), flush=True)
+    dist.barrier()
+    dist.destroy_process_group()  # else gloo's threads may outlive the interpreter: "terminate called" (seen in CI)
 """)
 
 
