@@ -50,8 +50,8 @@ class Finished:
     missing. A new run's folder holds nothing. (The soft-target file's check, `cached_soft_targets`, is in
     stages/aggregate.py beside its reader, which imports this module.)"""
 
-    def __init__(self, cfg: MoEKDConfig, run_dir: Path, resume: bool, log=print):
-        self.cfg, self.run_dir, self.resume, self.log = cfg, run_dir, resume, log
+    def __init__(self, cfg: MoEKDConfig, run_dir: Path, resume: bool):
+        self.cfg, self.run_dir, self.resume = cfg, run_dir, resume
 
     def tokenizers(self):
         """(expert tokenizers, student tokenizer) as saved, or (None, None)."""
@@ -108,5 +108,5 @@ class RunContext:
         funcs = {s: list(data[s]["func"]) for s in SPLITS}
         timer = StageTimer(log, ["tokenizers", "partition", "experts", "router", "distill", "evaluate",
                                  *(["attack"] if cfg.attack.in_pipeline else []), "register"])
-        finished = Finished(cfg, run_dir, resume, log)  # what an interrupted run left (nothing for a new run)
+        finished = Finished(cfg, run_dir, resume)  # what an interrupted run left (nothing for a new run)
         return cls(cfg, data, funcs, labels, run_dir, tracker, timer, finished, log)
