@@ -35,7 +35,7 @@ import numpy as np
 from moekd_ray.config import DataConfig
 from moekd_ray.data import read_jsonl, resolve_data_dir, split_file, take_subset
 from moekd_ray.errors import ConfigError, DataError, TrackingError
-from moekd_ray.predict import load_model
+from moekd_ray.recipes.predict import load_model
 from moekd_ray.process_group import LOOPBACK, end_group, free_port
 
 try:

@@ -290,7 +290,7 @@ def _sync(args) -> int:
 def _predict(args) -> int:
     from pydantic import ValidationError
 
-    from moekd_ray.predict import predict
+    from moekd_ray.recipes.predict import predict
 
     given = {name: getattr(args, name) for name in PredictConfig.model_fields}
     try:

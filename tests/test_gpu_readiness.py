@@ -20,16 +20,16 @@ from moekd_ray.scoring import TRAINED_LENGTH, max_input_length
 
 TINY = ArchConfig(vocab_size=300, hidden_size=32, num_layers=1, num_heads=2, ffn_size=64, max_length=32)
 
-# A DeepSpeed bf16 engine in one gloo process (DeepSpeed's bf16 runs on CPU), a few steps, then the distill stage's
+# A DeepSpeed bf16 engine in one gloo process (DeepSpeed's bf16 runs on CPU), a few steps, then deepspeed_engine's
 # own gathered_state + save_deepspeed per ZeRO stage. A subprocess: the process group and DeepSpeed's globals stay
 # out of the test process.
 BF16_DISTILL = textwrap.dedent("""
     import sys, torch, torch.distributed as dist
     from moekd_ray.config import ArchConfig, DistillConfig, Schedule
     from moekd_ray.models import build_model
-    from moekd_ray.stages import distill
+    from moekd_ray import deepspeed_engine
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{sys.argv[1]}", rank=0, world_size=1)
-    distill._skip_cpu_shm_build()
+    deepspeed_engine._skip_cpu_shm_build()
     import deepspeed
     arch = ArchConfig.model_validate_json(sys.argv[3])
     for stage in (0, 2, 3):
@@ -37,14 +37,14 @@ BF16_DISTILL = textwrap.dedent("""
                             resources={"num_workers": 1})
         model = build_model(arch, 0)
         engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                          config=distill.deepspeed_config(cfg))
+                                          config=deepspeed_engine.deepspeed_config(cfg))
         assert next(engine.module.parameters()).dtype == torch.bfloat16  # it really trains in bf16
         for _ in range(3):
             ids = torch.randint(3, arch.vocab_size, (4, arch.max_length))
             logits = engine(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
             engine.backward(torch.nn.functional.cross_entropy(logits.float(), torch.tensor([0, 1, 0, 1])))
             engine.step()
-        distill.save_deepspeed(engine, f"{sys.argv[2]}/zero{stage}", 0, distill.gathered_state(engine, 0))
+        deepspeed_engine.save_deepspeed(engine, f"{sys.argv[2]}/zero{stage}", 0, deepspeed_engine.gathered_state(engine, 0))
 """)
 
 
@@ -107,7 +107,7 @@ def test_deepspeed_needs_no_op_compiled_at_run_time(use_gpu):
     """Item 2: the student's (and pretraining's) optimizer is torch's AdamW on GPU too. Before: FusedAdam on GPU,
     compiled on first use (nvcc, ninja, CUDA_HOME), which a DS_BUILD_OPS=0 install lacks."""
     from moekd_ray.config import DistillConfig, PretrainConfig
-    from moekd_ray.stages.distill import deepspeed_config
+    from moekd_ray.deepspeed_engine import deepspeed_config
 
     for cfg in (DistillConfig(resources={"use_gpu": use_gpu}), PretrainConfig(resources={"use_gpu": use_gpu})):
         assert deepspeed_config(cfg)["optimizer"]["params"]["torch_adam"] is True

@@ -20,7 +20,8 @@ from types import SimpleNamespace
 import pytest
 
 from moekd_ray.cli import main
-from moekd_ray.predict import extract_functions, predict
+from moekd_ray.c_parser import extract_functions
+from moekd_ray.recipes.predict import predict
 from servers import registered_tiny_student, save_tiny_student
 
 SCHEMA = Path(__file__).with_name("data") / "sarif-schema-2.1.0.json"
@@ -482,7 +483,7 @@ def write_generated_tree(root: Path, files: int = 100, per_file: int = 10) -> No
 
 def test_streams_in_batches_while_walking(tmp_path, monkeypatch):
     """Never more than one batch of sources at once, and scoring starts long before the walk ends."""
-    import moekd_ray.predict as mod
+    import moekd_ray.recipes.predict as mod
 
     write_generated_tree(tmp_path / "gen", files=20, per_file=10)
     files_read, calls = [], []

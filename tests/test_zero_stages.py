@@ -1,5 +1,5 @@
 """DeepSpeed ZeRO stages 1 and 3 on CPU (gloo, two ranks) train the same student as stage 2: the same seeded model
-and batches through each stage, then the distill stage's own `gathered_state` (the consolidated float32 weights a
+and batches through each stage, then `deepspeed_engine.gathered_state` (the consolidated float32 weights a
 run saves) compared. Stage 2 is what the pipeline tests run; 1 and 3 partition the optimizer state and (3) the
 weights differently, and ZeRO-3's gather of the partitioned weights is the path a GPU cluster job takes."""
 
@@ -25,11 +25,11 @@ ZERO_STAGES = textwrap.dedent("""
     from safetensors.torch import save_file
     from moekd_ray.config import ArchConfig, DistillConfig, Schedule
     from moekd_ray.models import build_model
-    from moekd_ray.stages import distill
+    from moekd_ray import deepspeed_engine
 
     def main(rank, port, out, arch_json):
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-        distill._skip_cpu_shm_build()
+        deepspeed_engine._skip_cpu_shm_build()
         import deepspeed
         arch = ArchConfig.model_validate_json(arch_json)
         for stage in (1, 2, 3):
@@ -37,14 +37,14 @@ ZERO_STAGES = textwrap.dedent("""
                                 resources={"num_workers": 2})
             model = build_model(arch, 0)
             engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                              config=distill.deepspeed_config(cfg))
+                                              config=deepspeed_engine.deepspeed_config(cfg))
             gen = torch.Generator().manual_seed(100 + rank)
             for _ in range(4):
                 ids = torch.randint(3, arch.vocab_size, (4, arch.max_length), generator=gen)
                 logits = engine(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
                 engine.backward(torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 0, 1])))
                 engine.step()
-            state = distill.gathered_state(engine, rank)
+            state = deepspeed_engine.gathered_state(engine, rank)
             if rank == 0:
                 save_file({k: v.contiguous() for k, v in state.items()}, f"{out}/zero{stage}.safetensors")
             dist.barrier()

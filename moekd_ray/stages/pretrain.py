@@ -28,12 +28,13 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import RobertaForMaskedLM
 
 from moekd_ray import progress, ray_runtime, tracking
+from moekd_ray.c_parser import extract_functions
 from moekd_ray.config import MoEKDConfig, PretrainedConfig, PretrainSource
 from moekd_ray.data import load_devign
 from moekd_ray.errors import ConfigError
 from moekd_ray.models import roberta_config
-from moekd_ray.stages.distill import (DEEPSPEED_TAG, DeepSpeedJob, deepspeed_config, deepspeed_step, gathered_state,
-                                      save_deepspeed, start_deepspeed)
+from moekd_ray.deepspeed_engine import (DEEPSPEED_TAG, DeepSpeedJob, deepspeed_config, deepspeed_step, gathered_state,
+                                       save_deepspeed, start_deepspeed)
 from moekd_ray.tokenization import SPECIALS, encode, train_bpe
 from moekd_ray.train_loop import BestEpoch, model_device, model_inputs, start_epoch, train_epoch, trim_padding
 
@@ -58,8 +59,6 @@ def normalised(func: str) -> str:
 
 def read_extra_corpus(paths: list[str]) -> tuple[list[str], int]:
     """The functions of each folder (*.c and *.h, recursively) or .jsonl file (`func` field), and how many files."""
-    from moekd_ray.predict import extract_functions
-
     funcs, files = [], 0
     for path in paths:
         p = Path(path)
