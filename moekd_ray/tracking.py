@@ -13,6 +13,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path, PurePosixPath
 
@@ -128,13 +129,30 @@ def client() -> mlflow.MlflowClient:
     return mlflow.MlflowClient()
 
 
+@dataclass(frozen=True)
+class RunRecord:
+    """What the drivers read of a logged run: plain values, not MLflow's objects."""
+    run_id: str
+    tags: dict[str, str]
+    metrics: dict[str, float]  # each metric's latest value
+    params: dict[str, str]
+
+    @classmethod
+    def of(cls, run) -> "RunRecord":
+        return cls(run.info.run_id, dict(run.data.tags), dict(run.data.metrics), dict(run.data.params))
+
+
 @contextlib.contextmanager
 def run(name: str | None = None, run_id: str | None = None, experiment_id: str | None = None, nested: bool = False):
     """A new run (`name`, in `experiment_id` or the active experiment) or a reopened one (`run_id`: it keeps its
-    name and experiment), active inside the block; `nested`: under the active run."""
+    name and experiment), active inside the block, which gets its run id; `nested`: under the active run."""
     new = {"run_name": name, "experiment_id": experiment_id} if run_id is None else {"run_id": run_id}
     with mlflow.start_run(nested=nested, **new) as active:
-        yield active
+        yield active.info.run_id
+
+
+def get_run(run_id: str) -> RunRecord:
+    return RunRecord.of(client().get_run(run_id))
 
 
 def set_tags(tags: dict) -> None:
@@ -161,18 +179,20 @@ def load_dict(run_id: str, artifact_file: str) -> dict:
     return mlflow.artifacts.load_dict(f"runs:/{run_id}/{artifact_file}")
 
 
-def child_runs(parent_id: str) -> list:
+def child_runs(parent_id: str) -> list[RunRecord]:
     """The runs nested directly under `parent_id`."""
     experiment = client().get_run(parent_id).info.experiment_id
-    return client().search_runs([experiment], f"tags.mlflow.parentRunId = '{parent_id}'", max_results=10_000)
+    found = client().search_runs([experiment], f"tags.mlflow.parentRunId = '{parent_id}'", max_results=10_000)
+    return [RunRecord.of(r) for r in found]
 
 
-def find_runs(experiment: str, filter_string: str, max_results: int = 1) -> list:
+def find_runs(experiment: str, filter_string: str, max_results: int = 1) -> list[RunRecord]:
     """Runs of the experiment named `experiment` matching `filter_string` (none if there is no such experiment)."""
     found = mlflow.get_experiment_by_name(experiment)
     if found is None:
         return []
-    return client().search_runs([found.experiment_id], filter_string=filter_string, max_results=max_results)
+    return [RunRecord.of(r) for r in
+            client().search_runs([found.experiment_id], filter_string=filter_string, max_results=max_results)]
 
 
 def pipeline_run(spec: str, option: str) -> tuple[Path, str | None] | None:

@@ -50,19 +50,20 @@ from moekd_ray.baseline import SavedTfidfLR, TfidfLR
 from moekd_ray.config import METHODS, MoEKDConfig, dump_yaml, load_config
 from moekd_ray.errors import ConfigError
 from moekd_ray.data import dataset_hash, describe, load_devign
-from moekd_ray.metrics import axes, classification_metrics, confusion_matrix_figure, finish, points_figure
-from moekd_ray.models import load_model, num_params, size_mb
+from moekd_ray.metrics import axes, confusion_matrix_figure, finish, points_figure
+from moekd_ray.models import load_model
 from moekd_ray.scoring import max_input_length
 from moekd_ray.partition import assign_parts, code_features, partition
 from moekd_ray.stages.aggregate import (expert_weights, fit_gate, load_soft_targets, save_soft_targets, soft_targets,
                                        specialisation, specialisation_lines)
 from moekd_ray.attacks.workers import adversarial_renamings, attack_examples, format_summary, sample_examples, summarize
 from moekd_ray.stages.distill import distill_trainer
+from moekd_ray.stages.evaluate import combined_cost, model_cost, model_row, text_model_cost
 from moekd_ray.stages.experts import encode_for_experts, expert_logits, expert_trainers, make_tokenizers
 from moekd_ray.stages.pretrain import with_pretrained_encoder
 from moekd_ray.router import mixture_probs
 from moekd_ray.tokenization import encode, load_tokenizer, train_bpe
-from moekd_ray.train_loop import latency_p50_ms, predict_logits, probs1, throughput
+from moekd_ray.train_loop import predict_logits, probs1
 
 PROTOCOL_SPLITS = ("train", "transfer", "valid", "test")  # Compressor's protocol: "train" = the labelled half
 SINGLE_TEACHER = ("compressor", "avatar")  # methods distilled from the single teacher; the rest from the experts
@@ -86,7 +87,6 @@ class FaultInjected(RuntimeError):
 
 
 def run_benchmark(cfg: MoEKDConfig, log=print, resume: str | None = None) -> BenchmarkResult:
-    b = cfg.benchmark
     if cfg.experts.folds != 1:
         raise ConfigError(f"experts.folds={cfg.experts.folds}: the benchmark's students learn from a held-out transfer "
                           "set instead of cross-fitted targets; set experts.folds=1")
@@ -94,22 +94,23 @@ def run_benchmark(cfg: MoEKDConfig, log=print, resume: str | None = None) -> Ben
     bench_dir, parent_id = resume_target(cfg, resume) if resume else (new_bench_dir(cfg), None)
     data = load_devign(cfg.data, cfg.seed)
     log(f"data: {describe(data)}")
-    funcs, labels, projects = split_transfer(data, b.labelled_fraction, cfg.seed)
+    funcs, labels, projects = split_transfer(data, cfg.benchmark.labelled_fraction, cfg.seed)
     log(f"labelled part {len(labels['train'])} functions (teachers), transfer set {len(labels['transfer'])} (students)")
     ray_runtime.init_ray(cfg)
     ray_runtime.check_bf16(cfg, ("experts", "distill"))  # a GPU without bf16: one line before any training
     tcfg = with_pretrained_encoder(cfg, log, data)  # `source: pretrain` experts: the encoder's folder
     examples, pool = sample_examples(cfg)  # one seeded sample, the same for every model and attack
 
-    with SessionClock(bench_dir) as clock, tracking.run(cfg.name, parent_id, experiment_id) as parent:
+    with SessionClock(bench_dir) as clock, tracking.run(cfg.name, parent_id, experiment_id) as run_id:
         if parent_id:
             log(f"== resuming benchmark {bench_dir} (MLflow run {parent_id})")
         else:
             tracking.set_tags({"moekd.benchmark": "1", "moekd.config_digest": results_digest(cfg),
-                             "moekd.data_hash": dataset_hash(data), "moekd.run_dir": str(bench_dir.resolve())})
+                               "moekd.data_hash": dataset_hash(data), "moekd.run_dir": str(bench_dir.resolve())})
             tracking.log_config(cfg.model_dump(mode="json"))
-            (bench_dir / "mlflow_run_id").write_text(parent.info.run_id)
-        cells = Cells(parent.info.run_id, cfg.ray.fault_injection, bench_dir, clock)
+            (bench_dir / "mlflow_run_id").write_text(run_id)
+        cells = Cells(run_id, cfg.ray.fault_injection, bench_dir, clock)
+        bench = BenchmarkRun(cfg, bench_dir, cells, funcs, labels, examples, pool, log)
         teachers = train_teachers(tcfg, funcs, labels, projects, log)
         start = time.perf_counter()
         features = {s: code_features(funcs[s], cfg.partition.hash_features) for s in PROTOCOL_SPLITS}
@@ -117,105 +118,149 @@ def run_benchmark(cfg: MoEKDConfig, log=print, resume: str | None = None) -> Ben
         router_seconds = time.perf_counter() - start
         log_specialisation(tcfg, funcs, labels, projects, features, teachers, gates, log)
 
-        log("== references: the teachers and tfidf-lr")
-        references = ([f"expert_{k}" for k in range(cfg.experts.k)] + ["mixture", "teacher"]
-                      + (["tfidf-lr"] if b.reference_tfidf else []))
-        reference_rows = {}  # each expert's row: the mixture's cost is theirs together
-        for name in references:
-            if cells.complete(name):
-                log(f"{name}: reused (complete before the interruption)")
-                reference_rows[name] = cells.metrics(name)
-                continue
-            role = "reference" if name == "tfidf-lr" else "teacher"
-            with cells.open(name, {"moekd.bench.method": name, "moekd.bench.role": role}) as logged:
-                folder = teachers.folder / name if name != "tfidf-lr" else bench_dir / "references" / "tfidf-lr"
-                if "test_accuracy" not in logged:
-                    row, probs = evaluate_reference(tcfg, name, teachers, gates, funcs, labels, router_seconds, folder,
-                                                    reference_rows)
-                    reference_rows[name] = row
-                    log_evaluation(row, probs, labels["test"], f"{name}, test", bench_dir / "report" / f"confusion_{name}.png")
-                    log(f"{name}: test acc {row['test_accuracy']:.3f} f1 {row['test_f1']:.3f}, {row['size_mb']:.2f} MB")
-                if name == "tfidf-lr" or (name == "teacher" and b.attack_teacher) \
-                        or (name.startswith("expert_") and b.attack_experts):
-                    attack_all(cfg, folder, examples, pool, logged, log)
-                elif name == "mixture" and b.attack_experts:  # the plain mean of the experts (uniform-moe's teacher)
-                    attack_all(cfg, teachers.folder, examples, pool, logged, log, target="uniform")
-
+        reference_cells(bench, tcfg, teachers, gates, router_seconds)
         tokenizers = {}  # students of the same vocabulary and length share one BPE
-        for seed in b.seeds:
-            todo = [m for m in b.methods if not cells.complete(f"{m}/seed{seed}")]
-            if not todo:
-                log(f"== students, seed {seed}: all reused (complete before the interruption)")
-                continue
-            configs = {m: method_config(cfg, m, seed) for m in todo}
-            encoded, trainers, copies = {}, {}, {}
-            for m, mcfg in configs.items():
-                arch = mcfg.distill.arch()
-                key = (arch.vocab_size, arch.max_length)
-                if key not in tokenizers:
-                    tok = train_bpe(funcs["train"] + funcs["transfer"], arch.vocab_size, arch.max_length,
-                                    cfg.data.canonical)
-                    tokenizers[key] = (tok, {s: encode(tok, funcs[s], arch.max_length) for s in PROTOCOL_SPLITS[1:]})
-                encoded[m] = tokenizers[key]
-                if (student_folder(bench_dir, m, seed) / "distill.json").is_file():
-                    continue  # distilled and saved before the interruption (distill.json is written last)
-                tok, enc = encoded[m]
-                soft = method_targets(mcfg, m, teachers.logits, gates)
-                # Attack-found copies depend on the teachers only: found once (base seed), the same for every seed.
-                adversarial = not mcfg.distill.augment_attack.startswith("random")
-                train, train_labels, teacher, copies[m] = robust_transfer_set(
-                    mcfg.distill, enc["transfer"], labels["transfer"], soft, funcs["transfer"], tok, arch.max_length,
-                    pool, cfg.seed if adversarial else seed,
-                    lambda: adversarial_copies(mcfg.with_values({"seed": cfg.seed}), m, teachers.folder,
-                                               funcs["transfer"], soft, pool, bench_dir, log),
-                    lambda line: log(f"{m}: {line}"))
-                trainers[m] = distill_trainer(
-                    mcfg, {"train": train, "valid": enc["valid"]}, {"train": train_labels, "valid": labels["valid"]},
-                    teacher, f"{bench_dir.name}-{m}-s{seed}", ray_runtime.storage_path(cfg, bench_dir),
-                    task=f"{m} seed {seed}")
-            saved = [m for m in todo if m not in trainers]
-            log(f"== students, seed {seed}: {', '.join(trainers) or 'none'} distilled concurrently"
-                + (f"; {', '.join(saved)} saved before the interruption" if saved else ""))
+        for seed in cfg.benchmark.seeds:
+            student_cells(bench, seed, teachers, gates, tokenizers)
 
-            def student_cell(m: str) -> None:
-                """The student's test metrics and attacks, in its cell."""
-                folder = student_folder(bench_dir, m, seed)
-                distilled = json.loads((folder / "distill.json").read_text())
-                tags = {"moekd.bench.method": m, "moekd.bench.role": "student", "moekd.bench.seed": str(seed),
-                        "moekd.bench.student_dir": str(folder.resolve())}
-                with cells.open(f"{m}/seed{seed}", tags, configs[m].distill.model_dump(mode="json")) as logged:
-                    if "test_accuracy" not in logged:
-                        tracking.log_epochs(distilled["epochs"])
-                        tracking.log_metrics({k: v for k, v in distilled.items() if k != "epochs"})
-                        row, probs = evaluate_model(cfg, load_model(folder), encoded[m][1]["test"], labels["test"],
-                                                    sum(r["train_seconds"] for r in distilled["epochs"]))
-                        figure = bench_dir / "report" / f"confusion_{m}.png" if seed == b.seeds[0] else None
-                        log_evaluation(row, probs, labels["test"], f"{m}, seed {seed}, test", figure)
-                        log(f"{m} seed {seed}: test acc {row['test_accuracy']:.3f} f1 {row['test_f1']:.3f}, "
-                            f"{row['test_vulnerable_share']:.0%} called vulnerable, {row['size_mb']:.2f} MB, "
-                            f"distilled in {row['seconds_train']:.0f} s")
-                    attack_all(cfg, folder, examples, pool, logged, log)
-
-            for m in saved:
-                student_cell(m)
-            # Each student is saved, scored and attacked as soon as its distillation ends, while the others go on
-            # (a seed's cells do not wait for its slowest student). An unfinished distillation resumes from its
-            # latest reported checkpoint, a finished one is restored as it ended (same run name and storage).
-            for m, result in ray_runtime.fit_as_completed(trainers):
-                folder = student_folder(bench_dir, m, seed)
-                ray_runtime.copy_atomically(result.checkpoint, folder)
-                encoded[m][0].save_pretrained(str(folder / "tokenizer"))
-                (folder / "distill.json").write_text(json.dumps({"epochs": ray_runtime.epoch_rows(result),
-                                                                  **copies.get(m, {})}))
-                student_cell(m)
-
-        rows = benchmark_table(parent.info.run_id, b.attacks)
-        differences = difference_intervals(rows, labels["test"], b.attacks, b.bootstrap, cfg.seed)
+        rows = benchmark_table(run_id, cfg.benchmark.attacks)
+        differences = difference_intervals(rows, labels["test"], cfg.benchmark.attacks, cfg.benchmark.bootstrap,
+                                           cfg.seed)
         wall = clock.total()
         tracking.log_metrics({"wall_seconds": wall, "sessions": len(clock.sessions)})
         write_outputs(rows, differences, bench_dir, cfg, wall, len(clock.sessions), log)
         tracking.log_artifacts(bench_dir / "report", "report")
-        return BenchmarkResult(bench_dir, parent.info.run_id, rows, differences)
+        return BenchmarkResult(bench_dir, run_id, rows, differences)
+
+
+@dataclass
+class BenchmarkRun:
+    """What every cell of one benchmark reads: its config, folder and cells, the protocol's splits and the one
+    seeded attack sample (`examples`, with the vocabulary `pool` the renaming attacks draw from)."""
+    cfg: MoEKDConfig
+    folder: Path
+    cells: "Cells"
+    funcs: dict
+    labels: dict
+    examples: list
+    pool: list[str]
+    log: object
+
+
+def reference_cells(bench: BenchmarkRun, tcfg: MoEKDConfig, teachers: "Teachers", gates: dict,
+                    router_seconds: float) -> None:
+    """One cell per expert, the routed mixture, the single teacher and tfidf-lr: test row, and the attacks the
+    config asks for (the single teacher and tfidf-lr; every expert and the experts' plain mean with
+    benchmark.attack_experts)."""
+    cfg, b, cells, log = bench.cfg, bench.cfg.benchmark, bench.cells, bench.log
+    log("== references: the teachers and tfidf-lr")
+    references = ([f"expert_{k}" for k in range(cfg.experts.k)] + ["mixture", "teacher"]
+                  + (["tfidf-lr"] if b.reference_tfidf else []))
+    reference_rows = {}  # each expert's row: the mixture's cost is theirs together
+    for name in references:
+        if cells.complete(name):
+            log(f"{name}: reused (complete before the interruption)")
+            reference_rows[name] = cells.metrics(name)
+            continue
+        role = "reference" if name == "tfidf-lr" else "teacher"
+        with cells.open(name, {"moekd.bench.method": name, "moekd.bench.role": role}) as logged:
+            folder = teachers.folder / name if name != "tfidf-lr" else bench.folder / "references" / "tfidf-lr"
+            if "test_accuracy" not in logged:
+                row, probs = evaluate_reference(tcfg, name, teachers, gates, bench.funcs, bench.labels, router_seconds,
+                                                folder, reference_rows)
+                reference_rows[name] = row
+                log_evaluation(row, probs, bench.labels["test"], f"{name}, test",
+                               bench.folder / "report" / f"confusion_{name}.png")
+                log(f"{name}: test acc {row['test_accuracy']:.3f} f1 {row['test_f1']:.3f}, {row['size_mb']:.2f} MB")
+            if name == "tfidf-lr" or (name == "teacher" and b.attack_teacher) \
+                    or (name.startswith("expert_") and b.attack_experts):
+                attack_all(cfg, folder, bench.examples, bench.pool, logged, log)
+            elif name == "mixture" and b.attack_experts:  # the plain mean of the experts (uniform-moe's teacher)
+                attack_all(cfg, teachers.folder, bench.examples, bench.pool, logged, log, target="uniform")
+
+
+def student_cells(bench: BenchmarkRun, seed: int, teachers: "Teachers", gates: dict, tokenizers: dict) -> None:
+    """Every method's student of one seed not complete yet: distilled concurrently (one DeepSpeed Ray Train run
+    each), and each scored and attacked in its cell as soon as its own distillation ends."""
+    cfg, log = bench.cfg, bench.log
+    todo = [m for m in cfg.benchmark.methods if not bench.cells.complete(f"{m}/seed{seed}")]
+    if not todo:
+        log(f"== students, seed {seed}: all reused (complete before the interruption)")
+        return
+    configs = {m: method_config(cfg, m, seed) for m in todo}
+    encoded = {m: student_tokenizer(bench, configs[m], tokenizers) for m in todo}
+    trainers, copies = {}, {}
+    for m in todo:
+        if not (student_folder(bench.folder, m, seed) / "distill.json").is_file():  # distill.json is written last
+            trainers[m], copies[m] = student_trainer(bench, m, seed, configs[m], encoded[m], teachers, gates)
+    saved = [m for m in todo if m not in trainers]
+    log(f"== students, seed {seed}: {', '.join(trainers) or 'none'} distilled concurrently"
+        + (f"; {', '.join(saved)} saved before the interruption" if saved else ""))
+    for m in saved:
+        student_cell(bench, m, seed, configs[m], encoded[m][1]["test"])
+    # Each student is saved, scored and attacked as soon as its distillation ends, while the others go on (a
+    # seed's cells do not wait for its slowest student). An unfinished distillation resumes from its latest
+    # reported checkpoint, a finished one is restored as it ended (same run name and storage).
+    for m, result in ray_runtime.fit_as_completed(trainers):
+        folder = student_folder(bench.folder, m, seed)
+        ray_runtime.copy_atomically(result.checkpoint, folder)
+        encoded[m][0].save_pretrained(str(folder / "tokenizer"))
+        (folder / "distill.json").write_text(json.dumps({"epochs": ray_runtime.epoch_rows(result), **copies[m]}))
+        student_cell(bench, m, seed, configs[m], encoded[m][1]["test"])
+
+
+def student_tokenizer(bench: BenchmarkRun, mcfg: MoEKDConfig, tokenizers: dict) -> tuple:
+    """The (BPE, encoded transfer/valid/test) of a student's vocabulary size and length, trained once and shared."""
+    arch = mcfg.distill.arch()
+    key = (arch.vocab_size, arch.max_length)
+    if key not in tokenizers:
+        funcs = bench.funcs
+        tok = train_bpe(funcs["train"] + funcs["transfer"], arch.vocab_size, arch.max_length, bench.cfg.data.canonical)
+        tokenizers[key] = (tok, {s: encode(tok, funcs[s], arch.max_length) for s in PROTOCOL_SPLITS[1:]})
+    return tokenizers[key]
+
+
+def student_trainer(bench: BenchmarkRun, m: str, seed: int, mcfg: MoEKDConfig, encoded: tuple, teachers: "Teachers",
+                    gates: dict) -> tuple:
+    """The method's DeepSpeed Ray Train run on its transfer set (with its robust copies, if any), and what the
+    copies were (for distill.json)."""
+    cfg, funcs, labels, log = bench.cfg, bench.funcs, bench.labels, bench.log
+    arch = mcfg.distill.arch()
+    tok, enc = encoded
+    soft = method_targets(mcfg, m, teachers.logits, gates)
+    # Attack-found copies depend on the teachers only: found once (base seed), the same for every seed.
+    adversarial = not mcfg.distill.augment_attack.startswith("random")
+    train, train_labels, teacher, copies = robust_transfer_set(
+        mcfg.distill, enc["transfer"], labels["transfer"], soft, funcs["transfer"], tok, arch.max_length,
+        bench.pool, cfg.seed if adversarial else seed,
+        lambda: adversarial_copies(mcfg.with_values({"seed": cfg.seed}), m, teachers.folder, funcs["transfer"], soft,
+                                   bench.pool, bench.folder, log),
+        lambda line: log(f"{m}: {line}"))
+    trainer = distill_trainer(
+        mcfg, {"train": train, "valid": enc["valid"]}, {"train": train_labels, "valid": labels["valid"]}, teacher,
+        f"{bench.folder.name}-{m}-s{seed}", ray_runtime.storage_path(cfg, bench.folder), task=f"{m} seed {seed}")
+    return trainer, copies
+
+
+def student_cell(bench: BenchmarkRun, m: str, seed: int, mcfg: MoEKDConfig, enc_test: dict) -> None:
+    """A saved student's cell: its distillation's epochs, test row and confusion matrix, then its attacks."""
+    cfg, log = bench.cfg, bench.log
+    folder = student_folder(bench.folder, m, seed)
+    distilled = json.loads((folder / "distill.json").read_text())
+    tags = {"moekd.bench.method": m, "moekd.bench.role": "student", "moekd.bench.seed": str(seed),
+            "moekd.bench.student_dir": str(folder.resolve())}
+    with bench.cells.open(f"{m}/seed{seed}", tags, mcfg.distill.model_dump(mode="json")) as logged:
+        if "test_accuracy" not in logged:
+            tracking.log_epochs(distilled["epochs"])
+            tracking.log_metrics({k: v for k, v in distilled.items() if k != "epochs"})
+            row, probs = evaluate_model(cfg, m, load_model(folder), enc_test, bench.labels["test"],
+                                        sum(r["train_seconds"] for r in distilled["epochs"]))
+            figure = bench.folder / "report" / f"confusion_{m}.png" if seed == cfg.benchmark.seeds[0] else None
+            log_evaluation(row, probs, bench.labels["test"], f"{m}, seed {seed}, test", figure)
+            log(f"{m} seed {seed}: test acc {row['test_accuracy']:.3f} f1 {row['test_f1']:.3f}, "
+                f"{row['test_vulnerable_share']:.0%} called vulnerable, {row['size_mb']:.2f} MB, "
+                f"distilled in {row['seconds_train']:.0f} s")
+        attack_all(cfg, folder, bench.examples, bench.pool, logged, log)
 
 
 # ------------------------------------------------------------------------------------------------ resume
@@ -302,8 +347,8 @@ class Cells:
 
     def __init__(self, parent_id: str, fault_injection: str | None, bench_dir: Path, clock: SessionClock):
         self.clock = clock
-        self.runs = {r.data.tags["moekd.bench.cell"]: r for r in tracking.child_runs(parent_id)
-                     if "moekd.bench.cell" in r.data.tags}
+        self.runs = {r.tags["moekd.bench.cell"]: r for r in tracking.child_runs(parent_id)
+                     if "moekd.bench.cell" in r.tags}
         run, _, at = (fault_injection or "").rpartition(":")
         self.stop_after = int(at) if run == "benchmark" else None
         self.fault_marker = bench_dir / "fault_injected"
@@ -311,19 +356,19 @@ class Cells:
 
     def complete(self, key: str) -> bool:
         run = self.runs.get(key)
-        return run is not None and run.data.tags.get("moekd.bench.complete") == "1"
+        return run is not None and run.tags.get("moekd.bench.complete") == "1"
 
     def metrics(self, key: str) -> dict[str, float]:
         """What a cell complete before this session logged."""
-        return dict(self.runs[key].data.metrics)
+        return dict(self.runs[key].metrics)
 
     @contextlib.contextmanager
     def open(self, key: str, tags: dict, params: dict | None = None):
         """The cell's run (named `key`), new or reopened; yields the metric names it already holds."""
         run = self.runs.get(key)
         if run is not None:
-            with tracking.run(run_id=run.info.run_id, nested=True):
-                yield set(tracking.client().get_run(run.info.run_id).data.metrics)
+            with tracking.run(run_id=run.run_id, nested=True):
+                yield set(tracking.get_run(run.run_id).metrics)
                 tracking.set_tags({"moekd.bench.complete": "1"})
         else:
             with tracking.stage_run(key, params):
@@ -470,46 +515,26 @@ def evaluate_reference(cfg: MoEKDConfig, name: str, teachers: Teachers, gates: d
     """A reference row: an expert, the single teacher, the routed mixture of the experts (its size and cost from
     the experts' `rows`, evaluated before it), or tfidf-lr (fitted here on the labelled part, C chosen on valid,
     and saved into `folder` for the attacks)."""
+    latency_n = cfg.benchmark.latency_functions
     if name == "tfidf-lr":
         start = time.perf_counter()
         TfidfLR(cfg.seed, cfg.data.canonical).fit(funcs["train"], labels["train"], funcs["valid"],
                                                   labels["valid"]).save(folder)
         seconds_train = time.perf_counter() - start
         model = SavedTfidfLR(folder)
-        start = time.perf_counter()
         probs = model(funcs["test"])
-        rate = len(funcs["test"]) / (time.perf_counter() - start)
-        row = {f"test_{k}": v for k, v in classification_metrics(labels["test"], probs).items()}
-        row.update({"params": model.num_params, "size_mb": model.num_params * 4 / 1e6, "seconds_train": seconds_train,
-                    "functions_per_s": rate,
-                    "latency_p50_ms": single_call_p50_ms(model, funcs["test"][: cfg.benchmark.latency_functions])})
-        return row, probs
+        cost = text_model_cost(model, model.num_params, funcs["test"], latency_n)
+        return cell_row(cfg, name, probs, labels["test"], {**cost, "seconds_train": seconds_train}), probs
     if name == "mixture":
-        experts = [rows[f"expert_{k}"] for k in range(cfg.experts.k)]
         mix = soft_targets(cfg, teachers.logits["experts"]["test"], gates["test"], 1.0)[:, 1]
-        return {
-            **{f"test_{k}": v for k, v in classification_metrics(labels["test"], mix).items()},
-            "params": sum(r["params"] for r in experts), "size_mb": sum(r["size_mb"] for r in experts),
-            # The mixture runs every expert; the router's cost is negligible next to them.
-            "functions_per_s": 1.0 / sum(1.0 / r["functions_per_s"] for r in experts),
-            "latency_p50_ms": sum(r["latency_p50_ms"] for r in experts),
-            "seconds_train": teachers.info["seconds_train"] + router_seconds,
-        }, mix
+        cost = combined_cost([rows[f"expert_{k}"] for k in range(cfg.experts.k)])
+        return cell_row(cfg, name, mix, labels["test"],
+                        {**cost, "seconds_train": teachers.info["seconds_train"] + router_seconds}), mix
     z = teachers.logits["teacher"]["test"][:, 0] if name == "teacher" else \
         teachers.logits["experts"]["test"][:, int(name.removeprefix("expert_"))]
     model = load_model(folder)
     enc = encode(load_tokenizer(folder / "tokenizer"), funcs["test"], max_input_length(model))
-    return evaluate_model(cfg, model, enc, labels["test"], teachers.info["seconds_train"], probs1(z))
-
-
-def single_call_p50_ms(model, funcs: list[str]) -> float:
-    """Median ms of scoring one function alone (train_loop.latency_p50_ms for models that take source text)."""
-    times = []
-    for func in funcs:
-        start = time.perf_counter()
-        model([func])
-        times.append(1000 * (time.perf_counter() - start))
-    return float(np.median(times))
+    return evaluate_model(cfg, name, model, enc, labels["test"], teachers.info["seconds_train"], probs1(z))
 
 
 # ---------------------------------------------------------------------------------------------- students
@@ -547,17 +572,21 @@ def method_targets(mcfg: MoEKDConfig, method: str, logits: dict, gates: dict) ->
     return soft_targets(mcfg, logits["experts"]["transfer"], gates["transfer"])
 
 
-def evaluate_model(cfg: MoEKDConfig, model, enc_test: dict, labels: np.ndarray, seconds_train: float,
+def evaluate_model(cfg: MoEKDConfig, name: str, model, enc_test: dict, labels: np.ndarray, seconds_train: float,
                    probs: np.ndarray | None = None) -> tuple[dict, np.ndarray]:
-    """Test accuracy/precision/recall/F1, parameters, MB, functions/s (eval.batch_size at eval.threads threads),
-    p50 latency of one function alone; and the test P(vulnerable)."""
+    """A model's cell row (`cell_row`: test metrics, parameters, MB, functions/s, p50 latency of one function alone)
+    and its test P(vulnerable)."""
     if probs is None:
         probs = probs1(predict_logits(model, enc_test, cfg.eval.batch_size))
-    row = {f"test_{k}": v for k, v in classification_metrics(labels, probs).items()}
-    row.update({"params": num_params(model), "size_mb": size_mb(model), "seconds_train": seconds_train,
-                "functions_per_s": throughput(model, enc_test, cfg.eval.batch_size, cfg.eval.threads),
-                "latency_p50_ms": latency_p50_ms(model, enc_test, cfg.eval.threads, cfg.benchmark.latency_functions)})
-    return row, probs
+    cost = model_cost(cfg, model, enc_test, cfg.benchmark.latency_functions)
+    return cell_row(cfg, name, probs, labels, {**cost, "seconds_train": seconds_train}), probs
+
+
+def cell_row(cfg: MoEKDConfig, name: str, test_probs: np.ndarray, test_labels: np.ndarray, cost: dict) -> dict:
+    """The pipeline's row (`stages.evaluate.model_row`) on test at P(vulnerable) >= 0.5 (no method gets a tuned
+    cut), as a cell's metrics."""
+    row = model_row(cfg, name, {"test": test_probs}, {"test": test_labels}, cost, threshold=0.5)
+    return {k: v for k, v in row.items() if k not in ("model", "threshold", "degenerate")}
 
 
 def log_evaluation(row: dict, probs: np.ndarray, labels: np.ndarray, title: str, figure: Path | None) -> None:
@@ -599,16 +628,16 @@ def benchmark_table(parent_run_id: str, attacks: list[str]) -> list[dict]:
     names = list(METRICS) + [f"{m}_{a}" for a in attacks for m in ATTACK_METRICS]
     by_method: dict[str, list] = {}
     for run in runs:
-        method = run.data.tags.get("moekd.bench.method")
-        if method and run.data.tags.get("moekd.bench.complete") == "1":
+        method = run.tags.get("moekd.bench.method")
+        if method and run.tags.get("moekd.bench.complete") == "1":
             by_method.setdefault(method, []).append(run)
     rows = []
     for method, group in by_method.items():
-        role = group[0].data.tags["moekd.bench.role"]
+        role = group[0].tags["moekd.bench.role"]
         row = {"method": method, "role": role, "seeds": len(group) if role == "student" else 0,
-               "run_ids": " ".join(sorted(r.info.run_id for r in group))}
+               "run_ids": " ".join(sorted(r.run_id for r in group))}
         for name in names:
-            values = [r.data.metrics[name] for r in group if name in r.data.metrics]
+            values = [r.metrics[name] for r in group if name in r.metrics]
             if values:
                 row[f"{name}_mean"] = float(np.mean(values))
                 row[f"{name}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0

@@ -16,11 +16,11 @@ from moekd_ray.metrics import classification_metrics, comparison_figure, confusi
 from moekd_ray.models import load_model, num_params, size_mb
 from moekd_ray.stages.context import RunContext
 from moekd_ray.stages.tokenise import Encoded
-from moekd_ray.train_loop import predict_logits, probs1, throughput
+from moekd_ray.train_loop import latency_p50_ms, predict_logits, probs1, throughput
 
 
 def evaluate_stage(ctx: RunContext, checkpoints: list[list], targets: dict, student, enc: Encoded) -> list[dict]:
-    """The final table's rows (`result_row`), one MLflow run per model (same metric names, so the UI compares them
+    """The final table's rows (`model_row`), one MLflow run per model (same metric names, so the UI compares them
     side by side), a warning line per degenerate model; the headline metrics go on the parent run."""
     cfg, tracker, labels = ctx.cfg, ctx.tracker, ctx.labels
     with ctx.timer("evaluate"), tracker.stage("evaluate"):
@@ -50,49 +50,77 @@ def degenerate_models(rows: list[dict]) -> dict[str, str]:
 
 
 def evaluate_all(cfg, checkpoints, targets, student, enc_expert, enc_student, labels) -> tuple[list[dict], dict]:
-    """Accuracy/precision/recall/F1 on valid and test at each model's decision threshold (chosen on validation by
-    eval.threshold; the student's is already in its weights), parameters, MB and inference throughput per model, and
-    each model's (test P(vulnerable), threshold). checkpoints[k]: expert k's models (its fold models when
-    cross-fitting: the expert is their mean, and it costs all of them). Throughput: functions/s at eval.batch_size
-    and eval.threads."""
-    bs, threads = cfg.eval.batch_size, cfg.eval.threads
-    rows, test_probs, expert_seconds, expert_params, expert_mb = [], {}, [], 0, 0.0
+    """Every model's row (`model_row`: valid and test at its threshold, chosen on validation by eval.threshold; the
+    student's is already in its weights) and each model's (test P(vulnerable), threshold). checkpoints[k]: expert
+    k's models (its fold models when cross-fitting: the expert is their mean, and it costs all of them)."""
+    rows, test_probs, expert_costs = [], {}, []
+
+    def add(name: str, probs: dict, cost: dict, threshold: float | None = None) -> None:
+        rows.append(model_row(cfg, name, probs, labels, cost, threshold))
+        test_probs[name] = (np.asarray(probs["test"]), rows[-1]["threshold"])
 
     for k, members in enumerate(checkpoints):
-        params, mb, seconds = 0, 0.0, 0.0
+        costs = []
         for ckpt in members:
             with ckpt.as_directory() as folder:
-                model = load_model(folder)
-            seconds += 1.0 / throughput(model, enc_expert[k]["test"], bs, threads)
-            params, mb = params + num_params(model), mb + size_mb(model)
-        expert_seconds.append(seconds)
-        expert_params, expert_mb = expert_params + params, expert_mb + mb
-        probs = {s: probs1(targets[s]["expert_logits"][:, k]) for s in ("valid", "test")}
-        rows.append(result_row(cfg, f"expert_{k}", probs, labels, params, mb, 1.0 / seconds, test_probs))
-    # The mixture runs every expert (the router's cost is negligible next to them).
-    mix = {s: targets[s]["mixture_probs"][:, 1] for s in ("valid", "test")}
-    rows.append(result_row(cfg, "mixture", mix, labels, expert_params, expert_mb, 1.0 / sum(expert_seconds),
-                           test_probs))
-    probs = {s: probs1(predict_logits(student, enc_student[s], bs)) for s in ("valid", "test")}
-    rows.append(result_row(cfg, "student", probs, labels, num_params(student), size_mb(student),
-                           throughput(student, enc_student["test"], bs, threads), test_probs, threshold=0.5))
+                costs.append(model_cost(cfg, load_model(folder), enc_expert[k]["test"]))
+        expert_costs.append(combined_cost(costs))
+        add(f"expert_{k}", {s: probs1(targets[s]["expert_logits"][:, k]) for s in ("valid", "test")}, expert_costs[-1])
+    add("mixture", {s: targets[s]["mixture_probs"][:, 1] for s in ("valid", "test")}, combined_cost(expert_costs))
+    add("student", {s: probs1(predict_logits(student, enc_student[s], cfg.eval.batch_size)) for s in ("valid", "test")},
+        model_cost(cfg, student, enc_student["test"]), threshold=0.5)
     return rows, test_probs
 
 
-def result_row(cfg, name: str, probs: dict[str, np.ndarray], labels: dict, params: int, mb: float, rate: float,
-               test_probs: dict, threshold: float | None = None) -> dict:
-    """One model's row of the final table; `threshold` None: chosen on validation by eval.threshold. Its test
-    P(vulnerable) and threshold go into `test_probs` (for the confusion matrices)."""
+def model_row(cfg, name: str, probs: dict[str, np.ndarray], labels: dict, cost: dict,
+              threshold: float | None = None) -> dict:
+    """One model's row, the schema the pipeline's table and the benchmark's cells share: `model`, `threshold` (None:
+    chosen on validation by eval.threshold), `<split>_<metric>` on each split of `probs`, `degenerate` (why the model
+    is useless, judged on validation; None without it) and its cost (`model_cost`)."""
     if threshold is None:
         threshold = pick_threshold(cfg.eval, labels["valid"], probs["valid"])
     row = {"model": name, "threshold": threshold}
-    for split in ("valid", "test"):
-        metrics = classification_metrics(labels[split], probs[split], threshold)
-        row.update({f"{split}_{k}": v for k, v in metrics.items()})
+    for split, p in probs.items():
+        row.update({f"{split}_{k}": v for k, v in classification_metrics(labels[split], p, threshold).items()})
     row["degenerate"] = degenerate(labels["valid"], probs["valid"], cfg.eval.degenerate_share, cfg.eval.min_val_f1,
-                                   threshold)
-    test_probs[name] = (np.asarray(probs["test"]), threshold)
-    return {**row, "params": params, "size_mb": mb, "functions_per_s": rate}
+                                   threshold) if "valid" in probs else None
+    return {**row, **cost}
+
+
+def model_cost(cfg, model, enc_test: dict, latency_functions: int = 0) -> dict:
+    """Parameters, MB and inference functions/s (eval.batch_size at eval.threads threads, `throughput`'s sample);
+    with `latency_functions`, the median ms of scoring one function alone over that many."""
+    cost = {"params": num_params(model), "size_mb": size_mb(model),
+            "functions_per_s": throughput(model, enc_test, cfg.eval.batch_size, cfg.eval.threads)}
+    if latency_functions:
+        cost["latency_p50_ms"] = latency_p50_ms(model, enc_test, cfg.eval.threads, latency_functions)
+    return cost
+
+
+def text_model_cost(score, num_params: int, funcs: list[str], latency_functions: int = 0, n: int = 256) -> dict:
+    """`model_cost` for a model that scores source text (`score(funcs) -> P(vulnerable)`, e.g. tfidf-lr): functions/s
+    on the first n functions, float32 MB of its parameters."""
+    start = time.perf_counter()
+    score(funcs[:n])
+    cost = {"params": num_params, "size_mb": num_params * 4 / 1e6,
+            "functions_per_s": len(funcs[:n]) / (time.perf_counter() - start)}
+    if latency_functions:
+        times = []
+        for func in funcs[:latency_functions]:
+            start = time.perf_counter()
+            score([func])
+            times.append(1000 * (time.perf_counter() - start))
+        cost["latency_p50_ms"] = float(np.median(times))
+    return cost
+
+
+def combined_cost(costs: list[dict]) -> dict:
+    """The cost of running several models on every function (an expert's fold models, the mixture's experts)."""
+    combined = {"params": sum(c["params"] for c in costs), "size_mb": sum(c["size_mb"] for c in costs),
+                "functions_per_s": 1.0 / sum(1.0 / c["functions_per_s"] for c in costs)}
+    if all("latency_p50_ms" in c for c in costs):
+        combined["latency_p50_ms"] = sum(c["latency_p50_ms"] for c in costs)
+    return combined
 
 
 def reference_row(cfg, funcs: dict, labels: dict, test_probs: dict) -> dict:
@@ -100,10 +128,9 @@ def reference_row(cfg, funcs: dict, labels: dict, test_probs: dict) -> dict:
     ref = TfidfLR(cfg.seed, cfg.data.canonical).fit(funcs["train"], labels["train"], funcs["valid"],
                                                     labels["valid"])
     probs = {s: ref.predict_proba(funcs[s]) for s in ("valid", "test")}
-    start = time.perf_counter()
-    ref.predict_proba(funcs["test"][:256])
-    rate = len(funcs["test"][:256]) / (time.perf_counter() - start)
-    return result_row(cfg, "tfidf-lr", probs, labels, ref.num_params, ref.num_params * 4 / 1e6, rate, test_probs)
+    row = model_row(cfg, "tfidf-lr", probs, labels, text_model_cost(ref.predict_proba, ref.num_params, funcs["test"]))
+    test_probs["tfidf-lr"] = (np.asarray(probs["test"]), row["threshold"])
+    return row
 
 
 def headline_metrics(rows: list[dict]) -> dict[str, float]:
