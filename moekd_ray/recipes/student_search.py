@@ -35,7 +35,7 @@ from moekd_ray.metrics import axes, classification_metrics, finish
 from moekd_ray.models import build_model, load_model, num_params, size_mb
 from moekd_ray.attacks.workers import attack_trial_student, validation_sample
 from moekd_ray.stages.distill import distill_trainer
-from moekd_ray.recipes.tune import TrialProgress, source_run
+from moekd_ray.stages.search import TrialProgress, source_run
 from moekd_ray.tokenization import encode, train_bpe
 from moekd_ray.train_loop import latency_p50_ms, predict_logits, probs1
 
@@ -103,13 +103,13 @@ def run_student_trial(values: dict, base: dict, refs: dict) -> None:
                  "student_dir": str(folder)})
 
 
-def run_student_search(cfg: MoEKDConfig, log=print) -> StudentSearchResult:
+def run_student_search(cfg: MoEKDConfig, log=print, run_pipeline=None) -> StudentSearchResult:
     s = cfg.student_search
     experiment_id = tracking.connect(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)
     ray_runtime.init_ray(cfg)
     ray_runtime.check_bf16(cfg, ("distill",))
     ray_runtime.check_trial_fits(cfg, cfg.distill.resources, "distill.resources")
-    src = source_run(cfg, s.from_run, "student_search.from_run", log)
+    src = source_run(cfg, s.from_run, "student_search.from_run", log, run_pipeline)
     funcs = {split: list(src.data[split]["func"]) for split in SPLITS}
     tokenizers = {v: train_bpe(funcs["train"], v, max(s.max_length)) for v in s.vocab_size}
     name = f"student-search-{cfg.name}-{cfg.digest()}"

@@ -29,16 +29,16 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from moekd_ray import progress, ray_runtime, tracking
-from moekd_ray.config import ChoiceDist, LogUniformDist, MoEKDConfig, load_config
-from moekd_ray.data import SPLITS, dataset_hash, load_devign
-from moekd_ray.errors import ConfigError
+from moekd_ray import ray_runtime, tracking
+from moekd_ray.config import ChoiceDist, LogUniformDist, MoEKDConfig
+from moekd_ray.data import dataset_hash
 from moekd_ray.decision import decide_folder, decision_tags
 from moekd_ray.metrics import classification_metrics, scatter_figure
 from moekd_ray.models import load_model, num_params, size_mb
-from moekd_ray.stages.aggregate import load_soft_targets, soft_targets
+from moekd_ray.stages.aggregate import soft_targets
 from moekd_ray.attacks.workers import attack_trial_student, validation_sample
 from moekd_ray.stages.distill import distill_trainer
+from moekd_ray.stages.search import TrialProgress, source_run
 from moekd_ray.tokenization import encode, train_bpe
 from moekd_ray.train_loop import predict_logits, probs1
 
@@ -135,67 +135,12 @@ def make_tuner(cfg: MoEKDConfig, trainable, name: str, storage: str) -> tune.Tun
     )
 
 
-class TrialProgress(tune.Callback):
-    """Trials ended, on the console's status line (Tune's own trial table goes to the log file)."""
-
-    def __init__(self, total: int):
-        self.total, self.ended = total, 0
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        self.ended += 1
-        best = [t.last_result.get("val_f1") for t in trials if t.last_result.get("val_f1") is not None]
-        progress.report("trials", self.ended, self.total, "trials", f"best val F1 {max(best):.3f}" if best else "")
-
-    on_trial_error = on_trial_complete
-
-
-@dataclass
-class SourceRun:
-    """A finished pipeline run that searches start from: its folder, cached logits and targets, and its data."""
-
-    run_dir: Path
-    cache: dict  # soft_targets.safetensors by split
-    data: dict
-    labels: dict[str, np.ndarray]
-
-
-def source_run(cfg: MoEKDConfig, from_run: str | None, option: str, log) -> SourceRun:
-    """The run given by `option` (an MLflow run id or run folder), trained now when unset; its cache checked
-    against the data found now."""
-    if from_run is None:
-        from moekd_ray.recipes.pipeline import run_pipeline
-
-        log(f"{option} is unset: running the pipeline first")
-        run_dir = run_pipeline(cfg, log=log).run_dir
-    else:
-        run = tracking.pipeline_run(from_run, option)
-        if run is None:
-            raise ConfigError(f"{option}={from_run}: neither an MLflow run id nor a pipeline run folder; "
-                              "give the parent run id of a finished `moekd run`")
-        run_dir = run[0]
-    if not (run_dir / "soft_targets.safetensors").is_file():
-        raise ConfigError(f"{option}={from_run}: its run folder {run_dir} has no soft_targets.safetensors;"
-                          " give a pipeline run that finished its aggregate stage")
-    run_cfg = load_config(run_dir / "config.yaml")  # the data subset the cached logits belong to
-    try:
-        cache = load_soft_targets(run_dir / "soft_targets.safetensors")
-    except ValueError as exc:
-        raise ConfigError(f"{run_dir / 'soft_targets.safetensors'}: {exc}; rerun that pipeline with --resume "
-                          "to rebuild it") from None
-    data = load_devign(run_cfg.data, run_cfg.seed)
-    labels = {s: np.asarray(data[s]["target"], dtype=np.int64) for s in SPLITS}
-    if not np.array_equal(labels["train"], cache["train"]["labels"]):
-        raise ConfigError(f"{run_dir}: its cached logits do not match the data found now; point data.dir at the "
-                          "data that run used")
-    return SourceRun(run_dir, cache, data, labels)
-
-
-def run_search(cfg: MoEKDConfig, resume: bool = False, log=print) -> SearchResult:
+def run_search(cfg: MoEKDConfig, resume: bool = False, log=print, run_pipeline=None) -> SearchResult:
     tracking.connect(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)
     ray_runtime.init_ray(cfg)
     ray_runtime.check_bf16(cfg, ("distill",))
     ray_runtime.check_trial_fits(cfg, cfg.distill.resources, "distill.resources")
-    source = source_run(cfg, cfg.tune.from_run, "tune.from_run", log)
+    source = source_run(cfg, cfg.tune.from_run, "tune.from_run", log, run_pipeline)
     run_dir, cache, data, labels = source.run_dir, source.cache, source.data, source.labels
     arch = cfg.distill.arch()
     funcs = {s: list(data[s]["func"]) for s in labels}
