@@ -221,13 +221,16 @@ def _run_driver(args, cfg: MoEKDConfig, console: Console) -> None:
 
         pretrain_encoder(cfg, log=console.say)
     elif args.command == "tune":
+        from moekd_ray.recipes.pipeline import run_pipeline
         from moekd_ray.recipes.tune import run_search
 
-        run_search(cfg, resume=args.resume, log=console.say)
+        # The pipeline runs first when tune.from_run is unset; handed in here, as recipes do not import each other.
+        run_search(cfg, resume=args.resume, log=console.say, run_pipeline=run_pipeline)
     elif args.command == "search-student":
+        from moekd_ray.recipes.pipeline import run_pipeline
         from moekd_ray.recipes.student_search import run_student_search
 
-        run_student_search(cfg, log=console.say)
+        run_student_search(cfg, log=console.say, run_pipeline=run_pipeline)
     elif args.command == "benchmark":
         from moekd_ray.recipes.benchmark import run_benchmark
 

@@ -1,5 +1,6 @@
-"""Imports flow one way: the CLI and the benchmark scripts -> recipes/ (drivers) -> stages/ -> components. Read
-from the source (ast), imports inside functions included, so a cycle cannot hide behind a late import."""
+"""Imports flow one way: the CLI and the benchmark scripts -> recipes/ (drivers) -> stages/ -> components, and no
+recipe imports another. Read from the source (ast), imports inside functions included, so a cycle cannot hide
+behind a late import."""
 
 import ast
 from pathlib import Path
@@ -43,6 +44,16 @@ def test_imports_only_go_down_the_layers():
     wrong = sorted((m, d) for m, deps in graph.items() for d in deps if layer(d) > layer(m))
     assert not wrong, f"imports going up a layer: {wrong}"
     assert {layer(m) for m in graph} == {0, 1, 2, 3}  # every layer is there
+
+
+def test_no_recipe_imports_another():
+    """Recipes are drivers side by side: what two of them share lives in stages/ (the pipeline a search runs
+    first is handed in by the CLI)."""
+    graph = module_imports()
+    recipes = [m for m in graph if is_recipe(m)]
+    wrong = sorted((m, d) for m in recipes for d in graph[m] if is_recipe(d))
+    assert not wrong, f"recipes importing recipes: {wrong}"
+    assert len(recipes) >= 4  # the walk saw the recipes
 
 
 def test_no_import_cycle():

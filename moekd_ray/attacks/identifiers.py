@@ -218,6 +218,108 @@ def _parameter_list(fn: Node) -> tuple[Node | None, bool]:
     return found, macro_name
 
 
+def _parse_function(data: bytes) -> tuple[bytes, dict[str, list[Node]], int]:
+    """The function's bytes as parsed, the query's captures on them, and where the function's own bytes begin in
+    them (after ``int `` put before a function whose return type Devign dropped, when that parses better)."""
+    root = parse(data).root_node
+    captures = QueryCursor(_QUERY).captures(root)
+    if root.has_error and HEADERLESS.match(data):
+        # Devign often drops a `static int` line before `foo(...)`; a return type makes it parse.
+        alt_root = parse(RETURN_TYPE + data).root_node
+        alt_captures = QueryCursor(_QUERY).captures(alt_root)
+        first = min(alt_captures.get("function", ()), key=lambda n: n.start_byte, default=None)
+        params = first.child_by_field_name("declarator") if first is not None else None
+        params = params.child_by_field_name("parameters") if params is not None else None
+        if (params is not None and not any(c.type == "identifier" for c in params.named_children)
+                and _errors(alt_root) < _errors(root)):  # (not `PPC_OP(slw) {`: a macro, not a function)
+            return RETURN_TYPE + data, alt_captures, len(RETURN_TYPE)
+    return data, captures, 0
+
+
+def _byte_classes(data: bytes, captures: dict[str, list[Node]]) -> bytearray:
+    """A class per byte: 1 = comment/string (words there are not code), 2 = directive text (never renamable)."""
+    mask = bytearray(len(data))
+    for node in captures.get("opaque", ()):
+        mask[node.start_byte:node.end_byte] = b"\x01" * (node.end_byte - node.start_byte)
+    for node in captures.get("directive", ()):
+        mask[node.start_byte:node.end_byte] = b"\x02" * (node.end_byte - node.start_byte)
+    return mask
+
+
+def _words(data: bytes, captures: dict[str, list[Node]]) -> tuple[set[str], set[str], list[tuple[int, int, str]]]:
+    """Every identifier-like word of the code, outside comments and strings: all of them plus :data:`C_KEYWORDS`
+    (taken), those with an occurrence we must not (or could not) rename (blocked), and the identifier nodes that a
+    renaming may change, as (start, end, name) (occurrences)."""
+    mask = _byte_classes(data, captures)
+    ident_at: dict[int, Node] = {n.start_byte: n for n in captures.get("id", ())}
+    other_namespace_at = {n.start_byte: n.end_byte for n in captures.get("other_namespace", ())}
+
+    taken: set[str] = set(C_KEYWORDS)
+    blocked: set[str] = set()
+    occurrences: list[tuple[int, int, str]] = []
+    for match in _WORD.finditer(data):
+        start, end = match.span()
+        cls = mask[start]
+        if cls == 1:
+            continue
+        word = match.group().decode("ascii")
+        taken.add(word)
+        if cls == 2:
+            blocked.add(word)
+            continue
+        ident = ident_at.get(start)
+        if ident is not None and ident.end_byte == end:
+            if _FIELD_ACCESS.search(data, max(0, start - 64), start):
+                continue  # error recovery sometimes leaves `p->len`'s member as a plain identifier
+            occurrences.append((start, end, word))
+        elif other_namespace_at.get(start) != end:  # fields, labels and struct tags: other namespaces
+            blocked.add(word)  # type names, keywords, tokens the parser skipped, words glued to non-ASCII...
+    return taken, blocked, occurrences
+
+
+def _own_parameter_list(captures: dict[str, list[Node]], functions: list[Node]) -> tuple[Node | None, bool]:
+    """The parameter list of the function itself and whether a macro makes its name (:func:`_parameter_list`).
+    Not those of function-pointer types or local prototypes (their names mean nothing outside them), nor
+    `if (ctx->x & FLAG)` misparsed as a function declarator."""
+    own_params, macro_name = _parameter_list(functions[0]) if functions else (None, False)
+    if own_params is None and not functions:  # no function definition parsed: the first parameter list
+        lists = [d.parent for d in captures.get("decl", ()) if d.type == "parameter_declaration" and d.parent]
+        own_params = min(lists, key=lambda n: n.start_byte, default=None)
+    return own_params, macro_name
+
+
+def _declared_names(captures: dict[str, list[Node]], own_params: Node | None,
+                    occurrences: list[tuple[int, int, str]], size: int) -> set[str]:
+    """The names the function's own parameters and its locals declare (:func:`_declaration_sites`); a doubtfully
+    parsed declaration declares the one candidate that is used elsewhere, if exactly one is."""
+    own_params_id = own_params.id if own_params is not None else None
+    declared: set[str] = set()
+    doubtful: list[list[str]] = []
+    doubt = bytearray(size)  # 1 on the bytes of doubtfully parsed declarations
+    for decl in captures.get("decl", ()):
+        if decl.type == "parameter_declaration" and (decl.parent is None or decl.parent.id != own_params_id):
+            continue
+        for site, errors in _declaration_sites(decl):
+            candidates = [n.text.decode("utf-8", "surrogatepass") for n in site]
+            # (a type word lexed as an identifier, `char` in `vector unsigned char x`, is never the name)
+            candidates = [t for t in candidates if t not in C_KEYWORDS and not _RESERVED.match(t)]
+            if not errors:
+                declared.update(candidates)
+                continue
+            doubtful.append(candidates)
+            for node in [decl, *site, *errors]:
+                doubt[node.start_byte:node.end_byte] = b"\x01" * (node.end_byte - node.start_byte)
+    if doubtful:
+        # A doubtful declaration declares the one candidate that is used elsewhere: `TYPE A B;` with a macro
+        # A or B declares the other word, `void QEMU_NORETURN` declares nothing, `c->f = f;` declares nothing.
+        used = Counter(word for start, _, word in occurrences if not doubt[start])
+        for candidates in doubtful:
+            in_use = [t for t in candidates if used[t]]
+            if len(in_use) == 1:
+                declared.add(in_use[0])
+    return declared
+
+
 class Identifiers:
     """Parse one function once; rename many times cheaply (string splicing at stored byte offsets).
 
@@ -231,87 +333,12 @@ class Identifiers:
 
     def __init__(self, code: str, include_function_name: bool = False):
         self.code = code
-        data = _encode(code)
-        root = parse(data).root_node
-        captures = QueryCursor(_QUERY).captures(root)
-        self._start = 0  # where the function's own bytes begin in self._bytes
-        if root.has_error and HEADERLESS.match(data):
-            # Devign often drops a `static int` line before `foo(...)`; a return type makes it parse.
-            alt_root = parse(RETURN_TYPE + data).root_node
-            alt_captures = QueryCursor(_QUERY).captures(alt_root)
-            first = min(alt_captures.get("function", ()), key=lambda n: n.start_byte, default=None)
-            params = first.child_by_field_name("declarator") if first is not None else None
-            params = params.child_by_field_name("parameters") if params is not None else None
-            if (params is not None and not any(c.type == "identifier" for c in params.named_children)
-                    and _errors(alt_root) < _errors(root)):  # (not `PPC_OP(slw) {`: a macro, not a function)
-                data, root, captures = RETURN_TYPE + data, alt_root, alt_captures
-                self._start = len(RETURN_TYPE)
-        self._bytes = data
-
-        # Byte classes: 1 = comment/string (words there are not code), 2 = directive text (never renamable).
-        mask = bytearray(len(data))
-        for node in captures.get("opaque", ()):
-            mask[node.start_byte:node.end_byte] = b"\x01" * (node.end_byte - node.start_byte)
-        for node in captures.get("directive", ()):
-            mask[node.start_byte:node.end_byte] = b"\x02" * (node.end_byte - node.start_byte)
-
-        ident_at: dict[int, Node] = {n.start_byte: n for n in captures.get("id", ())}
-        other_namespace_at = {n.start_byte: n.end_byte for n in captures.get("other_namespace", ())}
-
-        taken: set[str] = set(C_KEYWORDS)
-        blocked: set[str] = set()  # words with an occurrence we must not (or could not) rename
-        occurrences: list[tuple[int, int, str]] = []  # (start, end, name) of renamable-kind identifier nodes
-        for match in _WORD.finditer(data):
-            start, end = match.span()
-            cls = mask[start]
-            if cls == 1:
-                continue
-            word = match.group().decode("ascii")
-            taken.add(word)
-            if cls == 2:
-                blocked.add(word)
-                continue
-            ident = ident_at.get(start)
-            if ident is not None and ident.end_byte == end:
-                if _FIELD_ACCESS.search(data, max(0, start - 64), start):
-                    continue  # error recovery sometimes leaves `p->len`'s member as a plain identifier
-                occurrences.append((start, end, word))
-            elif other_namespace_at.get(start) != end:  # fields, labels and struct tags: other namespaces
-                blocked.add(word)  # type names, keywords, tokens the parser skipped, words glued to non-ASCII...
-
-        # The function's own parameters only: not those of function-pointer types or local prototypes (their
-        # names mean nothing outside them), nor `if (ctx->x & FLAG)` misparsed as a function declarator.
+        # _start: where the function's own bytes begin in self._bytes (after a return type put before it)
+        self._bytes, captures, self._start = _parse_function(_encode(code))
+        taken, blocked, occurrences = _words(self._bytes, captures)
         functions = sorted(captures.get("function", ()), key=lambda n: n.start_byte)
-        own_params, macro_name = _parameter_list(functions[0]) if functions else (None, False)
-        if own_params is None and not functions:  # no function definition parsed: the first parameter list
-            lists = [d.parent for d in captures.get("decl", ()) if d.type == "parameter_declaration" and d.parent]
-            own_params = min(lists, key=lambda n: n.start_byte, default=None)
-        own_params_id = own_params.id if own_params is not None else None
-
-        declared: set[str] = set()
-        doubtful: list[list[str]] = []
-        doubt = bytearray(len(data))  # 1 on the bytes of doubtfully parsed declarations
-        for decl in captures.get("decl", ()):
-            if decl.type == "parameter_declaration" and (decl.parent is None or decl.parent.id != own_params_id):
-                continue
-            for site, errors in _declaration_sites(decl):
-                candidates = [n.text.decode("utf-8", "surrogatepass") for n in site]
-                # (a type word lexed as an identifier, `char` in `vector unsigned char x`, is never the name)
-                candidates = [t for t in candidates if t not in C_KEYWORDS and not _RESERVED.match(t)]
-                if not errors:
-                    declared.update(candidates)
-                    continue
-                doubtful.append(candidates)
-                for node in [decl, *site, *errors]:
-                    doubt[node.start_byte:node.end_byte] = b"\x01" * (node.end_byte - node.start_byte)
-        if doubtful:
-            # A doubtful declaration declares the one candidate that is used elsewhere: `TYPE A B;` with a macro
-            # A or B declares the other word, `void QEMU_NORETURN` declares nothing, `c->f = f;` declares nothing.
-            used = Counter(word for start, _, word in occurrences if not doubt[start])
-            for candidates in doubtful:
-                in_use = [t for t in candidates if used[t]]
-                if len(in_use) == 1:
-                    declared.add(in_use[0])
+        own_params, macro_name = _own_parameter_list(captures, functions)
+        declared = _declared_names(captures, own_params, occurrences, len(self._bytes))
         self.function_name: str | None = _function_name(functions[0]) if functions else None
         if self.function_name is not None:
             if include_function_name and not macro_name:  # not RENAME in `RENAME(foo)(int a)`

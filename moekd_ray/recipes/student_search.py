@@ -35,7 +35,7 @@ from moekd_ray.metrics import axes, classification_metrics, finish
 from moekd_ray.models import build_model, load_model, num_params, size_mb
 from moekd_ray.attacks.workers import attack_trial_student, validation_sample
 from moekd_ray.stages.distill import distill_trainer
-from moekd_ray.recipes.tune import TrialProgress, source_run
+from moekd_ray.stages.search import SourceRun, TrialProgress, source_run
 from moekd_ray.tokenization import encode, train_bpe
 from moekd_ray.train_loop import latency_p50_ms, predict_logits, probs1
 
@@ -103,38 +103,73 @@ def run_student_trial(values: dict, base: dict, refs: dict) -> None:
                  "student_dir": str(folder)})
 
 
-def run_student_search(cfg: MoEKDConfig, log=print) -> StudentSearchResult:
+def run_student_search(cfg: MoEKDConfig, log=print, run_pipeline=None) -> StudentSearchResult:
+    """The architecture search from a finished pipeline run's soft targets: every trial logged, the Pareto front
+    reported and registered. `run_pipeline` makes that run first when `student_search.from_run` is unset."""
     s = cfg.student_search
     experiment_id = tracking.connect(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)
     ray_runtime.init_ray(cfg)
     ray_runtime.check_bf16(cfg, ("distill",))
     ray_runtime.check_trial_fits(cfg, cfg.distill.resources, "distill.resources")
-    src = source_run(cfg, s.from_run, "student_search.from_run", log)
+    src = source_run(cfg, s.from_run, "student_search.from_run", log, run_pipeline)
     funcs = {split: list(src.data[split]["func"]) for split in SPLITS}
     tokenizers = {v: train_bpe(funcs["train"], v, max(s.max_length)) for v in s.vocab_size}
     name = f"student-search-{cfg.name}-{cfg.digest()}"
     storage = ray_runtime.storage_path(cfg, Path(cfg.output_dir), "student_search")
-    refs = {
+    tuner = student_tuner(cfg, student_refs(cfg, src, funcs, tokenizers, name, storage), name, storage)
+    start = time.perf_counter()
+    grid = tuner.fit()
+    log(f"{len(grid)} trials in {time.perf_counter() - start:.0f} s")
+    rows = trial_rows(grid)
+    feasible = [r for r in rows if r["feasible"]]
+
+    model_uris = []
+    with tracking.run(name, experiment_id=experiment_id) as run_id:
+        tracking.set_tags({"moekd.source_run_dir": str(src.run_dir), "moekd.student_search": name})
+        tracking.log_config(cfg.model_dump(mode="json"))
+        for r in rows:
+            with tracking.stage_run(f"trial_{r['trial']}", {k: r[k] for k in SPACE_KEYS}):
+                tracking.set_tags({"moekd.pareto": str(r["pareto"]), "moekd.violation": r["violation"]})
+                tracking.log_metrics({k: float(r[k]) for k in ("feasible", "size_mb", "val_f1", "latency_ms", "asr")})
+                if r["pareto"] and s.register_pareto and cfg.mlflow.registered_model:
+                    model_uris.append(register(cfg, r, funcs["test"], src))
+        table = log_report(cfg, name, rows, feasible)
+    log(markdown(table[table["pareto"] == 1]))
+    for uri in model_uris:
+        log(f"registered {uri}")
+    return StudentSearchResult(rows, run_id, model_uris)
+
+
+def student_refs(cfg: MoEKDConfig, src: SourceRun, funcs: dict, tokenizers: dict, name: str, storage: str) -> dict:
+    """What every trial reads: tokenizers, functions, labels and soft targets put into Ray's object store once, the
+    validation sample every trial attacks, and where the trials write."""
+    return {
         "tokenizers": ray.put(tokenizers),
         "funcs": ray.put({split: funcs[split] for split in ("train", "valid")}),
         "labels": ray.put({split: src.labels[split] for split in ("train", "valid")}),
         "teacher": ray.put(src.cache["train"]["soft_targets"]),
-        "sample": validation_sample(cfg, funcs, src.labels["valid"], s.asr_n),
+        "sample": validation_sample(cfg, funcs, src.labels["valid"], cfg.student_search.asr_n),
         "search_name": name, "storage": storage,
         "trials_dir": str((Path(cfg.output_dir) / name / "trials").resolve()),  # local files (storage may be s3://)
     }
+
+
+def student_tuner(cfg: MoEKDConfig, refs: dict, name: str, storage: str) -> tune.Tuner:
+    """Optuna's multi-objective sampler over the architecture space, one trial per sample."""
+    s = cfg.student_search
     space = {key: tune.choice(getattr(s, key)) for key in SPACE_KEYS}
     search = OptunaSearch(metric=list(OBJECTIVES), mode=list(OBJECTIVES.values()), seed=cfg.seed)
     trainable = tune.with_resources(tune.with_parameters(run_student_trial, base=cfg.model_dump(mode="json"),
                                                          refs=refs), {"cpu": ray_runtime.TRIAL_CPU})
-    tuner = tune.Tuner(trainable, param_space=space,
-                       run_config=ray_runtime.trial_run_config(cfg, name, storage, [TrialProgress(s.num_samples)]),
-                       tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(search, s.max_concurrent),
-                                                   num_samples=s.num_samples))
-    start = time.perf_counter()
-    grid = tuner.fit()
-    log(f"{len(grid)} trials in {time.perf_counter() - start:.0f} s")
+    return tune.Tuner(trainable, param_space=space,
+                      run_config=ray_runtime.trial_run_config(cfg, name, storage, [TrialProgress(s.num_samples)]),
+                      tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(search, s.max_concurrent),
+                                                  num_samples=s.num_samples))
 
+
+def trial_rows(grid) -> list[dict]:
+    """A row per trial that reported: its architecture and objectives, and whether it is on the Pareto front of the
+    feasible trials (pareto 1) or not (0; every infeasible trial)."""
     rows = []
     for r in grid:
         if r.metrics and "feasible" in r.metrics:
@@ -149,34 +184,26 @@ def run_student_search(cfg: MoEKDConfig, log=print) -> StudentSearchResult:
         r["pareto"] = int(on_front)
     for r in rows:
         r.setdefault("pareto", 0)
-
-    model_uris = []
-    with tracking.run(name, experiment_id=experiment_id) as parent:
-        tracking.set_tags({"moekd.source_run_dir": str(src.run_dir), "moekd.student_search": name})
-        tracking.log_config(cfg.model_dump(mode="json"))
-        for r in rows:
-            with tracking.stage_run(f"trial_{r['trial']}", {k: r[k] for k in SPACE_KEYS}):
-                tracking.set_tags({"moekd.pareto": str(r["pareto"]), "moekd.violation": r["violation"]})
-                tracking.log_metrics({k: float(r[k]) for k in ("feasible", "size_mb", "val_f1", "latency_ms", "asr")})
-                if r["pareto"] and s.register_pareto and cfg.mlflow.registered_model:
-                    model_uris.append(register(cfg, r, funcs["test"], src))
-        table = pd.DataFrame(rows).drop(columns=["student_dir"])
-        report = Path(cfg.output_dir) / name
-        report.mkdir(parents=True, exist_ok=True)
-        table.to_csv(report / "trials.csv", index=False)
-        (report / "pareto.md").write_text(markdown(table[table["pareto"] == 1]) + "\n")
-        fig = pareto_figure(feasible)
-        fig.savefig(report / "pareto.png", dpi=120)
-        tracking.log_figure(fig, "pareto.png")
-        tracking.log_artifacts(report, "report")
-        tracking.log_metrics({"trials": len(rows), "feasible": len(feasible), "pareto": sum(r["pareto"] for r in rows)})
-    log(markdown(table[table["pareto"] == 1]))
-    for uri in model_uris:
-        log(f"registered {uri}")
-    return StudentSearchResult(rows, parent.info.run_id, model_uris)
+    return rows
 
 
-def register(cfg: MoEKDConfig, row: dict, test_funcs: list[str], src) -> str:
+def log_report(cfg: MoEKDConfig, name: str, rows: list[dict], feasible: list[dict]) -> pd.DataFrame:
+    """The trials as a CSV, the Pareto front as a markdown table and a plot, into the search's folder and its
+    MLflow run, with the counts; returns the trials' table."""
+    table = pd.DataFrame(rows).drop(columns=["student_dir"])
+    report = Path(cfg.output_dir) / name
+    report.mkdir(parents=True, exist_ok=True)
+    table.to_csv(report / "trials.csv", index=False)
+    (report / "pareto.md").write_text(markdown(table[table["pareto"] == 1]) + "\n")
+    fig = pareto_figure(feasible)
+    fig.savefig(report / "pareto.png", dpi=120)
+    tracking.log_figure(fig, "pareto.png")
+    tracking.log_artifacts(report, "report")
+    tracking.log_metrics({"trials": len(rows), "feasible": len(feasible), "pareto": sum(r["pareto"] for r in rows)})
+    return table
+
+
+def register(cfg: MoEKDConfig, row: dict, test_funcs: list[str], src: SourceRun) -> str:
     """A Pareto-optimal student into the registry: objectives as tags, test metrics as evidence."""
     from moekd_ray.tokenization import load_tokenizer
 

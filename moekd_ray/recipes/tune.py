@@ -25,20 +25,21 @@ from pathlib import Path
 import numpy as np
 import ray
 from ray import tune
+from ray.tune import ResultGrid
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from moekd_ray import progress, ray_runtime, tracking
-from moekd_ray.config import ChoiceDist, LogUniformDist, MoEKDConfig, load_config
-from moekd_ray.data import SPLITS, dataset_hash, load_devign
-from moekd_ray.errors import ConfigError
+from moekd_ray import ray_runtime, tracking
+from moekd_ray.config import ChoiceDist, LogUniformDist, MoEKDConfig
+from moekd_ray.data import dataset_hash
 from moekd_ray.decision import decide_folder, decision_tags
 from moekd_ray.metrics import classification_metrics, scatter_figure
 from moekd_ray.models import load_model, num_params, size_mb
-from moekd_ray.stages.aggregate import load_soft_targets, soft_targets
+from moekd_ray.stages.aggregate import soft_targets
 from moekd_ray.attacks.workers import attack_trial_student, validation_sample
 from moekd_ray.stages.distill import distill_trainer
+from moekd_ray.stages.search import SourceRun, TrialProgress, source_run
 from moekd_ray.tokenization import encode, train_bpe
 from moekd_ray.train_loop import predict_logits, probs1
 
@@ -135,86 +136,76 @@ def make_tuner(cfg: MoEKDConfig, trainable, name: str, storage: str) -> tune.Tun
     )
 
 
-class TrialProgress(tune.Callback):
-    """Trials ended, on the console's status line (Tune's own trial table goes to the log file)."""
-
-    def __init__(self, total: int):
-        self.total, self.ended = total, 0
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        self.ended += 1
-        best = [t.last_result.get("val_f1") for t in trials if t.last_result.get("val_f1") is not None]
-        progress.report("trials", self.ended, self.total, "trials", f"best val F1 {max(best):.3f}" if best else "")
-
-    on_trial_error = on_trial_complete
-
-
-@dataclass
-class SourceRun:
-    """A finished pipeline run that searches start from: its folder, cached logits and targets, and its data."""
-
-    run_dir: Path
-    cache: dict  # soft_targets.safetensors by split
-    data: dict
-    labels: dict[str, np.ndarray]
-
-
-def source_run(cfg: MoEKDConfig, from_run: str | None, option: str, log) -> SourceRun:
-    """The run given by `option` (an MLflow run id or run folder), trained now when unset; its cache checked
-    against the data found now."""
-    if from_run is None:
-        from moekd_ray.recipes.pipeline import run_pipeline
-
-        log(f"{option} is unset: running the pipeline first")
-        run_dir = run_pipeline(cfg, log=log).run_dir
-    else:
-        run = tracking.pipeline_run(from_run, option)
-        if run is None:
-            raise ConfigError(f"{option}={from_run}: neither an MLflow run id nor a pipeline run folder; "
-                              "give the parent run id of a finished `moekd run`")
-        run_dir = run[0]
-    if not (run_dir / "soft_targets.safetensors").is_file():
-        raise ConfigError(f"{option}={from_run}: its run folder {run_dir} has no soft_targets.safetensors;"
-                          " give a pipeline run that finished its aggregate stage")
-    run_cfg = load_config(run_dir / "config.yaml")  # the data subset the cached logits belong to
-    try:
-        cache = load_soft_targets(run_dir / "soft_targets.safetensors")
-    except ValueError as exc:
-        raise ConfigError(f"{run_dir / 'soft_targets.safetensors'}: {exc}; rerun that pipeline with --resume "
-                          "to rebuild it") from None
-    data = load_devign(run_cfg.data, run_cfg.seed)
-    labels = {s: np.asarray(data[s]["target"], dtype=np.int64) for s in SPLITS}
-    if not np.array_equal(labels["train"], cache["train"]["labels"]):
-        raise ConfigError(f"{run_dir}: its cached logits do not match the data found now; point data.dir at the "
-                          "data that run used")
-    return SourceRun(run_dir, cache, data, labels)
-
-
-def run_search(cfg: MoEKDConfig, resume: bool = False, log=print) -> SearchResult:
+def run_search(cfg: MoEKDConfig, resume: bool = False, log=print, run_pipeline=None) -> SearchResult:
+    """The search from a finished pipeline run's experts: every trial logged to MLflow, the best student registered.
+    `run_pipeline` makes that run first when `tune.from_run` is unset (the CLI hands in the pipeline recipe's)."""
     tracking.connect(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)
     ray_runtime.init_ray(cfg)
     ray_runtime.check_bf16(cfg, ("distill",))
     ray_runtime.check_trial_fits(cfg, cfg.distill.resources, "distill.resources")
-    source = source_run(cfg, cfg.tune.from_run, "tune.from_run", log)
-    run_dir, cache, data, labels = source.run_dir, source.cache, source.data, source.labels
-    arch = cfg.distill.arch()
-    funcs = {s: list(data[s]["func"]) for s in labels}
-    tokenizer = train_bpe(funcs["train"], arch.vocab_size, arch.max_length)
-    enc = {s: encode(tokenizer, funcs[s], arch.max_length) for s in labels}
-
+    source = source_run(cfg, cfg.tune.from_run, "tune.from_run", log, run_pipeline)
+    tokenizer, funcs, enc = student_inputs(cfg, source)
     name = f"tune-{cfg.name}-{cfg.digest()}"
     storage = ray_runtime.storage_path(cfg, Path(cfg.output_dir), "tune")
+    refs = trial_refs(cfg, source, tokenizer, funcs, enc, name, storage)
+    grid, search_seconds = fit_search(cfg, refs, name, storage, resume, log)
+
+    metric, mode = objective(cfg)
+    best = grid.get_best_result(metric, mode, scope="last")  # NaN (a robust trial ASHA stopped) never wins
+    trials = [r for r in grid if r.metrics]
+    source_runs = tracking.find_runs(cfg.mlflow.experiment, f"tags.`moekd.run_dir` = '{source.run_dir}'")
+    with tracking.run(name) as run_id:
+        tracking.set_tags({"moekd.source_run_dir": str(source.run_dir), "moekd.search": name})
+        tracking.log_config(cfg.model_dump(mode="json"))
+        for result in trials:
+            log_trial(result, robust=cfg.tune.metric == ROBUST)
+        log_temperature_figure(cfg, trials, metric)
+        log_search_cost(trials, search_seconds, source_runs, log)
+
+        best_values = {k: best.config[k] for k in cfg.tune.space}
+        student_dir, decision, best_metrics = best_student(cfg, best, name, storage, enc, source.labels)
+        tracking.log_metrics({f"best.{k}": v for k, v in best_metrics.items()})
+        tracking.log_params({f"best.{k}": v for k, v in best_values.items()})
+        model_uri = None
+        if cfg.tune.register_best and cfg.mlflow.registered_model:
+            tags = {"moekd.search_run_id": run_id, "moekd.data_hash": dataset_hash(source.data),
+                    **decision_tags(decision)}
+            model_uri = register_best(cfg, name, student_dir, tokenizer, best_values, best_metrics, tags)
+    log(f"best trial: {best_values} -> " + ", ".join(f"{k} {v:.3f}" for k, v in best_metrics.items()))
+    log(f"student model: {model_uri}")
+    return SearchResult(best_values, best_metrics, model_uri, run_id)
+
+
+def student_inputs(cfg: MoEKDConfig, source: SourceRun) -> tuple[object, dict, dict]:
+    """The student's tokenizer (trained on the source run's training functions), and the functions and their
+    encodings by split."""
+    arch = cfg.distill.arch()
+    funcs = {s: list(source.data[s]["func"]) for s in source.labels}
+    tokenizer = train_bpe(funcs["train"], arch.vocab_size, arch.max_length)
+    enc = {s: encode(tokenizer, funcs[s], arch.max_length) for s in source.labels}
+    return tokenizer, funcs, enc
+
+
+def trial_refs(cfg: MoEKDConfig, source: SourceRun, tokenizer, funcs: dict, enc: dict, name: str,
+               storage: str) -> dict:
+    """What every trial reads: the cached logits, encodings and labels put into Ray's object store once, and where
+    the trials write; with robust_f1 also the tokenizer and the validation sample every trial attacks."""
     refs = {
-        "cache": ray.put({k: cache["train"][k] for k in ("expert_logits", "gate_logits")}),
+        "cache": ray.put({k: source.cache["train"][k] for k in ("expert_logits", "gate_logits")}),
         "enc": ray.put({s: enc[s] for s in ("train", "valid")}),
-        "labels": ray.put({s: labels[s] for s in ("train", "valid")}),
+        "labels": ray.put({s: source.labels[s] for s in ("train", "valid")}),
         "search_name": name, "storage": storage,
         "trials_dir": str((Path(cfg.output_dir) / name / "trials").resolve()),  # local files (storage may be s3://)
     }
-    robust = cfg.tune.metric == ROBUST
-    if robust:
+    if cfg.tune.metric == ROBUST:
         refs["tokenizer"] = ray.put(tokenizer)
-        refs["sample"] = validation_sample(cfg, funcs, labels["valid"], cfg.tune.attack_n)
+        refs["sample"] = validation_sample(cfg, funcs, source.labels["valid"], cfg.tune.attack_n)
+    return refs
+
+
+def fit_search(cfg: MoEKDConfig, refs: dict, name: str, storage: str, resume: bool, log) -> tuple[ResultGrid, float]:
+    """The search run to its end, continuing Tune's saved state with `resume` when there is one: its results and
+    its wall seconds."""
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=cfg.model_dump(mode="json"), refs=refs),
                                     {"cpu": ray_runtime.TRIAL_CPU})
     start = time.perf_counter()
@@ -225,71 +216,73 @@ def run_search(cfg: MoEKDConfig, resume: bool = False, log=print) -> SearchResul
     else:
         tuner = make_tuner(cfg, trainable, name, storage)
     grid = tuner.fit()
-    search_seconds = time.perf_counter() - start
+    return grid, time.perf_counter() - start
 
-    metric, mode = objective(cfg)
-    best = grid.get_best_result(metric, mode, scope="last")  # NaN (a robust trial ASHA stopped) never wins
-    trials = [r for r in grid if r.metrics]
-    source_runs = tracking.find_runs(cfg.mlflow.experiment, f"tags.`moekd.run_dir` = '{run_dir}'")
-    with tracking.run(name) as parent:
-        tracking.set_tags({"moekd.source_run_dir": str(run_dir), "moekd.search": name})
-        tracking.log_config(cfg.model_dump(mode="json"))
-        for result in trials:
-            with tracking.stage_run(f"trial_{result.metrics['trial_id']}", result.config):
-                rows = result.metrics_dataframe.to_dict("records")
-                epochs = [r for r in rows if not math.isnan(r.get("epoch", math.nan))]  # not the robust final row
-                # Stamped with the time Tune got each report (not now), so the history shows when trials ran.
-                tracking.log_epochs([{k: v for k, v in r.items() if k.startswith(("val_", "train_loss"))} |
-                                     {"epoch": r["epoch"]} for r in epochs],
-                                    timestamps=[int(r["timestamp"]) * 1000 for r in epochs])
-                tracking.log_metrics({"trial_seconds": float(rows[-1]["time_total_s"])})
-                final = rows[-1]
-                if robust and not math.isnan(final.get("objective", math.nan)):  # attacked (not stopped by ASHA)
-                    tracking.log_metrics({k: float(final[k]) for k in ("asr", "asr_attacked", "asr_seconds",
-                                                                     "objective")},
-                                       timestamp=int(final["timestamp"]) * 1000)
-        ranked = [r for r in trials if math.isfinite(r.metrics.get(metric, math.nan))]
-        tracking.log_figure(scatter_figure(
-            [r.config.get("distill.temperature", cfg.distill.temperature) for r in ranked],
-            [r.metrics[metric] for r in ranked], "distillation temperature T", metric,
-            "each point a trial " + ("that ran every epoch" if robust else "(last reported epoch)")),
-            "search_T_vs_metric.png")
-        trial_cost = float(np.mean([r.metrics["time_total_s"] for r in trials]))
-        metrics = {"search_seconds": search_seconds, "mean_trial_seconds": trial_cost, "trials": len(trials)}
-        if source_runs:
-            # What a trial would cost if it retrained the experts and router as well.
-            sm = source_runs[0].data.metrics
-            metrics["retrain_experts_trial_seconds"] = trial_cost + sm.get("seconds_experts", 0) + sm.get(
-                "seconds_router", 0) + sm.get("seconds_tokenizers", 0) + sm.get("seconds_partition", 0)
-        tracking.log_metrics(metrics)
-        log(f"{len(trials)} trials in {search_seconds:.0f} s; mean trial {trial_cost:.0f} s"
-            + (f" (retraining experts per trial: {metrics['retrain_experts_trial_seconds']:.0f} s)" if source_runs else ""))
 
-        best_values = {k: best.config[k] for k in cfg.tune.space}
-        student_dir = Path(cfg.output_dir) / name / "best_student"
-        # The best trial's student as its Ray Train run last reported it (a folder or a URI: read through Ray).
-        trial_run = ray_runtime.saved_result(ray_runtime.storage_join(storage, f"{name}-{best.metrics['trial_id']}"))
-        decision = ray_runtime.copy_atomically(  # the threshold into its weights
-            trial_run.checkpoint, student_dir,
-            lambda folder: decide_folder(cfg.eval, folder, enc["valid"], labels["valid"]))
-        student = load_model(student_dir)
-        test = classification_metrics(labels["test"], probs1(predict_logits(student, enc["test"], cfg.eval.batch_size)))
-        ranking = ("val_accuracy", "val_f1") + (("asr", "objective") if robust else ())
-        best_metrics = {**{k: float(best.metrics[k]) for k in ranking},
-                        **{f"test_{k}": v for k, v in test.items()}, "size_mb": size_mb(student),
-                        "params": float(num_params(student))}
-        tracking.log_metrics({f"best.{k}": v for k, v in best_metrics.items()})
-        tracking.log_params({f"best.{k}": v for k, v in best_values.items()})
-        model_uri = None
-        if cfg.tune.register_best and cfg.mlflow.registered_model:
-            tok_dir = Path(cfg.output_dir) / name / "student_tokenizer"
-            tokenizer.save_pretrained(str(tok_dir))
-            model_uri = tracking.log_student_model(
-                student_dir, tok_dir, cfg.with_values(best_values).model_dump(mode="json"),
-                cfg.mlflow.registered_model, best_metrics, tags={"moekd.search_run_id": parent.info.run_id,
-                                                              "moekd.data_hash": dataset_hash(data),
-                                                              **decision_tags(decision)},
-            )
-    log(f"best trial: {best_values} -> " + ", ".join(f"{k} {v:.3f}" for k, v in best_metrics.items()))
-    log(f"student model: {model_uri}")
-    return SearchResult(best_values, best_metrics, model_uri, parent.info.run_id)
+def log_trial(result, robust: bool) -> None:
+    """One trial as a nested MLflow run: its values, per-epoch metrics and time, and its attack when it was attacked."""
+    with tracking.stage_run(f"trial_{result.metrics['trial_id']}", result.config):
+        rows = result.metrics_dataframe.to_dict("records")
+        epochs = [r for r in rows if not math.isnan(r.get("epoch", math.nan))]  # not the robust final row
+        # Stamped with the time Tune got each report (not now), so the history shows when trials ran.
+        tracking.log_epochs([{k: v for k, v in r.items() if k.startswith(("val_", "train_loss"))} |
+                             {"epoch": r["epoch"]} for r in epochs],
+                            timestamps=[int(r["timestamp"]) * 1000 for r in epochs])
+        tracking.log_metrics({"trial_seconds": float(rows[-1]["time_total_s"])})
+        final = rows[-1]
+        if robust and not math.isnan(final.get("objective", math.nan)):  # attacked (not stopped by ASHA)
+            tracking.log_metrics({k: float(final[k]) for k in ("asr", "asr_attacked", "asr_seconds", "objective")},
+                                 timestamp=int(final["timestamp"]) * 1000)
+
+
+def log_temperature_figure(cfg: MoEKDConfig, trials: list, metric: str) -> None:
+    """The objective against the distillation temperature T, a point per trial that has one."""
+    robust = cfg.tune.metric == ROBUST
+    ranked = [r for r in trials if math.isfinite(r.metrics.get(metric, math.nan))]
+    tracking.log_figure(scatter_figure(
+        [r.config.get("distill.temperature", cfg.distill.temperature) for r in ranked],
+        [r.metrics[metric] for r in ranked], "distillation temperature T", metric,
+        "each point a trial " + ("that ran every epoch" if robust else "(last reported epoch)")),
+        "search_T_vs_metric.png")
+
+
+def log_search_cost(trials: list, search_seconds: float, source_runs: list, log) -> None:
+    """The search's wall time and mean trial time, and what a trial would cost if it retrained the experts too."""
+    trial_cost = float(np.mean([r.metrics["time_total_s"] for r in trials]))
+    metrics = {"search_seconds": search_seconds, "mean_trial_seconds": trial_cost, "trials": len(trials)}
+    if source_runs:
+        # What a trial would cost if it retrained the experts and router as well.
+        sm = source_runs[0].metrics
+        metrics["retrain_experts_trial_seconds"] = trial_cost + sm.get("seconds_experts", 0) + sm.get(
+            "seconds_router", 0) + sm.get("seconds_tokenizers", 0) + sm.get("seconds_partition", 0)
+    tracking.log_metrics(metrics)
+    log(f"{len(trials)} trials in {search_seconds:.0f} s; mean trial {trial_cost:.0f} s"
+        + (f" (retraining experts per trial: {metrics['retrain_experts_trial_seconds']:.0f} s)" if source_runs else ""))
+
+
+def best_student(cfg: MoEKDConfig, best, name: str, storage: str, enc: dict,
+                 labels: dict[str, np.ndarray]) -> tuple[Path, dict, dict]:
+    """The best trial's student copied into the search's folder with its threshold chosen on valid: its folder,
+    that decision, and its metrics (the trial's ranking metrics, the student's test metrics and size)."""
+    student_dir = Path(cfg.output_dir) / name / "best_student"
+    # The best trial's student as its Ray Train run last reported it (a folder or a URI: read through Ray).
+    trial_run = ray_runtime.saved_result(ray_runtime.storage_join(storage, f"{name}-{best.metrics['trial_id']}"))
+    decision = ray_runtime.copy_atomically(  # the threshold into its weights
+        trial_run.checkpoint, student_dir,
+        lambda folder: decide_folder(cfg.eval, folder, enc["valid"], labels["valid"]))
+    student = load_model(student_dir)
+    test = classification_metrics(labels["test"], probs1(predict_logits(student, enc["test"], cfg.eval.batch_size)))
+    ranking = ("val_accuracy", "val_f1") + (("asr", "objective") if cfg.tune.metric == ROBUST else ())
+    best_metrics = {**{k: float(best.metrics[k]) for k in ranking},
+                    **{f"test_{k}": v for k, v in test.items()}, "size_mb": size_mb(student),
+                    "params": float(num_params(student))}
+    return student_dir, decision, best_metrics
+
+
+def register_best(cfg: MoEKDConfig, name: str, student_dir: Path, tokenizer, best_values: dict, best_metrics: dict,
+                  tags: dict) -> str:
+    """The best student with its tokenizer logged as an MLflow model, registered under `mlflow.registered_model`."""
+    tok_dir = Path(cfg.output_dir) / name / "student_tokenizer"
+    tokenizer.save_pretrained(str(tok_dir))
+    return tracking.log_student_model(student_dir, tok_dir, cfg.with_values(best_values).model_dump(mode="json"),
+                                      cfg.mlflow.registered_model, best_metrics, tags=tags)

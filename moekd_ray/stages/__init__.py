@@ -12,6 +12,7 @@ stage's MLflow run and returns plain values:
     attack.py           the student attacked (with attack.in_pipeline; `moekd attack` runs the same on any model)
     register.py         the student logged and registered in MLflow
     pretrain.py         masked-LM pretraining of an encoder on the training code (Ray Train + DeepSpeed ZeRO)
+    search.py           what both searches (tune, search-student) share: the finished run they start from
 
 Stages import components and each other, never a driver.
 """
