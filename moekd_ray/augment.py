@@ -16,12 +16,15 @@ get one copy; 2: every function gets two). A copy is either
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from moekd_ray.attacks.identifiers import Identifiers
 from moekd_ray.attacks.structural import random_edits
+from moekd_ray.attacks.workers import attack_examples, format_summary, summarize
 from moekd_ray.tokenization import encode
 
 EDITS_PER_COPY = 4
@@ -104,3 +107,21 @@ def robust_transfer_set(distill, enc: dict[str, np.ndarray], labels: np.ndarray,
     log(f"{n:,} {'restructured' if edits else 'identifier-renamed'} copies ({len(adversarial or {}):,} "
         f"attack-found) join the {len(labels):,} transfer functions")
     return enc, labels_out, teacher, {"renamed_copies": n, "attack_found_copies": len(adversarial or {})}
+
+
+def adversarial_renamings(cfg, victim: str | Path, target: str, funcs: list[str], teacher: np.ndarray,
+                          pool: list[str], log=print) -> dict[int, str]:
+    """Attack-found renamings of the functions that get copies (seeded by `cfg.seed`), as {index: code}.
+
+    The victim (`attacks.victim.load_victim(victim, target)`, e.g. a run folder's "uniform" mean of its experts)
+    is attacked with `distill.augment_attack` for `distill.augment_budget` queries per function, the "true"
+    class being the soft targets' argmax; `attack.workers` Ray actors share the work."""
+    chosen = np.flatnonzero(copies_per_function(len(funcs), cfg.distill.augment_ratio, cfg.seed))
+    examples = [(int(i), funcs[i], int(teacher[i].argmax())) for i in chosen]
+    acfg = cfg.with_values({"attack.method": cfg.distill.augment_attack,
+                            "attack.query_budget": cfg.distill.augment_budget})
+    start = time.perf_counter()
+    rows = attack_examples(victim, target, acfg, examples, pool, log=lambda *_: None)
+    log(f"adversarial copies against the teachers ({target}): "
+        f"{format_summary(acfg.attack.method, summarize(rows, time.perf_counter() - start))}")
+    return {r["index"]: r["adversarial"] for r in rows if r["adversarial"] != r["original"]}

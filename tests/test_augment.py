@@ -90,7 +90,7 @@ def test_adversarial_copies_are_attack_found_renamings(funcs, tmp_path, one_thre
     """distill.augment_attack: each chosen function's first copy is the renaming WIR-Random found against the plain
     mean of two (tiny, untrained) experts; it lowers their probability of the soft targets' class."""
     from moekd_ray.attacks.victim import load_victim
-    from moekd_ray.attacks.workers import adversarial_renamings
+    from moekd_ray.augment import adversarial_renamings
     from moekd_ray.config import ArchConfig, load_config
     from moekd_ray.models import build_model
     from moekd_ray.tokenization import train_bpe

@@ -8,7 +8,7 @@ Metrics follow ALERT: attack success rate over attacked functions, mean queries,
 robust accuracy (correct and not flipped, over all sampled functions).
 
 Used by `moekd attack` and the pipeline's attack stage (stages/attack.py), the benchmark, tune's robust objective and
-the robust students' attack-found copies (`adversarial_renamings`).
+the robust students' attack-found copies (`augment.adversarial_renamings`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from moekd_ray.attacks.identifiers import Identifiers, identifier_vocabulary
 from moekd_ray.attacks.methods import ATTACKS, FLIP, RENAMING
 from moekd_ray.attacks.structural import Structure
 from moekd_ray.attacks.victim import BudgetedVictim, load_victim
-from moekd_ray.augment import copies_per_function
 from moekd_ray.config import AttackConfig, MoEKDConfig
 from moekd_ray.data import load_devign
 
@@ -230,22 +229,3 @@ def format_summary(method: str, s: dict) -> str:
             f"{skipped} without {'identifiers' if renaming else 'edit sites'} skipped); mean queries "
             f"{s['mean_queries']:.1f}, {changed}; accuracy {s['clean_accuracy']:.3f} -> robust "
             f"{s['robust_accuracy']:.3f}; {s['seconds']:.0f} s ({s['attacks_per_s']:.2f} attacks/s)")
-
-
-def adversarial_renamings(cfg, victim: str | Path, target: str, funcs: list[str], teacher: np.ndarray,
-                          pool: list[str], log=print) -> dict[int, str]:
-    """Attack-found renamings of the functions that get copies (seeded by `cfg.seed`), as {index: code}.
-
-    The victim (`attacks.victim.load_victim(victim, target)`, e.g. a run folder's "uniform" mean of its experts)
-    is attacked with `distill.augment_attack` for `distill.augment_budget` queries per function, the "true"
-    class being the soft targets' argmax; `attack.workers` Ray actors share the work."""
-    chosen = np.flatnonzero(copies_per_function(len(funcs), cfg.distill.augment_ratio, cfg.seed))
-    examples = [(int(i), funcs[i], int(teacher[i].argmax())) for i in chosen]
-    acfg = cfg.with_values({"attack.method": cfg.distill.augment_attack,
-                            "attack.query_budget": cfg.distill.augment_budget})
-    start = time.perf_counter()
-    rows = attack_examples(victim, target, acfg, examples, pool, log=lambda *_: None)
-    log(f"adversarial copies against the teachers ({target}): "
-        f"{format_summary(acfg.attack.method, summarize(rows, time.perf_counter() - start))}")
-    return {r["index"]: r["adversarial"] for r in rows if r["adversarial"] != r["original"]}
-

@@ -45,7 +45,7 @@ import ray.train
 import torch
 
 from moekd_ray import ray_runtime, tracking
-from moekd_ray.augment import robust_transfer_set
+from moekd_ray.augment import adversarial_renamings, robust_transfer_set
 from moekd_ray.baseline import SavedTfidfLR, TfidfLR
 from moekd_ray.config import METHODS, MoEKDConfig, dump_yaml, load_config
 from moekd_ray.errors import ConfigError
@@ -56,7 +56,7 @@ from moekd_ray.scoring import max_input_length
 from moekd_ray.partition import assign_parts, code_features, partition
 from moekd_ray.stages.aggregate import (expert_weights, fit_gate, load_soft_targets, save_soft_targets, soft_targets,
                                        specialisation, specialisation_lines)
-from moekd_ray.attacks.workers import adversarial_renamings, attack_examples, format_summary, sample_examples, summarize
+from moekd_ray.attacks.workers import attack_examples, format_summary, sample_examples, summarize
 from moekd_ray.stages.distill import distill_trainer
 from moekd_ray.stages.evaluate import combined_cost, model_cost, model_row, text_model_cost
 from moekd_ray.stages.experts import encode_for_experts, expert_logits, expert_trainers, make_tokenizers

@@ -19,8 +19,8 @@ import torch
 from pydantic import Field
 
 from moekd_ray import progress, ray_runtime
-from moekd_ray.attacks.workers import adversarial_renamings, substitute_pool
-from moekd_ray.augment import robust_transfer_set
+from moekd_ray.attacks.workers import substitute_pool
+from moekd_ray.augment import adversarial_renamings, robust_transfer_set
 from moekd_ray.config import MoEKDConfig
 from moekd_ray.deepspeed_engine import (DEEPSPEED_TAG, DeepSpeedJob, deepspeed_config, deepspeed_step, gathered_state,
                                       save_deepspeed, start_deepspeed)
