@@ -756,7 +756,7 @@ def _cell(row: dict, name: str, fmt: str = ".3f") -> str:
 def markdown_table(rows: list[dict], attacks: list[str]) -> str:
     head = ["method", "seeds", "test acc", "precision", "recall", "F1", "% vulnerable"]
     for a in attacks:
-        head += [f"ASR {a}", f"queries {a}", f"robust acc {a}"]
+        head += [f"ASR {a}", f"ASR {a} safe / vulnerable", f"queries {a}", f"robust acc {a}"]
     head += ["params", "MB", "functions/s", "p50 ms", "train s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -764,7 +764,9 @@ def markdown_table(rows: list[dict], attacks: list[str]) -> str:
         cells += [_cell(r, n) for n in ("test_accuracy", "test_precision", "test_recall", "test_f1")]
         cells.append(f"{100 * r['test_vulnerable_share_mean']:.0f}" if "test_vulnerable_share_mean" in r else "-")
         for a in attacks:
-            cells += [_cell(r, f"asr_{a}"), _cell(r, f"mean_queries_{a}", ".1f"), _cell(r, f"robust_accuracy_{a}")]
+            by_class = f"{_cell(r, f'asr_safe_{a}')} / {_cell(r, f'asr_vulnerable_{a}')}"
+            cells += [_cell(r, f"asr_{a}"), "-" if by_class == "- / -" else by_class,
+                      _cell(r, f"mean_queries_{a}", ".1f"), _cell(r, f"robust_accuracy_{a}")]
         cells += [f"{r['params_mean']:,.0f}", f"{r['size_mb_mean']:.2f}", _cell(r, "functions_per_s", ".0f"),
                   _cell(r, "latency_p50_ms", ".2f"), _cell(r, "seconds_train", ".0f")]
         lines.append("| " + " | ".join(cells) + " |")
