@@ -1,5 +1,7 @@
-"""Every MLflow call of the project (so MLflow API churn lands here): runs, params, figures, the student model, and
-the `Tracker` through which `moekd run` writes, which keeps writing to a spool file while the server is down."""
+"""Every MLflow call of the project (so MLflow API churn lands here). Reads hand back plain values (`RunRecord`,
+dicts); every write goes through one API, the `Tracker`: runs, params, metrics, figures, the student model.
+`moekd run`'s tracker has a run folder and keeps writing to a spool file there while the server is down; the
+benchmark's, the searches' and `moekd attack`'s have none, so an outage is an error there."""
 
 from __future__ import annotations
 
@@ -121,10 +123,8 @@ def current_uri() -> str:
     return _uri or os.environ.get("MLFLOW_TRACKING_URI") or "MLflow's default store"
 
 
-# --------------------------------------------------------------------------------------------- direct writes
-# `moekd run` writes through a `Tracker` (below), which spools while the server is down. The other drivers (tune,
-# benchmark, student search, attack) write straight into MLflow's active run with these functions: for them an
-# outage is an error, and what they logged before it stays.
+# ------------------------------------------------------------------------------------------------------ reads
+# Runs as plain values. Every write goes through a `Tracker` (below).
 def client() -> mlflow.MlflowClient:
     return mlflow.MlflowClient()
 
@@ -142,37 +142,8 @@ class RunRecord:
         return cls(run.info.run_id, dict(run.data.tags), dict(run.data.metrics), dict(run.data.params))
 
 
-@contextlib.contextmanager
-def run(name: str | None = None, run_id: str | None = None, experiment_id: str | None = None, nested: bool = False):
-    """A new run (`name`, in `experiment_id` or the active experiment) or a reopened one (`run_id`: it keeps its
-    name and experiment), active inside the block, which gets its run id; `nested`: under the active run."""
-    new = {"run_name": name, "experiment_id": experiment_id} if run_id is None else {"run_id": run_id}
-    with mlflow.start_run(nested=nested, **new) as active:
-        yield active.info.run_id
-
-
 def get_run(run_id: str) -> RunRecord:
     return RunRecord.of(client().get_run(run_id))
-
-
-def set_tags(tags: dict) -> None:
-    mlflow.set_tags(tags)
-
-
-def log_params(params: dict) -> None:
-    mlflow.log_params(params)
-
-
-def log_metrics(metrics: dict, step: int | None = None, timestamp: int | None = None) -> None:
-    mlflow.log_metrics(metrics, step=step, timestamp=timestamp)
-
-
-def log_dict(obj: dict, artifact_file: str) -> None:
-    mlflow.log_dict(obj, artifact_file)
-
-
-def log_artifacts(folder: str | Path, artifact_path: str | None = None) -> None:
-    mlflow.log_artifacts(str(folder), artifact_path)
 
 
 def load_dict(run_id: str, artifact_file: str) -> dict:
@@ -228,20 +199,6 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
-@contextlib.contextmanager
-def stage_run(name: str, params: dict | None = None):
-    """A nested run for one stage or expert, under the active parent run."""
-    with run(name, nested=True) as active:
-        if params:
-            mlflow.log_params(flatten(params))
-        yield active
-
-
-def log_config(config_tree: dict) -> None:
-    mlflow.log_params(flatten(config_tree))
-    mlflow.log_text(dump_yaml(config_tree), "config.yaml")
-
-
 # What a Ray Train epoch row carries that is not a measurement: when, how it ran, bookkeeping. Not plotted as
 # metrics: the run's start and end times carry the times (Tracker.stage's `span`), the rest are tags.
 NOT_METRICS = ("epoch", "started_at", "finished_at", "resumed_from", "world_size", "zero_stage", "final")
@@ -254,27 +211,6 @@ def epoch_metrics(row: dict, prefix: str = "") -> dict[str, float]:
 def epoch_tags(rows: list[dict]) -> dict[str, str]:
     """The constants of a Ray Train run's epochs, as tags (resumed_from: epochs done before its latest restart)."""
     return {f"moekd.{k}": str(rows[-1][k]) for k in ("resumed_from", "world_size", "zero_stage") if k in rows[-1]}
-
-
-def log_epochs(rows: list[dict], prefix: str = "", timestamps: list[int] | None = None) -> None:
-    """Per-epoch metrics reported by a Ray Train run, with the epoch as MLflow step (and when each was reported,
-    in ms, if given; else now)."""
-    for i, row in enumerate(rows):
-        mlflow.log_metrics(epoch_metrics(row, prefix), step=int(row["epoch"]),
-                           timestamp=timestamps[i] if timestamps else None)
-    if rows and not prefix:
-        mlflow.set_tags(epoch_tags(rows))
-
-
-def log_figure(fig, path: str) -> None:
-    mlflow.log_figure(fig, path)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-
-
-def log_table(rows: list[dict], path: str) -> None:
-    mlflow.log_text(json.dumps(rows, indent=1), path)
 
 
 def log_student_model(model_dir: Path, tokenizer_dir: Path, config_tree: dict, registered_name: str | None,
@@ -356,10 +292,11 @@ def _requirements() -> list[str]:
     return [f"{p}=={version(p)}" for p in ("torch", "transformers", "tokenizers", "safetensors", "pandas", "mlflow")]
 
 
-# --------------------------------------------------------------------------- `moekd run`'s writes, outage-proof
+# ------------------------------------------------------------------- every write, outage-proof with a run folder
 class Tracker:
-    """Every MLflow write of one `moekd run`: its parent run, the nested stage runs, their params, metrics, tags and
-    artifacts, and the registered student.
+    """Every MLflow write of one command (`moekd run`, `benchmark`, `tune`, `search-student`, `attack`): its parent
+    run, the nested runs (stages, benchmark cells, trials), their params, metrics, tags and artifacts, and the
+    registered student.
 
     Each write goes to MLflow first (with MLflow's own HTTP retries, MLFLOW_HTTP_REQUEST_MAX_RETRIES). Once an
     http(s) tracking server has stopped answering, the tracker says so in one line and, for the rest of the run,
@@ -367,8 +304,8 @@ class Tracker:
     Artifacts are referenced by their path in the run folder (texts and figures are saved there first); a run created
     meanwhile gets a local key, which the replay maps to the MLflow run it creates. `moekd sync <run folder>` (or
     `moekd run --resume`) replays the spool onto the same MLflow run (`replay_spool`). Without a run folder
-    (`run_dir=None`) an outage is an error, as with direct MLflow calls. `tracking_uri`: the store it writes to
-    (default: the one `connect` was given)."""
+    (`run_dir=None`: the commands other than `moekd run`) an outage is an error, as with direct MLflow calls.
+    `tracking_uri`: the store it writes to (default: the one `connect` was given)."""
 
     def __init__(self, run_dir: Path | None, experiment_id: str | None = None, log=print,
                  tracking_uri: str | None = None):
@@ -387,11 +324,12 @@ class Tracker:
         says so in one line with the command that completes it."""
         if run_id:
             self.root = run_id
-            self._write({"op": "reopen", "run": run_id})
+            opened = self.reopen(run_id)
         else:
             self.root = run_id = self._create(name, parent=None)
+            opened = self._open(run_id)
         try:
-            with self._open(run_id):
+            with opened:
                 yield run_id
         finally:
             if self.spooled:
@@ -402,19 +340,29 @@ class Tracker:
     @contextlib.contextmanager
     def stage(self, name: str, params: dict | None = None, span: tuple[float, float] | None = None):
         """A nested run for one stage or expert, under the innermost open run. `span`: its real start and end
-        (Unix seconds), for work done before its run is written (an expert trained by Ray Train)."""
+        (Unix seconds), for work done before its run is written (an expert trained by Ray Train). Yields its id."""
         start, end = (int(t * 1000) for t in span) if span else (None, None)
-        with self._open(self._create(name, parent=self.runs[-1], start_time=start), end_time=end):
+        run_id = self._create(name, parent=self.runs[-1], start_time=start)
+        with self._open(run_id, end_time=end):
             if params:
                 self.log_params(flatten(params))
-            yield
+            yield run_id
+
+    @contextlib.contextmanager
+    def reopen(self, run_id: str):
+        """An existing run (a nested one too: a benchmark cell an interrupted session left) written to again inside
+        the block, and ended when it ends."""
+        self._write({"op": "reopen", "run": run_id})
+        with self._open(run_id):
+            yield run_id
 
     def log_params(self, params: dict) -> None:
         self._write({"op": "params", "run": self.runs[-1], "params": {k: str(v) for k, v in params.items()}})
 
-    def log_metrics(self, metrics: dict, step: int = 0) -> None:
+    def log_metrics(self, metrics: dict, step: int = 0, timestamp: int | None = None) -> None:
+        """`timestamp`: when the values were measured (ms), if not now (a Tune trial's reports)."""
         self._write({"op": "metrics", "run": self.runs[-1], "metrics": {k: float(v) for k, v in metrics.items()},
-                     "step": step, "time": _now()})
+                     "step": step, "time": timestamp or _now()})
 
     def set_tags(self, tags: dict) -> None:
         self._write({"op": "tags", "run": self.runs[-1], "tags": {k: str(v) for k, v in tags.items()}})
@@ -438,13 +386,16 @@ class Tracker:
         self.log_params(flatten(config_tree))
         self.log_text(dump_yaml(config_tree), "config.yaml")
 
-    def log_table(self, rows: list[dict], path: str) -> None:
-        self.log_text(json.dumps(rows, indent=1), path)
+    def log_dict(self, obj: dict | list, artifact_file: str) -> None:
+        """A JSON artifact (a table's rows, a benchmark cell's per-function outputs); `load_dict` reads it back."""
+        self.log_text(json.dumps(obj, indent=1), artifact_file)
 
-    def log_epochs(self, rows: list[dict], prefix: str = "") -> None:
-        """Per-epoch metrics reported by a Ray Train run, with the epoch as MLflow step; its constants as tags."""
-        for row in rows:
-            self.log_metrics(epoch_metrics(row, prefix), step=int(row["epoch"]))
+    def log_epochs(self, rows: list[dict], prefix: str = "", timestamps: list[int] | None = None) -> None:
+        """Per-epoch metrics reported by a Ray Train run, with the epoch as MLflow step (and when each was reported,
+        in ms, if given); its constants as tags."""
+        for i, row in enumerate(rows):
+            self.log_metrics(epoch_metrics(row, prefix), step=int(row["epoch"]),
+                             timestamp=timestamps[i] if timestamps else None)
         if rows and not prefix:
             self.set_tags(epoch_tags(rows))
 

@@ -428,7 +428,7 @@ def spool_a_run(run_dir, log, experiment_id="0", student=None):
             tracker.log_artifact(run_dir / "tokenizers", "tokenizers")
         with tracker.stage("router"):
             tracker.log_artifact(run_dir / "soft.bin")
-            tracker.log_table([{"part": 0}], "partition.json")
+            tracker.log_dict([{"part": 0}], "partition.json")
             tracker.log_figure(plt.figure(), "confusion.png")
         tracker.log_metrics({"student.test_f1": 0.5})
         if student:

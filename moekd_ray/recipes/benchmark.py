@@ -101,22 +101,23 @@ def run_benchmark(cfg: MoEKDConfig, log=print, resume: str | None = None) -> Ben
     tcfg = with_pretrained_encoder(cfg, log, data)  # `source: pretrain` experts: the encoder's folder
     examples, pool = sample_examples(cfg)  # one seeded sample, the same for every model and attack
 
-    with SessionClock(bench_dir) as clock, tracking.run(cfg.name, parent_id, experiment_id) as run_id:
+    tracker = tracking.Tracker(None, experiment_id, log, cfg.mlflow.tracking_uri)  # no run folder: no spool
+    with SessionClock(bench_dir) as clock, tracker.run(parent_id, cfg.name) as run_id:
         if parent_id:
             log(f"== resuming benchmark {bench_dir} (MLflow run {parent_id})")
         else:
-            tracking.set_tags({"moekd.benchmark": "1", "moekd.config_digest": results_digest(cfg),
+            tracker.set_tags({"moekd.benchmark": "1", "moekd.config_digest": results_digest(cfg),
                                "moekd.data_hash": dataset_hash(data), "moekd.run_dir": str(bench_dir.resolve())})
-            tracking.log_config(cfg.model_dump(mode="json"))
+            tracker.log_config(cfg.model_dump(mode="json"))
             (bench_dir / "mlflow_run_id").write_text(run_id)
-        cells = Cells(run_id, cfg.ray.fault_injection, bench_dir, clock)
-        bench = BenchmarkRun(cfg, bench_dir, cells, funcs, labels, examples, pool, log)
-        teachers = train_teachers(tcfg, funcs, labels, projects, log)
+        cells = Cells(tracker, run_id, cfg.ray.fault_injection, bench_dir, clock)
+        bench = BenchmarkRun(cfg, bench_dir, tracker, cells, funcs, labels, examples, pool, log)
+        teachers = train_teachers(tcfg, funcs, labels, projects, tracker, log)
         start = time.perf_counter()
         features = {s: code_features(funcs[s], cfg.partition.hash_features) for s in PROTOCOL_SPLITS}
         gates = fit_gate(tcfg, features, teachers.logits["experts"], labels, log=log)
         router_seconds = time.perf_counter() - start
-        log_specialisation(tcfg, funcs, labels, projects, features, teachers, gates, log)
+        log_specialisation(tracker, tcfg, funcs, labels, projects, features, teachers, gates, log)
 
         reference_cells(bench, tcfg, teachers, gates, router_seconds)
         tokenizers = {}  # students of the same vocabulary and length share one BPE
@@ -127,18 +128,20 @@ def run_benchmark(cfg: MoEKDConfig, log=print, resume: str | None = None) -> Ben
         differences = difference_intervals(rows, labels["test"], cfg.benchmark.attacks, cfg.benchmark.bootstrap,
                                            cfg.seed)
         wall = clock.total()
-        tracking.log_metrics({"wall_seconds": wall, "sessions": len(clock.sessions)})
+        tracker.log_metrics({"wall_seconds": wall, "sessions": len(clock.sessions)})
         write_outputs(rows, differences, bench_dir, cfg, wall, len(clock.sessions), log)
-        tracking.log_artifacts(bench_dir / "report", "report")
+        tracker.log_artifact(bench_dir / "report", "report")
         return BenchmarkResult(bench_dir, run_id, rows, differences)
 
 
 @dataclass
 class BenchmarkRun:
     """What every cell of one benchmark reads: its config, folder and cells, the protocol's splits and the one
-    seeded attack sample (`examples`, with the vocabulary `pool` the renaming attacks draw from)."""
+    seeded attack sample (`examples`, with the vocabulary `pool` the renaming attacks draw from), and the tracker
+    that writes its MLflow runs."""
     cfg: MoEKDConfig
     folder: Path
+    tracker: tracking.Tracker
     cells: "Cells"
     funcs: dict
     labels: dict
@@ -169,14 +172,15 @@ def reference_cells(bench: BenchmarkRun, tcfg: MoEKDConfig, teachers: "Teachers"
                 row, probs = evaluate_reference(tcfg, name, teachers, gates, bench.funcs, bench.labels, router_seconds,
                                                 folder, reference_rows)
                 reference_rows[name] = row
-                log_evaluation(row, probs, bench.labels["test"], f"{name}, test",
+                log_evaluation(bench.tracker, row, probs, bench.labels["test"], f"{name}, test",
                                bench.folder / "report" / f"confusion_{name}.png")
                 log(f"{name}: test acc {row['test_accuracy']:.3f} f1 {row['test_f1']:.3f}, {row['size_mb']:.2f} MB")
             if name == "tfidf-lr" or (name == "teacher" and b.attack_teacher) \
                     or (name.startswith("expert_") and b.attack_experts):
-                attack_all(cfg, folder, bench.examples, bench.pool, logged, log)
+                attack_all(bench.tracker, cfg, folder, bench.examples, bench.pool, logged, log)
             elif name == "mixture" and b.attack_experts:  # the plain mean of the experts (uniform-moe's teacher)
-                attack_all(cfg, teachers.folder, bench.examples, bench.pool, logged, log, target="uniform")
+                attack_all(bench.tracker, cfg, teachers.folder, bench.examples, bench.pool, logged, log,
+                           target="uniform")
 
 
 def student_cells(bench: BenchmarkRun, seed: int, teachers: "Teachers", gates: dict, tokenizers: dict) -> None:
@@ -251,16 +255,16 @@ def student_cell(bench: BenchmarkRun, m: str, seed: int, mcfg: MoEKDConfig, enc_
             "moekd.bench.student_dir": str(folder.resolve())}
     with bench.cells.open(f"{m}/seed{seed}", tags, mcfg.distill.model_dump(mode="json")) as logged:
         if "test_accuracy" not in logged:
-            tracking.log_epochs(distilled["epochs"])
-            tracking.log_metrics({k: v for k, v in distilled.items() if k != "epochs"})
+            bench.tracker.log_epochs(distilled["epochs"])
+            bench.tracker.log_metrics({k: v for k, v in distilled.items() if k != "epochs"})
             row, probs = evaluate_model(cfg, m, load_model(folder), enc_test, bench.labels["test"],
                                         sum(r["train_seconds"] for r in distilled["epochs"]))
             figure = bench.folder / "report" / f"confusion_{m}.png" if seed == cfg.benchmark.seeds[0] else None
-            log_evaluation(row, probs, bench.labels["test"], f"{m}, seed {seed}, test", figure)
+            log_evaluation(bench.tracker, row, probs, bench.labels["test"], f"{m}, seed {seed}, test", figure)
             log(f"{m} seed {seed}: test acc {row['test_accuracy']:.3f} f1 {row['test_f1']:.3f}, "
                 f"{row['test_vulnerable_share']:.0%} called vulnerable, {row['size_mb']:.2f} MB, "
                 f"distilled in {row['seconds_train']:.0f} s")
-        attack_all(cfg, folder, bench.examples, bench.pool, logged, log)
+        attack_all(bench.tracker, cfg, folder, bench.examples, bench.pool, logged, log)
 
 
 # ------------------------------------------------------------------------------------------------ resume
@@ -341,12 +345,13 @@ class SessionClock:
 
 
 class Cells:
-    """The benchmark's cells, one nested MLflow run each under its run, found by their `moekd.bench.cell` tag.
-    `open` starts a cell's run, or reopens an incomplete one and says which metrics it already holds (those
-    steps are skipped); the run is tagged complete when the block ends."""
+    """The benchmark's cells, one nested MLflow run each under its run (written by `tracker`), found by their
+    `moekd.bench.cell` tag. `open` starts a cell's run, or reopens an incomplete one and says which metrics it
+    already holds (those steps are skipped); the run is tagged complete when the block ends."""
 
-    def __init__(self, parent_id: str, fault_injection: str | None, bench_dir: Path, clock: SessionClock):
-        self.clock = clock
+    def __init__(self, tracker: tracking.Tracker, parent_id: str, fault_injection: str | None, bench_dir: Path,
+                 clock: SessionClock):
+        self.tracker, self.clock = tracker, clock
         self.runs = {r.tags["moekd.bench.cell"]: r for r in tracking.child_runs(parent_id)
                      if "moekd.bench.cell" in r.tags}
         run, _, at = (fault_injection or "").rpartition(":")
@@ -365,16 +370,16 @@ class Cells:
     @contextlib.contextmanager
     def open(self, key: str, tags: dict, params: dict | None = None):
         """The cell's run (named `key`), new or reopened; yields the metric names it already holds."""
-        run = self.runs.get(key)
+        run, tracker = self.runs.get(key), self.tracker
         if run is not None:
-            with tracking.run(run_id=run.run_id, nested=True):
+            with tracker.reopen(run.run_id):
                 yield set(tracking.get_run(run.run_id).metrics)
-                tracking.set_tags({"moekd.bench.complete": "1"})
+                tracker.set_tags({"moekd.bench.complete": "1"})
         else:
-            with tracking.stage_run(key, params):
-                tracking.set_tags({**tags, "moekd.bench.cell": key})
+            with tracker.stage(key, params):
+                tracker.set_tags({**tags, "moekd.bench.cell": key})
                 yield set()
-                tracking.set_tags({"moekd.bench.complete": "1"})
+                tracker.set_tags({"moekd.bench.complete": "1"})
         self.clock.save()
         self.completed += 1
         if self.completed == self.stop_after and not self.fault_marker.exists():
@@ -444,8 +449,10 @@ def teachers_digest(cfg: MoEKDConfig) -> str:
     return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def train_teachers(cfg: MoEKDConfig, funcs: dict, labels: dict, projects: dict, log) -> Teachers:
-    """The K experts and the single teacher, all at once, or the cached ones trained by an identical setting."""
+def train_teachers(cfg: MoEKDConfig, funcs: dict, labels: dict, projects: dict, tracker: tracking.Tracker,
+                   log) -> Teachers:
+    """The K experts and the single teacher, all at once (their epochs in a nested run "teachers"), or the cached
+    ones trained by an identical setting."""
     digest = teachers_digest(cfg)
     folder = Path(cfg.output_dir) / "benchmark-teachers" / digest
     logits_file = folder / "logits.safetensors"
@@ -473,18 +480,18 @@ def train_teachers(cfg: MoEKDConfig, funcs: dict, labels: dict, projects: dict, 
     trainers = (expert_trainers(cfg, enc, labels, parts, f"teachers-{digest}-experts", storage)
                 + expert_trainers(tcfg, enc[k : k + 1], labels, np.zeros_like(parts), f"teachers-{digest}-single",
                                   storage))
-    with tracking.stage_run("teachers", cfg.experts.model_dump(mode="json")):
+    with tracker.stage("teachers", cfg.experts.model_dump(mode="json")):
         results, _ = ray_runtime.fit_all(trainers)
         names = [f"expert_{k}" for k in range(cfg.experts.k)] + ["teacher"]
         for name, result, tok in zip(names, results, expert_toks + expert_toks[k : k + 1]):
             ray_runtime.copy_atomically(result.checkpoint, folder / name)
             tok.save_pretrained(str(folder / name / "tokenizer"))
-            tracking.log_epochs(ray_runtime.epoch_rows(result), prefix=f"{name}.")
+            tracker.log_epochs(ray_runtime.epoch_rows(result), prefix=f"{name}.")
         checkpoints = [ray.train.Checkpoint.from_directory(str(folder / n)) for n in names]
         logits = {"experts": expert_logits(cfg, [[c] for c in checkpoints[:-1]], enc),
                   "teacher": expert_logits(tcfg, [checkpoints[-1:]], enc[k : k + 1])}
         info = {"seconds_train": time.perf_counter() - start, "reused": 0}
-        tracking.log_metrics(info)
+        tracker.log_metrics(info)
     save_soft_targets({s: {n: logits[n][s] for n in logits} for s in PROTOCOL_SPLITS}, logits_file,
                       {"config_digest": digest})
     (folder / "teachers.json").write_text(json.dumps(info))  # last: marks the cache complete
@@ -492,8 +499,8 @@ def train_teachers(cfg: MoEKDConfig, funcs: dict, labels: dict, projects: dict, 
     return Teachers(folder, logits, info)
 
 
-def log_specialisation(cfg: MoEKDConfig, funcs: dict, labels: dict, projects: dict, features: dict,
-                       teachers: Teachers, gates: dict, log) -> None:
+def log_specialisation(tracker: tracking.Tracker, cfg: MoEKDConfig, funcs: dict, labels: dict, projects: dict,
+                       features: dict, teachers: Teachers, gates: dict, log) -> None:
     """The experts' K x K validation accuracy by part and the router's weights per part (as `moekd run` prints them),
     on the benchmark's run."""
     p = cfg.partition
@@ -506,8 +513,8 @@ def log_specialisation(cfg: MoEKDConfig, funcs: dict, labels: dict, projects: di
     spec = specialisation(split, valid_parts, cfg.experts.k)
     for line in specialisation_lines(spec):
         log(line)
-    tracking.log_dict(spec, "specialisation.json")
-    tracking.log_metrics({"routing_entropy": spec["routing_entropy"]})
+    tracker.log_dict(spec, "specialisation.json")
+    tracker.log_metrics({"routing_entropy": spec["routing_entropy"]})
 
 
 def evaluate_reference(cfg: MoEKDConfig, name: str, teachers: Teachers, gates: dict, funcs: dict, labels: dict,
@@ -589,24 +596,26 @@ def cell_row(cfg: MoEKDConfig, name: str, test_probs: np.ndarray, test_labels: n
     return {k: v for k, v in row.items() if k not in ("model", "threshold", "degenerate")}
 
 
-def log_evaluation(row: dict, probs: np.ndarray, labels: np.ndarray, title: str, figure: Path | None) -> None:
+def log_evaluation(tracker: tracking.Tracker, row: dict, probs: np.ndarray, labels: np.ndarray, title: str,
+                   figure: Path | None) -> None:
     """A model's test row (plus the share it calls vulnerable), its test P(vulnerable) (the bootstrap's input) and
-    its confusion matrix, into the active run; the figure also into the report when `figure` names a file."""
+    its confusion matrix, into the tracker's innermost run (its cell); the figure also into the report when
+    `figure` names a file."""
     row["test_vulnerable_share"] = float((np.asarray(probs) >= 0.5).mean())
-    tracking.log_metrics(row)
-    tracking.log_dict({"p_vulnerable": [round(float(p), 6) for p in probs]}, PREDICTIONS)
+    tracker.log_metrics(row)
+    tracker.log_dict({"p_vulnerable": [round(float(p), 6) for p in probs]}, PREDICTIONS)
     fig = confusion_matrix_figure(labels, probs, 0.5, title)
     if figure is not None:
         figure.parent.mkdir(exist_ok=True)
         fig.savefig(figure, dpi=120)
-    tracking.log_figure(fig, "confusion_test.png")
+    tracker.log_figure(fig, "confusion_test.png")
 
 
-def attack_all(cfg: MoEKDConfig, folder: Path, examples: list, pool: list[str], logged: set[str], log,
-               target: str = "student") -> None:
+def attack_all(tracker: tracking.Tracker, cfg: MoEKDConfig, folder: Path, examples: list, pool: list[str],
+               logged: set[str], log, target: str = "student") -> None:
     """Every attack of benchmark.attacks not yet `logged` on the model in `folder` (`target`: as load_victim takes
     it): metrics `<metric>_<attack>` and each example's outcome (attacks/<attack>.json, the bootstrap's input) in
-    the active run."""
+    the tracker's innermost run (its cell)."""
     for method in cfg.benchmark.attacks:
         if f"asr_{method}" in logged:
             continue
@@ -615,9 +624,9 @@ def attack_all(cfg: MoEKDConfig, folder: Path, examples: list, pool: list[str], 
         rows = attack_examples(folder, target, acfg, examples, pool, log=lambda *_: None)
         summary = summarize(rows, time.perf_counter() - start)
         log(f"  {folder.name}: {format_summary(method, summary)}")
-        tracking.log_dict({k: [r[k] for r in rows] for k in ("index", "label", "status", "queries")},
-                        f"attacks/{method}.json")
-        tracking.log_metrics({f"{k}_{method}": float(v) for k, v in summary.items()})
+        tracker.log_dict({k: [r[k] for r in rows] for k in ("index", "label", "status", "queries")},
+                         f"attacks/{method}.json")
+        tracker.log_metrics({f"{k}_{method}": float(v) for k, v in summary.items()})
 
 
 # ------------------------------------------------------------------------------------------------- table

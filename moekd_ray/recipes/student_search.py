@@ -108,6 +108,7 @@ def run_student_search(cfg: MoEKDConfig, log=print, run_pipeline=None) -> Studen
     reported and registered. `run_pipeline` makes that run first when `student_search.from_run` is unset."""
     s = cfg.student_search
     experiment_id = tracking.connect(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)
+    tracker = tracking.Tracker(None, experiment_id, log, cfg.mlflow.tracking_uri)  # no run folder: no spool
     ray_runtime.init_ray(cfg)
     ray_runtime.check_bf16(cfg, ("distill",))
     ray_runtime.check_trial_fits(cfg, cfg.distill.resources, "distill.resources")
@@ -124,16 +125,16 @@ def run_student_search(cfg: MoEKDConfig, log=print, run_pipeline=None) -> Studen
     feasible = [r for r in rows if r["feasible"]]
 
     model_uris = []
-    with tracking.run(name, experiment_id=experiment_id) as run_id:
-        tracking.set_tags({"moekd.source_run_dir": str(src.run_dir), "moekd.student_search": name})
-        tracking.log_config(cfg.model_dump(mode="json"))
+    with tracker.run(None, name) as run_id:
+        tracker.set_tags({"moekd.source_run_dir": str(src.run_dir), "moekd.student_search": name})
+        tracker.log_config(cfg.model_dump(mode="json"))
         for r in rows:
-            with tracking.stage_run(f"trial_{r['trial']}", {k: r[k] for k in SPACE_KEYS}):
-                tracking.set_tags({"moekd.pareto": str(r["pareto"]), "moekd.violation": r["violation"]})
-                tracking.log_metrics({k: float(r[k]) for k in ("feasible", "size_mb", "val_f1", "latency_ms", "asr")})
+            with tracker.stage(f"trial_{r['trial']}", {k: r[k] for k in SPACE_KEYS}):
+                tracker.set_tags({"moekd.pareto": str(r["pareto"]), "moekd.violation": r["violation"]})
+                tracker.log_metrics({k: float(r[k]) for k in ("feasible", "size_mb", "val_f1", "latency_ms", "asr")})
                 if r["pareto"] and s.register_pareto and cfg.mlflow.registered_model:
-                    model_uris.append(register(cfg, r, funcs["test"], src))
-        table = log_report(cfg, name, rows, feasible)
+                    model_uris.append(register(tracker, cfg, r, funcs["test"], src))
+        table = log_report(tracker, cfg, name, rows, feasible)
     log(markdown(table[table["pareto"] == 1]))
     for uri in model_uris:
         log(f"registered {uri}")
@@ -187,7 +188,8 @@ def trial_rows(grid) -> list[dict]:
     return rows
 
 
-def log_report(cfg: MoEKDConfig, name: str, rows: list[dict], feasible: list[dict]) -> pd.DataFrame:
+def log_report(tracker: tracking.Tracker, cfg: MoEKDConfig, name: str, rows: list[dict],
+               feasible: list[dict]) -> pd.DataFrame:
     """The trials as a CSV, the Pareto front as a markdown table and a plot, into the search's folder and its
     MLflow run, with the counts; returns the trials' table."""
     table = pd.DataFrame(rows).drop(columns=["student_dir"])
@@ -197,13 +199,13 @@ def log_report(cfg: MoEKDConfig, name: str, rows: list[dict], feasible: list[dic
     (report / "pareto.md").write_text(markdown(table[table["pareto"] == 1]) + "\n")
     fig = pareto_figure(feasible)
     fig.savefig(report / "pareto.png", dpi=120)
-    tracking.log_figure(fig, "pareto.png")
-    tracking.log_artifacts(report, "report")
-    tracking.log_metrics({"trials": len(rows), "feasible": len(feasible), "pareto": sum(r["pareto"] for r in rows)})
+    tracker.log_figure(fig, "pareto.png")
+    tracker.log_artifact(report, "report")
+    tracker.log_metrics({"trials": len(rows), "feasible": len(feasible), "pareto": sum(r["pareto"] for r in rows)})
     return table
 
 
-def register(cfg: MoEKDConfig, row: dict, test_funcs: list[str], src: SourceRun) -> str:
+def register(tracker: tracking.Tracker, cfg: MoEKDConfig, row: dict, test_funcs: list[str], src: SourceRun) -> str:
     """A Pareto-optimal student into the registry: objectives as tags, test metrics as evidence."""
     from moekd_ray.tokenization import load_tokenizer
 
@@ -217,7 +219,7 @@ def register(cfg: MoEKDConfig, row: dict, test_funcs: list[str], src: SourceRun)
     arch = {k: row[k] for k in ("vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_size", "max_length")}
     tcfg = cfg.with_values({"distill.student_arch": arch, "distill.max_length": None})
     objectives = {f"moekd.objective.{k}": f"{row[k]:.6g}" for k in OBJECTIVES}
-    return tracking.log_student_model(
+    return tracker.log_student_model(
         folder, folder / "tokenizer", tcfg.model_dump(mode="json"), cfg.mlflow.registered_model,
         {**{f"test_{k}": v for k, v in test.items()}, "size_mb": row["size_mb"]},
         tags={**objectives, "moekd.pareto": "1", "moekd.data_hash": dataset_hash(src.data), **decision_tags(decision)},

@@ -139,7 +139,8 @@ def make_tuner(cfg: MoEKDConfig, trainable, name: str, storage: str) -> tune.Tun
 def run_search(cfg: MoEKDConfig, resume: bool = False, log=print, run_pipeline=None) -> SearchResult:
     """The search from a finished pipeline run's experts: every trial logged to MLflow, the best student registered.
     `run_pipeline` makes that run first when `tune.from_run` is unset (the CLI hands in the pipeline recipe's)."""
-    tracking.connect(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)
+    experiment_id = tracking.connect(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)
+    tracker = tracking.Tracker(None, experiment_id, log, cfg.mlflow.tracking_uri)  # no run folder: no spool
     ray_runtime.init_ray(cfg)
     ray_runtime.check_bf16(cfg, ("distill",))
     ray_runtime.check_trial_fits(cfg, cfg.distill.resources, "distill.resources")
@@ -154,23 +155,23 @@ def run_search(cfg: MoEKDConfig, resume: bool = False, log=print, run_pipeline=N
     best = grid.get_best_result(metric, mode, scope="last")  # NaN (a robust trial ASHA stopped) never wins
     trials = [r for r in grid if r.metrics]
     source_runs = tracking.find_runs(cfg.mlflow.experiment, f"tags.`moekd.run_dir` = '{source.run_dir}'")
-    with tracking.run(name) as run_id:
-        tracking.set_tags({"moekd.source_run_dir": str(source.run_dir), "moekd.search": name})
-        tracking.log_config(cfg.model_dump(mode="json"))
+    with tracker.run(None, name) as run_id:
+        tracker.set_tags({"moekd.source_run_dir": str(source.run_dir), "moekd.search": name})
+        tracker.log_config(cfg.model_dump(mode="json"))
         for result in trials:
-            log_trial(result, robust=cfg.tune.metric == ROBUST)
-        log_temperature_figure(cfg, trials, metric)
-        log_search_cost(trials, search_seconds, source_runs, log)
+            log_trial(tracker, result, robust=cfg.tune.metric == ROBUST)
+        log_temperature_figure(tracker, cfg, trials, metric)
+        log_search_cost(tracker, trials, search_seconds, source_runs, log)
 
         best_values = {k: best.config[k] for k in cfg.tune.space}
         student_dir, decision, best_metrics = best_student(cfg, best, name, storage, enc, source.labels)
-        tracking.log_metrics({f"best.{k}": v for k, v in best_metrics.items()})
-        tracking.log_params({f"best.{k}": v for k, v in best_values.items()})
+        tracker.log_metrics({f"best.{k}": v for k, v in best_metrics.items()})
+        tracker.log_params({f"best.{k}": v for k, v in best_values.items()})
         model_uri = None
         if cfg.tune.register_best and cfg.mlflow.registered_model:
             tags = {"moekd.search_run_id": run_id, "moekd.data_hash": dataset_hash(source.data),
                     **decision_tags(decision)}
-            model_uri = register_best(cfg, name, student_dir, tokenizer, best_values, best_metrics, tags)
+            model_uri = register_best(tracker, cfg, name, student_dir, tokenizer, best_values, best_metrics, tags)
     log(f"best trial: {best_values} -> " + ", ".join(f"{k} {v:.3f}" for k, v in best_metrics.items()))
     log(f"student model: {model_uri}")
     return SearchResult(best_values, best_metrics, model_uri, run_id)
@@ -219,34 +220,34 @@ def fit_search(cfg: MoEKDConfig, refs: dict, name: str, storage: str, resume: bo
     return grid, time.perf_counter() - start
 
 
-def log_trial(result, robust: bool) -> None:
+def log_trial(tracker: tracking.Tracker, result, robust: bool) -> None:
     """One trial as a nested MLflow run: its values, per-epoch metrics and time, and its attack when it was attacked."""
-    with tracking.stage_run(f"trial_{result.metrics['trial_id']}", result.config):
+    with tracker.stage(f"trial_{result.metrics['trial_id']}", result.config):
         rows = result.metrics_dataframe.to_dict("records")
         epochs = [r for r in rows if not math.isnan(r.get("epoch", math.nan))]  # not the robust final row
         # Stamped with the time Tune got each report (not now), so the history shows when trials ran.
-        tracking.log_epochs([{k: v for k, v in r.items() if k.startswith(("val_", "train_loss"))} |
+        tracker.log_epochs([{k: v for k, v in r.items() if k.startswith(("val_", "train_loss"))} |
                              {"epoch": r["epoch"]} for r in epochs],
                             timestamps=[int(r["timestamp"]) * 1000 for r in epochs])
-        tracking.log_metrics({"trial_seconds": float(rows[-1]["time_total_s"])})
+        tracker.log_metrics({"trial_seconds": float(rows[-1]["time_total_s"])})
         final = rows[-1]
         if robust and not math.isnan(final.get("objective", math.nan)):  # attacked (not stopped by ASHA)
-            tracking.log_metrics({k: float(final[k]) for k in ("asr", "asr_attacked", "asr_seconds", "objective")},
+            tracker.log_metrics({k: float(final[k]) for k in ("asr", "asr_attacked", "asr_seconds", "objective")},
                                  timestamp=int(final["timestamp"]) * 1000)
 
 
-def log_temperature_figure(cfg: MoEKDConfig, trials: list, metric: str) -> None:
+def log_temperature_figure(tracker: tracking.Tracker, cfg: MoEKDConfig, trials: list, metric: str) -> None:
     """The objective against the distillation temperature T, a point per trial that has one."""
     robust = cfg.tune.metric == ROBUST
     ranked = [r for r in trials if math.isfinite(r.metrics.get(metric, math.nan))]
-    tracking.log_figure(scatter_figure(
+    tracker.log_figure(scatter_figure(
         [r.config.get("distill.temperature", cfg.distill.temperature) for r in ranked],
         [r.metrics[metric] for r in ranked], "distillation temperature T", metric,
         "each point a trial " + ("that ran every epoch" if robust else "(last reported epoch)")),
         "search_T_vs_metric.png")
 
 
-def log_search_cost(trials: list, search_seconds: float, source_runs: list, log) -> None:
+def log_search_cost(tracker: tracking.Tracker, trials: list, search_seconds: float, source_runs: list, log) -> None:
     """The search's wall time and mean trial time, and what a trial would cost if it retrained the experts too."""
     trial_cost = float(np.mean([r.metrics["time_total_s"] for r in trials]))
     metrics = {"search_seconds": search_seconds, "mean_trial_seconds": trial_cost, "trials": len(trials)}
@@ -255,7 +256,7 @@ def log_search_cost(trials: list, search_seconds: float, source_runs: list, log)
         sm = source_runs[0].metrics
         metrics["retrain_experts_trial_seconds"] = trial_cost + sm.get("seconds_experts", 0) + sm.get(
             "seconds_router", 0) + sm.get("seconds_tokenizers", 0) + sm.get("seconds_partition", 0)
-    tracking.log_metrics(metrics)
+    tracker.log_metrics(metrics)
     log(f"{len(trials)} trials in {search_seconds:.0f} s; mean trial {trial_cost:.0f} s"
         + (f" (retraining experts per trial: {metrics['retrain_experts_trial_seconds']:.0f} s)" if source_runs else ""))
 
@@ -279,10 +280,10 @@ def best_student(cfg: MoEKDConfig, best, name: str, storage: str, enc: dict,
     return student_dir, decision, best_metrics
 
 
-def register_best(cfg: MoEKDConfig, name: str, student_dir: Path, tokenizer, best_values: dict, best_metrics: dict,
-                  tags: dict) -> str:
+def register_best(tracker: tracking.Tracker, cfg: MoEKDConfig, name: str, student_dir: Path, tokenizer,
+                  best_values: dict, best_metrics: dict, tags: dict) -> str:
     """The best student with its tokenizer logged as an MLflow model, registered under `mlflow.registered_model`."""
     tok_dir = Path(cfg.output_dir) / name / "student_tokenizer"
     tokenizer.save_pretrained(str(tok_dir))
-    return tracking.log_student_model(student_dir, tok_dir, cfg.with_values(best_values).model_dump(mode="json"),
-                                      cfg.mlflow.registered_model, best_metrics, tags=tags)
+    return tracker.log_student_model(student_dir, tok_dir, cfg.with_values(best_values).model_dump(mode="json"),
+                                     cfg.mlflow.registered_model, best_metrics, tags=tags)

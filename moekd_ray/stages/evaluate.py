@@ -27,7 +27,7 @@ def evaluate_stage(ctx: RunContext, checkpoints: list[list], targets: dict, stud
         rows, test_probs = evaluate_all(cfg, checkpoints, targets, student, enc.experts, enc.student, labels)
         if cfg.eval.reference:
             rows.append(reference_row(cfg, ctx.funcs, labels, test_probs))
-        tracker.log_table(rows, "results.json")
+        tracker.log_dict(rows, "results.json")
         tracker.log_figure(comparison_figure(rows, f"{cfg.name}: every model on test"), "model_comparison.png")
         for row in rows:
             with tracker.stage(row["model"]):

@@ -262,7 +262,7 @@ def log_members(ctx: RunContext, members: list[str], results: dict, ended: dict[
         with ctx.tracker.stage(member, spec.model_dump(mode="json"), span=span):
             ctx.tracker.log_epochs(rows)
             ctx.tracker.log_text(dump_yaml(spec.model_dump(mode="json")), "config.yaml")
-            ctx.tracker.log_table(rows, "epochs.json")
+            ctx.tracker.log_dict(rows, "epochs.json")
 
 
 def epoch_summary(name: str, rows: list[dict]) -> str:

@@ -20,7 +20,7 @@ def partition_stage(ctx: RunContext) -> tuple[dict[str, sp.spmatrix], np.ndarray
         parts = partition(funcs["train"], list(ctx.data["train"]["project"]), cfg.partition.strategy.value,
                           cfg.experts.k, cfg.seed, cfg.partition.hash_features)
         table = partition_table(parts, ctx.labels["train"], cfg.experts.k)
-        tracker.log_table(table, "partition.json")
+        tracker.log_dict(table, "partition.json")
         for row in table:
             ctx.log(f"part {row['part']}: {row['rows']} rows, {row['vulnerable_share']:.1%} vulnerable")
             tracker.log_metrics({f"part_{row['part']}_rows": row["rows"],
