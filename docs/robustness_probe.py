@@ -7,7 +7,7 @@ edits keep functions parseable with the same identifiers and calls?
 import random
 import sys
 
-from moekd_ray.attacks.identifiers import Identifiers, canonicalize, error_count
+from moekd_ray.identifiers import Identifiers, canonicalize, error_count
 from moekd_ray.attacks.structural import Structure, names_and_calls
 from moekd_ray.config import DataConfig
 from moekd_ray.data import read_jsonl, resolve_data_dir, split_file

@@ -3,7 +3,7 @@
 Each copy is distilled towards the soft targets of its **original** function: renaming or a semantics-preserving
 edit must not change the answer. `distill.augment_ratio` copies per function (0.5: a seeded half of the functions
 get one copy; 2: every function gets two). A copy is either
-  random       every renamable identifier (tree-sitter, `attacks.identifiers`) gets a random name from the
+  random       every renamable identifier (tree-sitter, `identifiers`) gets a random name from the
                training code's identifier vocabulary,
   random-edits EDITS_PER_COPY random structural edits (`attacks.structural`: dead code, swaps, for/while, braces,
                parentheses, split/merged declarations), or
@@ -22,7 +22,7 @@ from typing import Callable
 
 import numpy as np
 
-from moekd_ray.attacks.identifiers import Identifiers
+from moekd_ray.identifiers import Identifiers
 from moekd_ray.attacks.structural import random_edits
 from moekd_ray.attacks.workers import attack_examples, format_summary, summarize
 from moekd_ray.tokenization import encode

@@ -19,7 +19,7 @@ from sklearn.feature_extraction.text import CountVectorizer
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 
-from moekd_ray.attacks.identifiers import canonicalize
+from moekd_ray.identifiers import canonicalize
 from moekd_ray.tokenization import C_TOKEN
 
 

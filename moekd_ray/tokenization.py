@@ -13,7 +13,7 @@ from tokenizers import ByteLevelBPETokenizer
 from tokenizers.processors import RobertaProcessing
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from moekd_ray.attacks.identifiers import canonicalize
+from moekd_ray.identifiers import canonicalize
 from moekd_ray.c_parser import HEADERLESS, RETURN_TYPE, parse
 
 # Identifiers, numbers and the multi-character operators of C; everything else one character at a time.
@@ -56,7 +56,7 @@ def syntax_units(text: str, depth: int) -> list[str]:
     renaming changes these units; the shape of the code does."""
     data = text.encode("utf-8", "surrogatepass")
     root = parse(data).root_node
-    if root.has_error and HEADERLESS.match(data):  # Devign often drops the return type (attacks.identifiers)
+    if root.has_error and HEADERLESS.match(data):  # Devign often drops the return type (identifiers)
         alt = parse(RETURN_TYPE + data).root_node
         if not alt.has_error:
             root = alt
@@ -124,7 +124,7 @@ class NgramHasher:
 
 class CanonicalInput:
     """A tokenizer that reads each function after identifier canonicalisation (parameters and locals renamed to
-    v0, v1, ... by first occurrence, with the renaming attacks' own finder: attacks.identifiers.canonicalize), so a
+    v0, v1, ... by first occurrence, with the renaming attacks' own finder: identifiers.canonicalize), so a
     renamed function is tokenised exactly as its original. The defence travels with the tokenizer: `save_pretrained`
     writes a marker file beside it and `load_tokenizer` wraps the tokenizer again, so training, the attacks'
     victims, the registered pyfunc and `moekd predict` all transform alike. Everything else is the inner

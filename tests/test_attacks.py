@@ -8,7 +8,7 @@ import mlflow
 import numpy as np
 import pytest
 
-from moekd_ray.attacks.identifiers import Identifiers
+from moekd_ray.identifiers import Identifiers
 from moekd_ray.attacks.methods import ATTACKS, RENAMING
 from moekd_ray.attacks.victim import BudgetedVictim
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from moekd_ray.attacks.identifiers import Identifiers, error_count, identifier_vocabulary
+from moekd_ray.identifiers import Identifiers, error_count, identifier_vocabulary
 from moekd_ray.augment import renamed_variants, with_renamed_copies
 
 

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from moekd_ray.attacks.identifiers import (
+from moekd_ray.identifiers import (
     C_KEYWORDS,
     Identifiers,
     error_count,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import synthetic
-from moekd_ray.attacks.identifiers import Identifiers, canonicalize, error_count
+from moekd_ray.identifiers import Identifiers, canonicalize, error_count
 from moekd_ray.attacks.methods import ATTACKS, structural
 from moekd_ray.attacks.structural import TRANSFORMS, Structure, names_and_calls, random_edits
 from moekd_ray.attacks.victim import BudgetedVictim

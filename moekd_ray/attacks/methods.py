@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from moekd_ray.attacks.identifiers import Identifiers
+from moekd_ray.identifiers import Identifiers
 from moekd_ray.attacks.structural import Structure
 from moekd_ray.attacks.victim import BudgetedVictim
 

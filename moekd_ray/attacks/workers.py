@@ -23,7 +23,7 @@ import ray
 import torch
 
 from moekd_ray import progress, ray_runtime
-from moekd_ray.attacks.identifiers import Identifiers, identifier_vocabulary
+from moekd_ray.identifiers import Identifiers, identifier_vocabulary
 from moekd_ray.attacks.methods import ATTACKS, FLIP, RENAMING
 from moekd_ray.attacks.structural import Structure
 from moekd_ray.attacks.victim import BudgetedVictim, load_victim

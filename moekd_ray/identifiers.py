@@ -3,7 +3,9 @@
 Identifier-renaming attacks (MHM, ALERT) need, for one function, the names that can be replaced without
 changing what the code does (its parameters and local variables) and a cheap way to apply many candidate
 renamings. :class:`Identifiers` parses a function once, keeps the byte offsets of every occurrence of every
-renamable name, and renames by splicing strings at those offsets.
+renamable name, and renames by splicing strings at those offsets. The same finder is the canonicalisation defence
+(`canonicalize`: names to positional placeholders) that the tokenisers and tfidf-lr apply to their input, so it is a
+component beside `c_parser.py`, below the attacks and the models that both use it.
 
 Being renamable is decided conservatively, from what tree-sitter did parse (Devign functions often do not parse
 cleanly: unexpanded macros, attributes, ``QTAILQ_FOREACH(...) {``):
