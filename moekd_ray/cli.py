@@ -128,6 +128,11 @@ def build_parser() -> Parser:
             a.add_argument("--version", required=True, help="the version to promote")
             a.add_argument("--alias", default="champion", help="the alias to move to it")
             a.add_argument("--force", action="store_true", help="promote despite failed gates (recorded as forced)")
+    p = sub.add_parser("quantize", help="an int8 copy of a run's student for deployment, measured beside it and "
+                       "registered as its own version")
+    p.add_argument("run", help="the finished `moekd run`: its folder or MLflow run id")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the run's config, e.g. "
+                   "mlflow.tracking_uri=sqlite:///mlruns.db")
     p = sub.add_parser("predict", help="score every C function of a file, a folder (recursive) or stdin")
     p.add_argument("path", help="a C file, a folder, or - for stdin")
     for name, field in PredictConfig.model_fields.items():  # the schema's options, defaults and help
@@ -168,6 +173,11 @@ def main(argv: list[str] | None = None) -> int:
             return _registry(args)
         if args.command == "sync":
             return _sync(args)
+        if args.command == "quantize":
+            from moekd_ray.recipes.quantize import run_quantize
+
+            run_quantize(args.run, args.overrides)
+            return 0
         cfg = load_config(args.config, args.overrides)
         if args.command == "validate":
             print(f"{args.config}: valid (config digest {cfg.digest()}, {cfg.experts.k} experts, "

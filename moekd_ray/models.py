@@ -14,6 +14,7 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification, RobertaConfig, RobertaForSequenceClassification
 
 from moekd_ray.config import ArchConfig, NgramConfig, PretrainedConfig
+from moekd_ray.int8 import is_int8, load_int8
 from moekd_ray.scoring import TRAINED_LENGTH, max_input_length
 
 PAD_ID = 1  # RoBERTa layout (see tokenization.SPECIALS)
@@ -124,7 +125,14 @@ def save_float32(model, folder: str | Path, state_dict: dict) -> None:
 
 def load_model(folder: str | Path):
     """A saved HF classifier (safetensors weights only), in float32 whatever dtype its config.json records: its
-    size, its folded threshold and its scores are those of the float32 model."""
+    size, its folded threshold and its scores are those of the float32 model. An int8 folder (`int8.save_int8`)
+    loads as its int8 model."""
+    if is_int8(folder):
+        try:
+            return load_int8(folder)
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise ValueError(f"{folder}: the int8 model cannot be loaded ({str(exc).strip().splitlines()[0][:160]}); "
+                             "give a folder `moekd quantize` wrote") from None
     problem = None
     config_file = Path(folder) / "config.json"
     if config_file.is_file() and json.loads(config_file.read_text()).get("model_type") == NGRAM_TYPE:

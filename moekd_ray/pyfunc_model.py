@@ -17,10 +17,12 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 try:
     from moekd_ray.checksums import verify
+    from moekd_ray.int8 import is_int8, load_int8
     from moekd_ray.scoring import Scorer
     from moekd_ray.tokenization import load_tokenizer
 except ImportError:  # served where moekd-ray is not installed: the copies logged with the model (code_paths)
     from checksums import verify
+    from int8 import is_int8, load_int8
     from scoring import Scorer
 
     def load_tokenizer(folder):
@@ -59,8 +61,9 @@ class StudentClassifier(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         verify(context.artifacts)  # before anything is read from them
         tokenizer = load_tokenizer(context.artifacts["tokenizer"])  # with its input transform, if it has one
-        model = AutoModelForSequenceClassification.from_pretrained(context.artifacts["model"], use_safetensors=True,
-                                                                   dtype=torch.float32)  # as models.load_model
+        folder = context.artifacts["model"]
+        model = load_int8(folder) if is_int8(folder) else AutoModelForSequenceClassification.from_pretrained(
+            folder, use_safetensors=True, dtype=torch.float32)  # as models.load_model
         self.scorer = Scorer(model, tokenizer)
 
     def predict(self, context, model_input, params=None):

@@ -31,6 +31,7 @@ from moekd_ray.errors import TrackingError
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 SCORING_CODE = Path(__file__).with_name("scoring.py")  # logged beside it: a served model needs no moekd-ray
 CHECKSUMS_CODE = Path(__file__).with_name("checksums.py")  # likewise
+INT8_CODE = Path(__file__).with_name("int8.py")  # likewise: an int8 student's loader
 SPOOL = "mlflow_spool.jsonl"  # in the run folder: MLflow writes made while the tracking server was down
 # Tags a run created, or a student model logged, by a Tracker write with that write's key, so that a replay of the
 # write finds what an earlier attempt made instead of making a second one.
@@ -260,7 +261,7 @@ def _log_pyfunc(model_dir: Path, tokenizer_dir: Path, config_tree: dict, metrics
             artifacts={**artifacts, MANIFEST: str(Path(tmp) / "checksums.json")},
             signature=signature,
             input_example=["int f(char *s) { char b[8]; strcpy(b, s); return 0; }"],
-            code_paths=[str(SCORING_CODE), str(CHECKSUMS_CODE)],
+            code_paths=[str(SCORING_CODE), str(CHECKSUMS_CODE), str(INT8_CODE)],
             pip_requirements=_requirements(),
             metadata={"metrics": {k: round(v, 4) for k, v in metrics.items()}},
             tags=tags,
