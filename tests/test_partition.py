@@ -27,6 +27,12 @@ def test_k_nonempty_deterministic_parts(strategy):
     np.testing.assert_array_equal(parts, run(strategy))
 
 
+def test_the_config_accepts_exactly_the_strategies_there_are():
+    from moekd_ray.config import PartitionStrategy
+
+    assert set(STRATEGIES) == {s.value for s in PartitionStrategy}
+
+
 def test_random_parts_are_balanced_and_seeded():
     parts = run("random")
     assert np.bincount(parts).tolist() == [20, 20, 20]

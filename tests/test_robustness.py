@@ -112,7 +112,13 @@ def test_structural_attack_respects_the_budget_when_nothing_works():
 
 
 def test_attack_names_agree():
+    """The attacks there are (attacks/methods.py) are the names the config, Tune's robust objective and `moekd attack
+    --attack` accept (config.ATTACK_NAMES, from which the CLI takes its choices)."""
+    from moekd_ray.cli import build_parser
+
     assert set(ATTACKS) == set(ATTACK_NAMES)
+    attack = build_parser()._subparsers._group_actions[0].choices["attack"]
+    assert set(next(a for a in attack._actions if a.dest == "attack").choices) == set(ATTACKS)
 
 
 # ---------------------------------------------------------------------------------------- canonicalisation
