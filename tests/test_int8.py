@@ -94,7 +94,7 @@ def test_damaged_int8_folder_is_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("case, words", [("nothing", "neither a run folder nor an MLflow run id"),
-                                         ("unfinished", "--resume")])
+                                         ("unfinished", "--resume"), ("ngram", "cannot be quantised to int8")])
 def test_bad_quantize_source_is_one_line(tmp_path, capsys, case, words):
     from moekd_ray.cli import main
     from moekd_ray.config import dump_yaml, load_config
@@ -105,9 +105,14 @@ def test_bad_quantize_source_is_one_line(tmp_path, capsys, case, words):
     tracking.connect(uri, "moekd")  # the store made first: MLflow's lines about creating it are not the command's
     capsys.readouterr()
     run = tmp_path / "run"
-    if case == "unfinished":  # a run folder whose run stopped before its student was saved
+    if case != "nothing":  # a run folder whose run stopped before its student was saved
         run.mkdir()
         (run / "config.yaml").write_text(dump_yaml(load_config(None).model_dump(mode="json")))
+    if case == "ngram":  # ... or whose student is an n-gram bag
+        from moekd_ray.config import NgramConfig
+        from moekd_ray.models import build_model
+
+        build_model(NgramConfig(buckets=64, dim=8), 0).save_pretrained(run / "student")
     assert main(["quantize", str(run), f"mlflow.tracking_uri={uri}"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("moekd: error:") and words in err, err
