@@ -57,13 +57,19 @@ def save_int8(model, folder) -> None:
 
 
 def load_int8(folder):
-    """An int8 folder as a model ready to score: its float model rebuilt from the int8 weights (every weight must
-    fit: a mismatch raises), with every nn.Linear replaced by its dynamically quantised int8 version."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    """An int8 folder as a model ready to score (`int8_model` of its config and weights)."""
+    from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(str(folder))
+    return int8_model(AutoConfig.from_pretrained(str(folder)), load_file(os.path.join(str(folder), "model.safetensors")))
+
+
+def int8_model(config, stored: dict[str, torch.Tensor]):
+    """The model an int8 state (`quantize_weights`) stands for: its float model rebuilt from the int8 weights (every
+    weight must fit: a mismatch raises), with every nn.Linear replaced by its dynamically quantised int8 version."""
+    from transformers import AutoModelForSequenceClassification
+
     model = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
-    model.load_state_dict(dequantize_weights(load_file(os.path.join(str(folder), "model.safetensors"))), strict=True)
+    model.load_state_dict(dequantize_weights(stored), strict=True)
     with warnings.catch_warnings():  # torch.ao.quantization's deprecation notice, once per load
         warnings.simplefilter("ignore")
         return torch.ao.quantization.quantize_dynamic(model.eval(), {torch.nn.Linear}, dtype=torch.qint8)

@@ -25,7 +25,7 @@ from moekd_ray.config import MoEKDConfig, load_config
 from moekd_ray.data import dataset_hash, load_devign
 from moekd_ray.decision import decision_tags, pick_threshold, save_decision
 from moekd_ray.errors import ConfigError
-from moekd_ray.int8 import save_int8
+from moekd_ray.int8 import int8_model, quantize_weights, save_int8
 from moekd_ray.metrics import degenerate
 from moekd_ray.models import load_model, num_params, shift_decision, size_mb
 from moekd_ray.scoring import max_input_length
@@ -100,8 +100,8 @@ def source(run: str, overrides: list[str]) -> tuple[Path, str | None, MoEKDConfi
 def quantize_student(cfg: MoEKDConfig, student, out: Path, enc_valid: dict, valid_labels: np.ndarray) -> dict:
     """The student saved as int8 into `out` with its own threshold: chosen on the int8 model's validation scores and
     moved into the decision bias, which int8 keeps in float32 (so the shift is exact). Returns the decision."""
-    save_int8(student, out)
-    probs = probs1(predict_logits(load_model(out), enc_valid, cfg.eval.batch_size))
+    int8 = int8_model(student.config, quantize_weights(student.state_dict()))
+    probs = probs1(predict_logits(int8, enc_valid, cfg.eval.batch_size))
     threshold = pick_threshold(cfg.eval, valid_labels, probs)
     shifted = copy.deepcopy(student)  # the run's own student keeps its weights
     shift_decision(shifted, threshold)
