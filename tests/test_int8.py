@@ -43,14 +43,18 @@ def test_int8_student_is_smaller_runs_int8_and_scores_like_the_float_one(tmp_pat
     int8_mb = (tmp_path / "int8" / "model.safetensors").stat().st_size
     assert float_mb / int8_mb >= 3, (float_mb, int8_mb)
     int8 = load_model(tmp_path / "int8")
-    assert type(int8.classifier.dense).__module__.startswith("torch.ao.nn.quantized.dynamic")
     ids = torch.randint(3, 2000, (32, 128))
     with torch.no_grad():
         p_float = torch.softmax(model(input_ids=ids).logits, -1)[:, 1]
         p_int8 = torch.softmax(int8(input_ids=ids).logits, -1)[:, 1]
+        # a function's score is its own: alone or beside other functions, the same (torch's dynamic quantisation
+        # scaled activations per batch, so a score moved with its batch mates)
+        alone = torch.softmax(int8(input_ids=ids[:1]).logits, -1)[0, 1]
+        beside = torch.softmax(int8(input_ids=ids).logits, -1)[0, 1]
     assert float(p_float.std()) > 0.05  # spread, so the closeness below says something
     assert float((p_float - p_int8).abs().max()) < 0.05
     assert not torch.equal(p_float, p_int8)
+    assert abs(float(alone) - float(beside)) < 1e-6
 
 
 def test_int8_threshold_is_chosen_on_its_own_scores_and_moved_exactly_into_its_bias(tmp_path):
@@ -146,8 +150,9 @@ def test_quantize_registers_an_int8_student_the_pyfunc_predict_and_attacks_use(t
     served = mlflow.pyfunc.load_model(result.model_uri)
     expected = Scorer(load_model(result.folder), load_tokenizer(pipeline.run_dir / "tokenizers" / "student"))(funcs)
     np.testing.assert_allclose(served.predict(funcs)["probability"].to_numpy(), expected, atol=1e-6)
-    model = served.unwrap_python_model().scorer.model
-    assert type(model.classifier.dense).__module__.startswith("torch.ao.nn.quantized.dynamic")
+    model = served.unwrap_python_model().scorer.model  # the int8 weights, not the float student's
+    stored = load_model(pipeline.run_dir / "student")
+    assert not torch.equal(model.classifier.dense.weight, stored.classifier.dense.weight)
 
     # `moekd predict` with that version, as a user types it
     func = "int copy(char *s) { char b[8]; strcpy(b, s); return 0; }"

@@ -4,7 +4,7 @@ registered as its own version.
     moekd quantize <run folder | MLflow run id> [key=value overrides of the run's config]
 
 Reads the run's own config (its data splits, eval settings, registered model name). The int8 student (int8.py:
-int8 weights with a scale per row, embeddings included; int8 linear layers) gets its own threshold, chosen on
+int8 weights with a scale per row, embeddings included, run in float32) gets its own threshold, chosen on
 validation from its own scores by eval.threshold and moved into its float32 decision bias, so the pyfunc, `moekd
 predict` and the attacks cut it at 0.5 like any student. Both students are scored on valid and test (the pipeline's
 row, `stages.evaluate.model_row`), their speed measured alike; the int8 one is written to <run>/student_int8,
@@ -59,7 +59,7 @@ def run_quantize(run: str, overrides: list[str] = (), log=print) -> QuantizeResu
     decision = quantize_student(cfg, student, out, enc["valid"], labels["valid"])
     log(f"int8 student: threshold {decision['threshold']:.3f} chosen on valid, saved to {out}")
     int8 = load_model(out)
-    params = num_params(student)  # the int8 model hides its packed weights from parameters()
+    params = num_params(student)
     rows = [student_row(cfg, name, model, path, params, enc, labels)
             for name, model, path in (("student", student, folder / "student"), ("student-int8", int8, out))]
     for row in rows:
