@@ -1,12 +1,8 @@
 """`moekd search-student`: constraints, the Pareto front, and a tiny multi-objective search end to end (Ray Tune +
 Optuna, Ray Train + DeepSpeed per trial, MLflow registry) from the session's tiny pipeline run."""
 
-import json
-
-import numpy as np
 import pytest
 
-from conftest import TINY_ARCH
 from moekd_ray.recipes.student_search import OBJECTIVES, constraint_violation, pareto_front, trial_arch
 
 

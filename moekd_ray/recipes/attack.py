@@ -1,4 +1,4 @@
-"""`moekd attack`: identifier-renaming attacks (MHM, WIR-Random, ALERT-style) on a trained model.
+"""`moekd attack`: renaming attacks (MHM, WIR-Random, ALERT-style) and the structural attack on a trained model.
 
     moekd attack jobs/quickstart.yaml --model <pipeline run id | run folder | models:/name/version> \
         [--target student|uniform|expert_0] [attack.method=mhm attack.n=200 ...]

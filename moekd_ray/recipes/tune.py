@@ -1,4 +1,4 @@
-"""Stage: Ray Tune search over router temperature / top-k, distillation temperature T, alpha and learning rate.
+"""`moekd tune`: Ray Tune search over router temperature / top-k, distillation temperature T, alpha and learning rate.
 
     moekd tune jobs/tune_quickstart.yaml [--resume]
 
