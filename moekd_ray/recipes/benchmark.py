@@ -53,9 +53,9 @@ from moekd_ray.data import dataset_hash, describe, load_devign
 from moekd_ray.metrics import axes, confusion_matrix_figure, finish, points_figure
 from moekd_ray.models import load_model
 from moekd_ray.scoring import max_input_length
-from moekd_ray.partition import assign_parts, code_features, partition
-from moekd_ray.stages.aggregate import (expert_weights, fit_gate, load_soft_targets, save_soft_targets, soft_targets,
-                                       specialisation, specialisation_lines)
+from moekd_ray.partition import code_features, partition
+from moekd_ray.stages.aggregate import (expert_weights, fit_gate, load_soft_targets, report_specialisation,
+                                       save_soft_targets, soft_targets)
 from moekd_ray.attacks.workers import attack_examples, format_summary, sample_examples, summarize
 from moekd_ray.stages.distill import distill_trainer
 from moekd_ray.stages.evaluate import combined_cost, model_cost, model_row, text_model_cost
@@ -505,16 +505,10 @@ def log_specialisation(tracker: tracking.Tracker, cfg: MoEKDConfig, funcs: dict,
     on the benchmark's run."""
     p = cfg.partition
     parts = partition(funcs["train"], projects["train"], p.strategy.value, cfg.experts.k, cfg.seed, p.hash_features)
-    valid_parts = assign_parts(p.strategy.value, funcs["train"], projects["train"], parts, funcs["valid"],
-                               projects["valid"], cfg.experts.k, cfg.seed, p.hash_features,
-                               (features["train"], features["valid"]))
     split = {"labels": labels["valid"], "expert_logits": teachers.logits["experts"]["valid"],
              "weights": expert_weights(cfg, gates["valid"])}
-    spec = specialisation(split, valid_parts, cfg.experts.k)
-    for line in specialisation_lines(spec):
-        log(line)
-    tracker.log_dict(spec, "specialisation.json")
-    tracker.log_metrics({"routing_entropy": spec["routing_entropy"]})
+    report_specialisation(cfg, tracker, log, (funcs["train"], projects["train"]), parts,
+                          (funcs["valid"], projects["valid"]), features, split)
 
 
 def evaluate_reference(cfg: MoEKDConfig, name: str, teachers: Teachers, gates: dict, funcs: dict, labels: dict,

@@ -8,7 +8,6 @@ aggregated targets, so another router or distillation temperature needs no exper
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
@@ -52,19 +51,28 @@ def router_stage(ctx: RunContext, checkpoints: list[list], enc_expert: list[dict
 
 def log_specialisation(ctx: RunContext, targets: dict, features: dict[str, sp.spmatrix], parts: np.ndarray) -> None:
     """Do the experts specialise, and does the router follow the parts? On validation, into the stage's run."""
-    cfg, data = ctx.cfg, ctx.data
-    valid_parts = assign_parts(cfg.partition.strategy.value, ctx.funcs["train"], list(data["train"]["project"]),
-                               parts, ctx.funcs["valid"], list(data["valid"]["project"]), cfg.experts.k, cfg.seed,
+    data = ctx.data
+    report_specialisation(ctx.cfg, ctx.tracker, ctx.log, (ctx.funcs["train"], list(data["train"]["project"])), parts,
+                          (ctx.funcs["valid"], list(data["valid"]["project"])), features, targets["valid"])
+
+
+def report_specialisation(cfg: MoEKDConfig, tracker, log, train: tuple[list, list], train_parts: np.ndarray,
+                          valid: tuple[list, list], features: dict[str, sp.spmatrix], split: dict) -> dict:
+    """The validation functions (`valid`: functions, projects) assigned to the parts as the training ones were split,
+    then `specialisation` of `split` (the validation targets) printed, logged (specialisation.json and metrics) and
+    returned. The pipeline's router stage and the benchmark's teachers both report through here."""
+    valid_parts = assign_parts(cfg.partition.strategy.value, *train, train_parts, *valid, cfg.experts.k, cfg.seed,
                                cfg.partition.hash_features, (features["train"], features["valid"]))
-    spec = specialisation(targets["valid"], valid_parts, cfg.experts.k)
+    spec = specialisation(split, valid_parts, cfg.experts.k)
     for line in specialisation_lines(spec):
-        ctx.log(line)
-    ctx.tracker.log_text(json.dumps(spec, indent=1), "specialisation.json")
-    ctx.tracker.log_metrics({"routing_entropy": spec["routing_entropy"],
-                             **{f"expert_{i}_part_{j}_val_accuracy": a for i, row in enumerate(spec["accuracy"])
-                                for j, a in enumerate(row)},
-                             **{f"part_{j}_weight_{i}": w for j, row in enumerate(spec["weight"])
-                                for i, w in enumerate(row)}})
+        log(line)
+    tracker.log_dict(spec, "specialisation.json")
+    tracker.log_metrics({"routing_entropy": spec["routing_entropy"], "experts_best_on_own_part": spec["own_best"],
+                         **{f"expert_{i}_part_{j}_val_accuracy": a for i, row in enumerate(spec["accuracy"])
+                            for j, a in enumerate(row)},
+                         **{f"part_{j}_weight_{i}": w for j, row in enumerate(spec["weight"])
+                            for i, w in enumerate(row)}})
+    return spec
 
 
 def fit_gate(cfg: MoEKDConfig, features: dict[str, sp.spmatrix], logits: dict[str, np.ndarray],
@@ -174,7 +182,8 @@ def cached_soft_targets(path: Path, cfg: MoEKDConfig, log) -> dict | None:
 def specialisation(split: dict[str, np.ndarray], parts: np.ndarray, k: int) -> dict:
     """Whether the experts specialise and the router routes by part, on one split's aggregated targets
     (`aggregate`'s dict) with each row's part: accuracy[i][j] of expert i on part j's rows, weight[j][i] the
-    router's mean weight of expert i on part j, and the mean routing entropy (nats; log K is a plain mean)."""
+    router's mean weight of expert i on part j, the mean routing entropy (nats; log K is a plain mean), and own_best:
+    on how many parts j expert j is strictly the most accurate."""
     labels, weights = split["labels"], split["weights"]
     correct = split["expert_logits"].argmax(-1) == labels[:, None]  # [N, K]
     accuracy = [[float(correct[parts == j, i].mean()) if (parts == j).any() else float("nan") for j in range(k)]
@@ -182,8 +191,11 @@ def specialisation(split: dict[str, np.ndarray], parts: np.ndarray, k: int) -> d
     weight = [[float(weights[parts == j, i].mean()) if (parts == j).any() else float("nan") for i in range(k)]
               for j in range(k)]
     entropy = float(-(weights * np.log(np.clip(weights, 1e-12, None))).sum(1).mean())
+    # expert j trained on part j (train_on: part) or weighted it up (all_weighted): is it the best there?
+    own_best = sum(int(accuracy[j][j] > max(accuracy[i][j] for i in range(k) if i != j)) for j in range(k)) if k > 1 \
+        else 0
     return {"accuracy": accuracy, "weight": weight, "routing_entropy": entropy, "max_entropy": float(np.log(k)),
-            "rows": [int((parts == j).sum()) for j in range(k)]}
+            "rows": [int((parts == j).sum()) for j in range(k)], "own_best": own_best}
 
 
 def specialisation_lines(spec: dict) -> list[str]:
@@ -196,4 +208,5 @@ def specialisation_lines(spec: dict) -> list[str]:
     for j, row in enumerate(spec["weight"]):
         lines.append(f"router weights on part {j}: " + " ".join(f"{w:.2f}" for w in row))
     lines.append(f"routing entropy {spec['routing_entropy']:.3f} nats (a plain mean: {spec['max_entropy']:.3f})")
+    lines.append(f"experts best on their own part: {spec['own_best']} of {k} parts")
     return lines
