@@ -252,6 +252,11 @@ class LearnedRouter(_Strict):
     temperature: float = Field(1.0, gt=0, description="Softmax temperature of the gate logits.")
     top_k: int | None = Field(None, ge=1, description="Keep the k largest weights per input (None: all, soft).")
     balance_weight: float = Field(0.01, ge=0, description="Weight of the load-balancing term.")
+    part_loss_weight: float = Field(
+        0.0, ge=0, le=100, description="Weight of a cross-entropy term teaching the gate each training row's part "
+        "(expert j trained on part j): with experts that specialise, the gate then routes a function to its part's "
+        "expert (0: the mixture's label likelihood alone, which routes by part only weakly).",
+    )
     epochs: int = Field(30, ge=1, description="Router training epochs (full batch over the transfer set).")
     lr: float = Field(1e-3, gt=0, description="Router learning rate.")
 

@@ -96,6 +96,33 @@ def test_router_learns_which_expert_to_trust():
     assert (learned.argmax(1).numpy() == is_b).all()
 
 
+
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks")
+def test_part_loss_teaches_the_gate_the_parts_the_label_likelihood_cannot():
+    # Two experts with the same outputs: the mixture's likelihood is the same whatever the gate does, so it cannot
+    # tell the gate which part a row is from; the part term can (part = feature column 0 or 1, plus noise).
+    rng = np.random.default_rng(1)
+    n = 300
+    parts = np.arange(n) % 2
+    dense = np.zeros((n, 16), dtype=np.float32)
+    dense[np.arange(n), parts] = 1.0
+    dense[np.arange(n), 2 + rng.integers(0, 14, n)] = 0.5
+    logits = rng.normal(size=(n, 1, 2)).astype(np.float32).repeat(2, axis=1)  # [N, 2 experts, 2], identical experts
+    labels = rng.integers(0, 2, n)
+    x = sp.csr_matrix(dense)
+    kwargs = dict(hidden=16, temperature=1.0, top_k=None, balance_weight=0.0, epochs=60, lr=0.05, seed=0)
+
+    def follows_parts(router):
+        return float((gate_logits(router, x).argmax(1) == parts).mean())
+
+    rows = []
+    taught = train_router(x, logits, labels, parts=parts, part_weight=1.0, on_epoch=rows.append, **kwargs)
+    untaught = train_router(x, logits, labels, **kwargs)
+    assert follows_parts(taught) == 1.0 and rows[-1]["part_accuracy"] == 1.0
+    assert 0.2 < follows_parts(untaught) < 0.8  # its initialisation's guess: no signal moved it to the parts
+    with pytest.raises(ValueError, match="part"):
+        train_router(x, logits, labels, part_weight=1.0, **kwargs)
+
 # ----------------------------------------------------------------------------------------------- kd_loss
 S = torch.randn(6, 2, generator=gen) * 2  # student logits
 P_T = torch.softmax(torch.randn(6, 2, generator=gen), -1)  # teacher probabilities (already at T)

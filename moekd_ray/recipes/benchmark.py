@@ -115,9 +115,12 @@ def run_benchmark(cfg: MoEKDConfig, log=print, resume: str | None = None) -> Ben
         teachers = train_teachers(tcfg, funcs, labels, projects, tracker, log)
         start = time.perf_counter()
         features = {s: code_features(funcs[s], cfg.partition.hash_features) for s in PROTOCOL_SPLITS}
-        gates = fit_gate(tcfg, features, teachers.logits["experts"], labels, log=log)
+        p = tcfg.partition  # the parts the experts trained on (train_teachers'), which the router may learn too
+        parts = partition(funcs["train"], projects["train"], p.strategy.value, tcfg.experts.k, tcfg.seed,
+                          p.hash_features)
+        gates = fit_gate(tcfg, features, teachers.logits["experts"], labels, parts, log=log)
         router_seconds = time.perf_counter() - start
-        log_specialisation(tracker, tcfg, funcs, labels, projects, features, teachers, gates, log)
+        log_specialisation(tracker, tcfg, funcs, labels, projects, features, parts, teachers, gates, log)
 
         reference_cells(bench, tcfg, teachers, gates, router_seconds)
         tokenizers = {}  # students of the same vocabulary and length share one BPE
@@ -500,11 +503,9 @@ def train_teachers(cfg: MoEKDConfig, funcs: dict, labels: dict, projects: dict, 
 
 
 def log_specialisation(tracker: tracking.Tracker, cfg: MoEKDConfig, funcs: dict, labels: dict, projects: dict,
-                       features: dict, teachers: Teachers, gates: dict, log) -> None:
+                       features: dict, parts: np.ndarray, teachers: Teachers, gates: dict, log) -> None:
     """The experts' K x K validation accuracy by part and the router's weights per part (as `moekd run` prints them),
     on the benchmark's run."""
-    p = cfg.partition
-    parts = partition(funcs["train"], projects["train"], p.strategy.value, cfg.experts.k, cfg.seed, p.hash_features)
     split = {"labels": labels["valid"], "expert_logits": teachers.logits["experts"]["valid"],
              "weights": expert_weights(cfg, gates["valid"])}
     report_specialisation(cfg, tracker, log, (funcs["train"], projects["train"]), parts,

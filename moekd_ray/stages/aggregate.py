@@ -36,7 +36,7 @@ def router_stage(ctx: RunContext, checkpoints: list[list], enc_expert: list[dict
         if targets is None:
             logits = expert_logits(cfg, checkpoints, enc_expert)  # every expert over every split, once
             router_epochs = []
-            gates = fit_gate(cfg, features, logits, ctx.labels, log=ctx.log, history=router_epochs)
+            gates = fit_gate(cfg, features, logits, ctx.labels, parts, log=ctx.log, history=router_epochs)
             tracker.log_epochs(router_epochs)
             targets = aggregate(cfg, logits, gates, ctx.labels)
             save_soft_targets(targets, soft_path, {"config_digest": cfg.digest()})
@@ -76,9 +76,11 @@ def report_specialisation(cfg: MoEKDConfig, tracker, log, train: tuple[list, lis
 
 
 def fit_gate(cfg: MoEKDConfig, features: dict[str, sp.spmatrix], logits: dict[str, np.ndarray],
-             labels: dict[str, np.ndarray], log=print, history: list | None = None) -> dict[str, np.ndarray]:
-    """Gate logits [N, K] per split: from the learned router, or zeros (= uniform weights) for `uniform`.
-    `history`, if given, receives the router's per-epoch rows (epoch, mixture_nll, balance)."""
+             labels: dict[str, np.ndarray], parts: np.ndarray | None = None, log=print,
+             history: list | None = None) -> dict[str, np.ndarray]:
+    """Gate logits [N, K] per split: from the learned router, or zeros (= uniform weights) for `uniform`. `parts`:
+    each training row's part (router.part_loss_weight). `history`, if given, receives the router's per-epoch rows
+    (epoch, mixture_nll, balance, part_accuracy)."""
     if cfg.router.kind == "uniform":
         return {s: np.zeros((len(labels[s]), cfg.experts.k), dtype=np.float32) for s in logits}
     r = cfg.router
@@ -91,11 +93,13 @@ def fit_gate(cfg: MoEKDConfig, features: dict[str, sp.spmatrix], logits: dict[st
 
     router = train_router(
         features["train"], logits["train"], labels["train"], hidden=r.hidden_size, temperature=r.temperature,
-        top_k=r.top_k, balance_weight=r.balance_weight, epochs=r.epochs, lr=r.lr, seed=cfg.seed, on_epoch=on_epoch,
+        top_k=r.top_k, balance_weight=r.balance_weight, epochs=r.epochs, lr=r.lr, seed=cfg.seed, parts=parts,
+        part_weight=r.part_loss_weight, on_epoch=on_epoch,
     )
     first, last = rows[0], rows[-1]
     log(f"router: mixture nll {first['mixture_nll']:.4f} -> {last['mixture_nll']:.4f} in {last['epoch']} epochs, "
-        f"balance {last['balance']:.3f}")
+        f"balance {last['balance']:.3f}" + (f", gate = the row's part on {last['part_accuracy']:.1%} of training rows"
+                                            if "part_accuracy" in last else ""))
     return {s: gate_logits(router, features[s]) for s in logits}
 
 
