@@ -5,7 +5,7 @@ mean with a 95% paired bootstrap interval (the same resampled test functions for
 reads <run folder>/soft_targets.safetensors.
 
     python docs/router_vs_mean.py runs/devign-cpu-<stamp>-<digest> [--resamples 2000]
-    python docs/router_vs_mean.py <run folder> --refit router.part_loss_weight=1
+    python docs/router_vs_mean.py <run folder> [<run folder of another seed> ...] --refit router.part_loss_weight=1
 
 --refit KEY=VALUE ... also fits the router again with those overrides of the run's config, on the run's cached
 training-split expert outputs, with the code features and parts recomputed as the pipeline's partition stage makes
@@ -43,13 +43,9 @@ def refit_router(run: Path, overrides: list[str], targets: dict) -> tuple[dict, 
     return fit_gate(cfg, features, logits, labels, parts), cfg
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run_folder")
-    parser.add_argument("--resamples", type=int, default=2000)
-    parser.add_argument("--refit", nargs="+", default=[], metavar="KEY=VALUE")
-    args = parser.parse_args()
-    run = Path(args.run_folder)
+def compare(run: Path, refit: list[str]) -> dict[str, np.ndarray]:
+    """Print each mixture's valid and test figures for one run; return, per mixture, which test functions it gets
+    right at its validation-chosen threshold."""
     cfg = load_config(run / "config.yaml")
     targets = load_soft_targets(run / "soft_targets.safetensors")
     plain = cfg.with_values({"router": {"kind": "uniform"}})
@@ -57,30 +53,49 @@ def main() -> None:
                             for s in SPLITS},
              "router": {s: targets[s]["mixture_probs"][:, 1] for s in SPLITS}}
     weights = {"router": targets["test"]["weights"].mean(0)}
-    if args.refit:
-        gates, refit_cfg = refit_router(run, args.refit, targets)
-        name = "router " + " ".join(args.refit)
+    if refit:
+        gates, refit_cfg = refit_router(run, refit, targets)
+        name = "router " + " ".join(refit)
         probs[name] = {s: soft_targets(refit_cfg, targets[s]["expert_logits"], gates[s], 1.0)[:, 1] for s in SPLITS}
         weights[name] = np.array([np.mean(gates["test"].argmax(1) == k) for k in range(cfg.experts.k)])
     labels = {s: targets[s]["labels"].astype(int) for s in SPLITS}
     correct = {}
+    print(f"== {run}")
     for name, p in probs.items():
         cut = pick_threshold(cfg.eval, labels["valid"], p["valid"])
         m = {s: classification_metrics(labels[s], p[s], cut) for s in SPLITS}
-        correct[name] = (p["test"] >= cut) == labels["test"]
+        correct[name] = ((p["test"] >= cut) == labels["test"]).astype(float)
         print(f"{name:10s} threshold {cut:.2f}: valid acc {m['valid']['accuracy']:.4f} F1 {m['valid']['f1']:.3f}; "
               f"test acc {m['test']['accuracy']:.4f} F1 {m['test']['f1']:.3f}")
     for name, w in weights.items():
         print(f"{name}: mean test weights (refit: share of functions routed to each) {[round(float(x), 3) for x in w]}")
-    rng = np.random.default_rng(0)
-    draws = rng.integers(len(labels["test"]), size=(args.resamples, len(labels["test"])))
-    for name in weights:
-        diff = correct[name][draws].mean(1) - correct["plain mean"][draws].mean(1)
-        low, high = np.quantile(diff, [0.025, 0.975])
-        point = correct[name].mean() - correct["plain mean"].mean()
-        verdict = "significant" if low > 0 or high < 0 else "not significant"
-        print(f"test accuracy, {name} minus plain mean: {point:+.4f}, 95% paired bootstrap interval "
-              f"[{low:+.4f}, {high:+.4f}] ({verdict}; {args.resamples} resamples)")
+    return correct
+
+
+def interval(name: str, diff: np.ndarray, resamples: int, what: str) -> None:
+    """diff [N]: per test function, a router's correctness minus the plain mean's (averaged over runs)."""
+    draws = np.random.default_rng(0).integers(len(diff), size=(resamples, len(diff)))
+    low, high = np.quantile(diff[draws].mean(1), [0.025, 0.975])
+    verdict = "significant" if low > 0 or high < 0 else "not significant"
+    print(f"test accuracy, {name} minus plain mean{what}: {diff.mean():+.4f}, 95% paired bootstrap interval "
+          f"[{low:+.4f}, {high:+.4f}] ({verdict}; {resamples} resamples)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_folders", nargs="+", help="one run, or several of one setting (seeds): then also their "
+                        "mean difference, the same test functions resampled for every run")
+    parser.add_argument("--resamples", type=int, default=2000)
+    parser.add_argument("--refit", nargs="+", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args()
+    runs = [compare(Path(run), args.refit) for run in args.run_folders]
+    for correct in runs:
+        for name in list(correct)[1:]:
+            interval(name, correct[name] - correct["plain mean"], args.resamples, "")
+    if len(runs) > 1:
+        for name in list(runs[0])[1:]:
+            diff = np.mean([c[name] - c["plain mean"] for c in runs], axis=0)
+            interval(name, diff, args.resamples, f", mean over {len(runs)} runs")
 
 
 if __name__ == "__main__":
