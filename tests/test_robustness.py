@@ -347,11 +347,13 @@ def test_specialisation_table_knows_which_expert_is_right_where():
     assert spec["accuracy"] == [[1.0, 0.0], [0.0, 1.0]]
     assert spec["weight"] == [[pytest.approx(0.9), pytest.approx(0.1)], [pytest.approx(0.1), pytest.approx(0.9)]]
     assert spec["routing_entropy"] < spec["max_entropy"] and spec["rows"] == [3, 3]
-    assert spec["own_best"] == 2 and "experts best on their own part: 2 of 2 parts" in specialisation_lines(spec)
+    assert spec["own_best"] == 2 and spec["own_edge"] == [1.0, 1.0]
+    assert any(line.startswith("experts best on their own part: 2 of 2 parts") and "+100.0, +100.0" in line
+               for line in specialisation_lines(spec))
     assert any("routing entropy" in line for line in specialisation_lines(spec))
     # swap the experts: each is now the worst on its own part
     swapped = specialisation({"labels": labels, "expert_logits": logits[:, ::-1], "weights": weights}, parts, 2)
-    assert swapped["own_best"] == 0
+    assert swapped["own_best"] == 0 and swapped["own_edge"] == [-1.0, -1.0]
 
 
 @pytest.mark.parametrize("strategy", ["kmeans", "syntax", "project", "length", "random"])

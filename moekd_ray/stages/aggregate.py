@@ -68,6 +68,7 @@ def report_specialisation(cfg: MoEKDConfig, tracker, log, train: tuple[list, lis
         log(line)
     tracker.log_dict(spec, "specialisation.json")
     tracker.log_metrics({"routing_entropy": spec["routing_entropy"], "experts_best_on_own_part": spec["own_best"],
+                         **{f"part_{j}_own_expert_edge": e for j, e in enumerate(spec["own_edge"])},
                          **{f"expert_{i}_part_{j}_val_accuracy": a for i, row in enumerate(spec["accuracy"])
                             for j, a in enumerate(row)},
                          **{f"part_{j}_weight_{i}": w for j, row in enumerate(spec["weight"])
@@ -186,8 +187,8 @@ def cached_soft_targets(path: Path, cfg: MoEKDConfig, log) -> dict | None:
 def specialisation(split: dict[str, np.ndarray], parts: np.ndarray, k: int) -> dict:
     """Whether the experts specialise and the router routes by part, on one split's aggregated targets
     (`aggregate`'s dict) with each row's part: accuracy[i][j] of expert i on part j's rows, weight[j][i] the
-    router's mean weight of expert i on part j, the mean routing entropy (nats; log K is a plain mean), and own_best:
-    on how many parts j expert j is strictly the most accurate."""
+    router's mean weight of expert i on part j, the mean routing entropy (nats; log K is a plain mean), own_edge[j]:
+    expert j's accuracy on part j minus the best other expert's there, and own_best: on how many parts that is > 0."""
     labels, weights = split["labels"], split["weights"]
     correct = split["expert_logits"].argmax(-1) == labels[:, None]  # [N, K]
     accuracy = [[float(correct[parts == j, i].mean()) if (parts == j).any() else float("nan") for j in range(k)]
@@ -195,11 +196,12 @@ def specialisation(split: dict[str, np.ndarray], parts: np.ndarray, k: int) -> d
     weight = [[float(weights[parts == j, i].mean()) if (parts == j).any() else float("nan") for i in range(k)]
               for j in range(k)]
     entropy = float(-(weights * np.log(np.clip(weights, 1e-12, None))).sum(1).mean())
-    # expert j trained on part j (train_on: part) or weighted it up (all_weighted): is it the best there?
-    own_best = sum(int(accuracy[j][j] > max(accuracy[i][j] for i in range(k) if i != j)) for j in range(k)) if k > 1 \
-        else 0
+    # expert j trained on part j (train_on: part) or weighted it up (all_weighted): by how much is it the best there?
+    # (a count alone misleads: random parts make each expert "best" on its own part by a point or so)
+    own_edge = [accuracy[j][j] - max(accuracy[i][j] for i in range(k) if i != j) for j in range(k)] if k > 1 else []
     return {"accuracy": accuracy, "weight": weight, "routing_entropy": entropy, "max_entropy": float(np.log(k)),
-            "rows": [int((parts == j).sum()) for j in range(k)], "own_best": own_best}
+            "rows": [int((parts == j).sum()) for j in range(k)], "own_edge": own_edge,
+            "own_best": sum(int(e > 0) for e in own_edge)}
 
 
 def specialisation_lines(spec: dict) -> list[str]:
@@ -212,5 +214,7 @@ def specialisation_lines(spec: dict) -> list[str]:
     for j, row in enumerate(spec["weight"]):
         lines.append(f"router weights on part {j}: " + " ".join(f"{w:.2f}" for w in row))
     lines.append(f"routing entropy {spec['routing_entropy']:.3f} nats (a plain mean: {spec['max_entropy']:.3f})")
-    lines.append(f"experts best on their own part: {spec['own_best']} of {k} parts")
+    edges = ", ".join(f"{100 * e:+.1f}" for e in spec["own_edge"])
+    lines.append(f"experts best on their own part: {spec['own_best']} of {k} parts (own expert minus the best other, "
+                 f"points: {edges})")
     return lines
