@@ -8,7 +8,7 @@ It is trained to maximise log p_mix(label) plus a load-balancing term
 and, when the experts were trained on parts (router.part_loss_weight > 0), a part term
     part = CE(g(x), part(x))                  (the gate taught which part x is from, i.e. whose expert trained on it).
 The label likelihood alone is a noisy signal of which expert to trust per row: on Devign, with experts specialised by
-project, it left the gate choosing the row's own expert 66% of the time; the part term makes it 98% (BENCHMARKS.md).
+project, it left the gate choosing the row's own expert 66% of the time; the part term makes it 99% (BENCHMARKS.md).
 """
 
 from __future__ import annotations

@@ -121,12 +121,13 @@ def test_logged_accuracy_is_the_students_real_accuracy(mini_benchmark):
 def test_teachers_are_trained_once_per_setting(mini_benchmark):
     from moekd_ray.data import load_devign
     from moekd_ray import tracking
-    from moekd_ray.recipes.benchmark import split_transfer, train_teachers
+    from moekd_ray.recipes.benchmark import split_transfer, teacher_parts, train_teachers
 
     cfg, result, *_ = mini_benchmark
     funcs, labels, projects = split_transfer(load_devign(cfg.data, cfg.seed), cfg.benchmark.labelled_fraction, cfg.seed)
     lines = []
-    teachers = train_teachers(cfg, funcs, labels, projects, tracking.Tracker(None), lines.append)  # reused: no writes
+    parts = teacher_parts(cfg, funcs, projects)
+    teachers = train_teachers(cfg, funcs, labels, parts, tracking.Tracker(None), lines.append)  # reused: no writes
     assert teachers.info["reused"] == 1 and "reused" in lines[0]
     assert teachers.logits["experts"]["test"].shape == (40, 2, 2) and teachers.logits["teacher"]["test"].shape == (40, 1, 2)
     # Another teacher setting does not reuse them.

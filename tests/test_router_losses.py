@@ -96,7 +96,6 @@ def test_router_learns_which_expert_to_trust():
     assert (learned.argmax(1).numpy() == is_b).all()
 
 
-
 @pytest.mark.filterwarnings("ignore:Sparse invariant checks")
 def test_part_loss_teaches_the_gate_the_parts_the_label_likelihood_cannot():
     # Two experts with the same outputs: the mixture's likelihood is the same whatever the gate does, so it cannot
@@ -122,6 +121,7 @@ def test_part_loss_teaches_the_gate_the_parts_the_label_likelihood_cannot():
     assert 0.2 < follows_parts(untaught) < 0.8  # its initialisation's guess: no signal moved it to the parts
     with pytest.raises(ValueError, match="part"):
         train_router(x, logits, labels, part_weight=1.0, **kwargs)
+
 
 # ----------------------------------------------------------------------------------------------- kd_loss
 S = torch.randn(6, 2, generator=gen) * 2  # student logits

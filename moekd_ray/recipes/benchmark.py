@@ -112,12 +112,10 @@ def run_benchmark(cfg: MoEKDConfig, log=print, resume: str | None = None) -> Ben
             (bench_dir / "mlflow_run_id").write_text(run_id)
         cells = Cells(tracker, run_id, cfg.ray.fault_injection, bench_dir, clock)
         bench = BenchmarkRun(cfg, bench_dir, tracker, cells, funcs, labels, examples, pool, log)
-        teachers = train_teachers(tcfg, funcs, labels, projects, tracker, log)
+        parts = teacher_parts(tcfg, funcs, projects)  # the experts train on them; the router may learn them too
+        teachers = train_teachers(tcfg, funcs, labels, parts, tracker, log)
         start = time.perf_counter()
         features = {s: code_features(funcs[s], cfg.partition.hash_features) for s in PROTOCOL_SPLITS}
-        p = tcfg.partition  # the parts the experts trained on (train_teachers'), which the router may learn too
-        parts = partition(funcs["train"], projects["train"], p.strategy.value, tcfg.experts.k, tcfg.seed,
-                          p.hash_features)
         gates = fit_gate(tcfg, features, teachers.logits["experts"], labels, parts, log=log)
         router_seconds = time.perf_counter() - start
         log_specialisation(tracker, tcfg, funcs, labels, projects, features, parts, teachers, gates, log)
@@ -452,10 +450,16 @@ def teachers_digest(cfg: MoEKDConfig) -> str:
     return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def train_teachers(cfg: MoEKDConfig, funcs: dict, labels: dict, projects: dict, tracker: tracking.Tracker,
+def teacher_parts(cfg: MoEKDConfig, funcs: dict, projects: dict) -> np.ndarray:
+    """Each labelled training function's part (partition.strategy), which expert j trains on as part j."""
+    p = cfg.partition
+    return partition(funcs["train"], projects["train"], p.strategy.value, cfg.experts.k, cfg.seed, p.hash_features)
+
+
+def train_teachers(cfg: MoEKDConfig, funcs: dict, labels: dict, parts: np.ndarray, tracker: tracking.Tracker,
                    log) -> Teachers:
-    """The K experts and the single teacher, all at once (their epochs in a nested run "teachers"), or the cached
-    ones trained by an identical setting."""
+    """The K experts (expert j weighted towards `parts` == j) and the single teacher, all at once (their epochs in a
+    nested run "teachers"), or the cached ones trained by an identical setting."""
     digest = teachers_digest(cfg)
     folder = Path(cfg.output_dir) / "benchmark-teachers" / digest
     logits_file = folder / "logits.safetensors"
@@ -474,8 +478,6 @@ def train_teachers(cfg: MoEKDConfig, funcs: dict, labels: dict, projects: dict, 
     start = time.perf_counter()
     expert_toks, _ = make_tokenizers(cfg, funcs["train"] + funcs["transfer"], folder)
     enc = encode_for_experts(cfg, expert_toks, funcs)
-    parts = partition(funcs["train"], projects["train"], cfg.partition.strategy.value, cfg.experts.k, cfg.seed,
-                      cfg.partition.hash_features)
     tcfg, storage = teacher_config(cfg), ray_runtime.storage_path(cfg, folder)
     k = cfg.benchmark.teacher_expert
     # Named by the setting: a shared ray.storage_path holds every benchmark's teachers, and Ray Train continues a
