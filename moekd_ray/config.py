@@ -135,6 +135,20 @@ class NgramConfig(_Strict):
     max_length: int = Field(2048, ge=16, le=65536, description="N-grams read per function (from its start).")
 
 
+class GraphConfig(_Strict):
+    """A gated graph network over tree-sitter's syntax tree, in the spirit of Devign and ReVeal: nodes are the tree's
+    nodes (punctuation left out), edges its parent-child links and each variable's flow from one use to the next.
+    Variables' names are not read, only how they flow, so no renaming can move it; the shape of the code can."""
+
+    source: Literal["graph"] = Field("graph", description="graph: a graph network over the syntax tree.")
+    buckets: int = Field(2**16, ge=16, le=2**24, description="Hash buckets of the node labels (embedding rows).")
+    dim: int = Field(64, ge=2, description="Node state width.")
+    rounds: int = Field(4, ge=1, le=16, description="Message-passing steps: how far along the graph a node sees.")
+    dropout: float = Field(0.1, ge=0, lt=1, description="Dropout on the pooled graph state.")
+    max_length: int = Field(1024, ge=16, le=8192, description="Syntax-tree nodes read per function (the first in "
+                            "pre-order).")
+
+
 class PretrainSource(_Strict):
     """The encoder `moekd pretrain` trained with masked-LM on this config's code (`pretrain` section), with its
     tokenizer; the pipeline pretrains it first, or reuses the one with the same settings."""
@@ -150,7 +164,8 @@ def _source_tag(value) -> str:
 
 ModelSource = Annotated[
     Union[Annotated[ArchConfig, Tag("config")], Annotated[PretrainedConfig, Tag("pretrained")],
-          Annotated[NgramConfig, Tag("ngram")], Annotated[PretrainSource, Tag("pretrain")]],
+          Annotated[NgramConfig, Tag("ngram")], Annotated[GraphConfig, Tag("graph")],
+          Annotated[PretrainSource, Tag("pretrain")]],
     Discriminator(_source_tag),
 ]
 
@@ -234,7 +249,7 @@ class ExpertsConfig(_Strict):
                                  f"`{key[:-1]}`")
         return self
 
-    def specs(self) -> list[ArchConfig | PretrainedConfig | NgramConfig | PretrainSource]:
+    def specs(self) -> list[ArchConfig | PretrainedConfig | NgramConfig | GraphConfig | PretrainSource]:
         """The model of each expert, in expert order."""
         return list(self.models) if self.models is not None else [self.model] * self.k
 

@@ -52,11 +52,21 @@ def registered_models(limit: int = 20) -> list:
     return list(MlflowClient().search_registered_models(max_results=limit))
 
 
+def teacher_name(spec) -> str:
+    """An expert's model in a few words, for the registered version's tags."""
+    if getattr(spec, "name_or_path", None):
+        return spec.name_or_path
+    if spec.source == "ngram":
+        return f"{spec.ngram}-gram bag x{spec.dim}"
+    if spec.source == "graph":
+        return f"syntax graph x{spec.dim}"
+    return f"{spec.hidden_size}h{spec.num_layers}L"
+
+
 def evidence_tags(cfg: MoEKDConfig, metrics: dict[str, float], source_run: str | None) -> dict:
     """The version tags that say what a registered student is."""
     specs = cfg.experts.specs()
-    teachers = [getattr(s, "name_or_path", None) or (f"{s.ngram}-gram bag x{s.dim}" if s.source == "ngram"
-                                                      else f"{s.hidden_size}h{s.num_layers}L") for s in specs]
+    teachers = [teacher_name(s) for s in specs]
     tags = {f"{METRIC}{k}": f"{float(v):.6g}" for k, v in metrics.items()}
     tags.update({
         "moekd.student": cfg.distill.student if cfg.distill.student_arch is None else "custom",

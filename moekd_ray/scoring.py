@@ -19,9 +19,9 @@ TRAINED_LENGTH = "moekd_max_length"  # config.json's key for the tokens per func
 
 
 def max_input_length(model) -> int:
-    """Tokens (n-grams for the n-gram bag) a model reads per function: those it was trained on (a pretrained
-    checkpoint's positions may hold more: CodeBERT's 512, an expert trained on 400)."""
-    spec = getattr(model, "spec", None)  # models.NgramBag keeps its settings in `spec`
+    """Tokens (n-grams for the n-gram bag, syntax-tree nodes for the graph) a model reads per function: those it was
+    trained on (a pretrained checkpoint's positions may hold more: CodeBERT's 512, an expert trained on 400)."""
+    spec = getattr(model, "spec", None)  # moekd's own families (models.OwnModel) keep their settings in `spec`
     if spec is not None:
         return int(spec.max_length)
     trained = getattr(model.config, TRAINED_LENGTH, None)

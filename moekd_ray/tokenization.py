@@ -1,5 +1,6 @@
-"""Tokenizers: a checkpoint's own, a byte-level BPE trained on the training code, or (for the n-gram bag) a
-hasher of C-token n-grams; any of them may read functions after identifier canonicalisation (`CanonicalInput`)."""
+"""Tokenizers: a checkpoint's own, a byte-level BPE trained on the training code, (for the n-gram bag) a hasher
+of C-token n-grams or syntax units, or (for the graph network) the syntax tree as a graph; any of them may read
+functions after identifier canonicalisation (`CanonicalInput`)."""
 
 from __future__ import annotations
 
@@ -49,35 +50,82 @@ _NAMED_LEAF = {"primitive_type": "type", "type_identifier": "type", "field_ident
                "statement_identifier": "label", "number_literal": "num"}
 
 
+_OPAQUE = ("string_literal", "char_literal", "comment")  # their insides are not code
+
+
+def syntax_tree(text: str):
+    """tree-sitter's root node of one function (Devign often drops the return type: parsed again with one)."""
+    data = text.encode("utf-8", "surrogatepass")
+    root = parse(data).root_node
+    if root.has_error and HEADERLESS.match(data):
+        alt = parse(RETURN_TYPE + data).root_node
+        if not alt.has_error:
+            return alt
+    return root
+
+
+def leaf_unit(node) -> str | None:
+    """A leaf's own unit, if it has one that no renaming changes: `tok:if`, `type:int`, `field:len`, `num:4`,
+    `call:memcpy`; None for a variable's name (and for other named leaves)."""
+    kind = node.type
+    if not node.is_named:
+        return "tok:" + kind  # `if`, `->`, `+=`, `sizeof`, ...
+    if kind in _NAMED_LEAF:
+        return f"{_NAMED_LEAF[kind]}:{node.text.decode('utf-8', 'replace')}"
+    if kind == "identifier" and node.parent is not None and node.parent.type == "call_expression" \
+            and node.parent.child_by_field_name("function") == node:
+        return "call:" + node.text.decode("utf-8", "replace")
+    return None
+
+
 def syntax_units(text: str, depth: int) -> list[str]:
     """A function as tree-sitter sees it, in pre-order: each node's root-ward path of up to `depth` node types
     ("binary_expression<if_statement"), each token that is not a variable's name (keywords, operators, type and
     field names, numbers, the names of called functions). Parameters' and locals' names never appear, so no
     renaming changes these units; the shape of the code does."""
-    data = text.encode("utf-8", "surrogatepass")
-    root = parse(data).root_node
-    if root.has_error and HEADERLESS.match(data):  # Devign often drops the return type (identifiers)
-        alt = parse(RETURN_TYPE + data).root_node
-        if not alt.has_error:
-            root = alt
-    units, stack = [], [(root, ())]
+    units, stack = [], [(syntax_tree(text), ())]
     while stack:
         node, above = stack.pop()
-        kind = node.type
-        path = (kind,) + above[: depth - 1]
+        path = (node.type,) + above[: depth - 1]
         if node.is_named:
             units.append("<".join(path))
         if node.child_count == 0:
-            if not node.is_named:
-                units.append("tok:" + kind)  # `if`, `->`, `+=`, `sizeof`, ...
-            elif kind in _NAMED_LEAF:
-                units.append(f"{_NAMED_LEAF[kind]}:{node.text.decode('utf-8', 'replace')}")
-            elif kind == "identifier" and node.parent is not None and node.parent.type == "call_expression" \
-                    and node.parent.child_by_field_name("function") == node:
-                units.append("call:" + node.text.decode("utf-8", "replace"))
-        elif kind not in ("string_literal", "char_literal", "comment"):  # their insides are not code
+            unit = leaf_unit(node)
+            if unit is not None:
+                units.append(unit)
+        elif node.type not in _OPAQUE:
             stack.extend((child, path) for child in reversed(node.children))
     return units
+
+
+# Punctuation carries no meaning the tree's shape does not already hold: not a node of the graph.
+_PUNCTUATION = frozenset("; , ( ) { } [ ]".split())
+
+
+def syntax_graph(text: str, max_nodes: int) -> list[tuple[str, int, int]]:
+    """A function's syntax tree as a graph, in pre-order, cut at `max_nodes` nodes: per node (label, parent, previous
+    use), indices into this list (-1: none). Labels are node types, or a leaf's `leaf_unit`; a variable's name is
+    the label "var" and links to the previous node naming the same variable (data flow: ReVeal's "last use" edges),
+    so a renaming changes nothing here and the variables' flow is still seen."""
+    nodes, last_use, stack = [], {}, [(syntax_tree(text), -1)]
+    while stack and len(nodes) < max_nodes:
+        node, parent = stack.pop()
+        if node.child_count == 0 and not node.is_named and node.type in _PUNCTUATION:
+            continue
+        index, previous = len(nodes), -1
+        if node.child_count == 0:
+            label = leaf_unit(node)
+            if label is None and node.type == "identifier":
+                name = node.text.decode("utf-8", "replace")
+                label, previous = "var", last_use.get(name, -1)
+                last_use[name] = index
+            label = label or node.type
+        else:
+            label = node.type
+            if node.type not in _OPAQUE:
+                stack.extend((child, index) for child in reversed(node.children))
+        nodes.append((label, parent, previous))
+    return nodes
 
 
 class NgramHasher:
@@ -120,6 +168,46 @@ class NgramHasher:
         Path(folder).mkdir(parents=True, exist_ok=True)
         (Path(folder) / self.FILE).write_text(json.dumps(
             {"buckets": self.buckets, "ngram": self.ngram, "max_length": self.max_length, "units": self.units}))
+
+
+class SyntaxGraphEncoder:
+    """The graph expert's tokenizer (models.SyntaxGraphNet): `syntax_graph` packed as three ids per node, so that the
+    graph travels as input_ids/attention_mask like every other model's input: the node's label hashed (crc32) to
+    1..buckets, 1 + its parent's index, 1 + its variable's previous use's index (0: none). `max_length` counts
+    nodes: a row is 3 x max_length ids wide. Called like a HF tokenizer."""
+
+    FILE = "graph_encoder.json"
+    SLOTS = 3
+
+    def __init__(self, buckets: int, max_length: int):
+        self.buckets, self.max_length = buckets, max_length
+
+    def __len__(self) -> int:
+        return self.buckets
+
+    def bucket(self, label: str) -> int:
+        return zlib.crc32(label.encode()) % self.buckets + 1
+
+    def ids(self, text: str, max_nodes: int) -> list[int]:
+        return [v for label, parent, previous in syntax_graph(text, max_nodes)
+                for v in (self.bucket(label), parent + 1, previous + 1)]
+
+    def __call__(self, texts, truncation: bool = True, max_length: int | None = None, padding=False,
+                 add_special_tokens: bool = True, **_):
+        """{"input_ids", "attention_mask"} per text (padding="max_length": every row 3 x max_length wide).
+        add_special_tokens=False: a bare name's bucket (ALERT's substitute search), as a bag would give it."""
+        single = isinstance(texts, str)
+        nodes = max_length or self.max_length
+        texts = [texts] if single else texts
+        rows = [self.ids(t, nodes) if add_special_tokens else [self.bucket(t.strip())] for t in texts]
+        width = self.SLOTS * nodes if padding == "max_length" else max((len(r) for r in rows), default=0)
+        ids = [r + [0] * (width - len(r)) for r in rows] if padding else rows
+        mask = [[1] * len(r) + [0] * (len(i) - len(r)) for r, i in zip(rows, ids)]
+        return {"input_ids": ids[0] if single else ids, "attention_mask": mask[0] if single else mask}
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / self.FILE).write_text(json.dumps({"buckets": self.buckets, "max_length": self.max_length}))
 
 
 class CanonicalInput:
@@ -171,9 +259,9 @@ def load_tokenizer(name_or_path: str | Path):
         if name != CanonicalInput.NAME:
             raise ValueError(f"{marker}: unknown input_transform {name!r}; this moekd-ray knows "
                              f"{CanonicalInput.NAME!r} (a newer moekd-ray wrote it?)")
-    hasher = folder / NgramHasher.FILE
-    if hasher.is_file():
-        return with_input_transform(NgramHasher(**json.loads(hasher.read_text())), marker.is_file())
+    for kind in (NgramHasher, SyntaxGraphEncoder):  # moekd's own tokenizers: their settings in one JSON file
+        if (folder / kind.FILE).is_file():
+            return with_input_transform(kind(**json.loads((folder / kind.FILE).read_text())), marker.is_file())
     try:
         return with_input_transform(AutoTokenizer.from_pretrained(str(name_or_path)), marker.is_file())
     except OSError as exc:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from moekd_ray.baseline import TfidfLR
-from moekd_ray.config import ArchConfig, NgramConfig, Schedule
+from moekd_ray.config import ArchConfig, GraphConfig, NgramConfig, Schedule
 from moekd_ray.metrics import choose_threshold, classification_metrics, degenerate, roc_auc, validation_metrics
 from moekd_ray.models import build_model, load_model, shift_decision
 from moekd_ray.tokenization import NgramHasher, encode, load_tokenizer
@@ -15,6 +15,7 @@ from moekd_ray.train_loop import BestEpoch, lr_at, make_loader, predict_logits, 
 
 ARCH = ArchConfig(vocab_size=300, hidden_size=16, num_layers=1, num_heads=2, ffn_size=32, max_length=32)
 NGRAM = NgramConfig(buckets=512, dim=8, max_length=64)
+GRAPH = GraphConfig(buckets=512, dim=8, rounds=2, max_length=16)
 
 
 def test_lr_warms_up_then_decays_to_zero():
@@ -105,10 +106,12 @@ def test_validation_metrics_auc_and_loss():
     assert m["loss"] == pytest.approx(-np.mean(np.log(p[np.arange(4), labels])))
 
 
-@pytest.mark.parametrize("spec", [ARCH, NGRAM], ids=["encoder", "ngram"])
+@pytest.mark.parametrize("spec", [ARCH, NGRAM, GRAPH], ids=["encoder", "ngram", "graph"])
 def test_shift_decision_moves_the_threshold_into_the_weights(spec):
     model = build_model(spec, seed=0).eval()
     ids = torch.randint(5, 200, (64, 16))
+    if spec is GRAPH:  # (label, parent, previous use) per node: 16 unlinked nodes
+        ids = torch.stack([ids, torch.zeros_like(ids), torch.zeros_like(ids)], -1).reshape(64, 48)
     with torch.no_grad():
         before = torch.softmax(model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits, -1)[:, 1].numpy()
     threshold = float(np.median(before))

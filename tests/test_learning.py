@@ -1,7 +1,7 @@
 """Learning is pinned where the answer is known: on synthetic C functions whose label is in the code (an unbounded
 string copy vs a bounded one, tests/synthetic.py), every model the pipeline makes must learn it. Real Ray Train
-(two expert families, cross-fitted in 2 folds), DeepSpeed ZeRO-2 and MLflow; the student is scored as a user
-would, through the registered pyfunc."""
+(three expert families: the n-gram bag, the syntax graph and an encoder, cross-fitted in 2 folds), DeepSpeed ZeRO-2
+and MLflow; the student is scored as a user would, through the registered pyfunc."""
 
 import json
 
@@ -12,6 +12,7 @@ import pytest
 
 from synthetic import rows, write_dataset
 
+GRAPH = {"source": "graph", "buckets": 4096, "dim": 16, "rounds": 3, "max_length": 256}
 ENCODER = {"vocab_size": 400, "hidden_size": 32, "num_layers": 2, "num_heads": 2, "ffn_size": 64, "max_length": 128}
 
 
@@ -24,9 +25,9 @@ def learned(ray_cluster, tmp_path_factory):
     data = write_dataset(tmp / "data", n_train=800, n_eval=120)
     cfg = load_config(None, [
         "name=learning", f"output_dir={tmp / 'runs'}", f"data.dir={data}",
-        f"experts.models={json.dumps([{'source': 'ngram', 'buckets': 4096, 'max_length': 256}, ENCODER])}",
-        "experts.folds=2", "experts.train_on=all_weighted", "experts.schedule.epochs=8",
-        "experts.schedule.lr=5e-3", "experts.resources.cpus_per_worker=0.5",
+        f"experts.models={json.dumps([{'source': 'ngram', 'buckets': 4096, 'max_length': 256}, GRAPH, ENCODER])}",
+        "experts.k=3", "experts.folds=2", "experts.train_on=all_weighted", "experts.schedule.epochs=8",
+        "experts.schedule.lr=5e-3", "experts.resources.cpus_per_worker=0.33",  # 6 fold models on 2 CPUs
         "router.epochs=30", f"distill.student_arch={json.dumps(ENCODER)}", "distill.schedule.epochs=8",
         "distill.schedule.lr=5e-3", "distill.schedule.batch_size=16", "distill.resources.num_workers=2",
         "distill.temperature=2", "distill.alpha=0.2",
@@ -38,9 +39,9 @@ def learned(ray_cluster, tmp_path_factory):
 def test_every_model_learns_the_known_rule(learned):
     _, result = learned
     by_model = {r["model"]: r for r in result.table}
-    assert {"expert_0", "expert_1", "mixture", "student", "tfidf-lr"} <= set(by_model)
+    assert {"expert_0", "expert_1", "expert_2", "mixture", "student", "tfidf-lr"} <= set(by_model)
     print("\ntest accuracy:", {name: round(row["test_accuracy"], 3) for name, row in by_model.items()})
-    for name in ("expert_0", "expert_1", "mixture", "student"):
+    for name in ("expert_0", "expert_1", "expert_2", "mixture", "student"):
         assert by_model[name]["test_accuracy"] >= 0.9, (name, by_model[name])
         assert not by_model[name]["degenerate"], (name, by_model[name]["degenerate"])
 
@@ -67,7 +68,7 @@ def test_cross_fitted_experts_and_best_epoch(learned):
 
     finished = finished_members(cfg, result.run_dir)
     experts = by_expert(cfg, [finished[m].checkpoint for names in member_names(cfg) for m in names])
-    assert [len(m) for m in experts] == [2, 2]  # two fold models per expert
+    assert [len(m) for m in experts] == [2, 2, 2]  # two fold models per expert
     for members in experts:
         for checkpoint in members:
             history = json.loads((__import__("pathlib").Path(checkpoint.path) / "metrics_history.json").read_text())

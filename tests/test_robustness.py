@@ -334,6 +334,62 @@ def test_syntax_bag_learns_the_synthetic_rule_and_round_trips(tmp_path, one_thre
     assert np.allclose(probs1(predict_logits(load_model(tmp_path / "bag"), held, 64)), p)
 
 
+
+# ------------------------------------------------------------------------------------- the syntax-graph expert
+def test_syntax_graph_ignores_renaming_and_links_each_variable_s_uses():
+    from moekd_ray.tokenization import SyntaxGraphEncoder, syntax_graph
+
+    code = "int f(int n) { int s = 0; while (n > 0) { s += n; n--; } return s; }"
+    graph = syntax_graph(code, 1000)
+    labels = [label for label, _, _ in graph]
+    assert "while_statement" in labels and "tok:while" in labels and ";" not in " ".join(labels)
+    uses = [i for i, (label, _, _) in enumerate(graph) if label == "var"]
+    # f n s | n s n n s: each use after a name's first links back to that name's use before it
+    assert [graph[i][2] for i in uses] == [-1, -1, -1, uses[1], uses[2], uses[3], uses[5], uses[4]]
+    assert all(graph[i][1] >= 0 for i in range(1, len(graph))) and graph[0][1] == -1  # one tree
+    renamed = "int f(int count) { int total = 0; while (count > 0) { total += count; count--; } return total; }"
+    encoder = SyntaxGraphEncoder(4096, 64)
+    assert encoder([renamed], max_length=64, padding="max_length") == encoder([code], max_length=64,
+                                                                             padding="max_length")
+    row = encoder([code], max_length=8, padding="max_length")
+    assert len(row["input_ids"][0]) == 24 and sum(row["attention_mask"][0]) == 24  # cut at 8 nodes, 3 ids each
+
+
+def test_syntax_graph_net_learns_the_synthetic_rule_and_round_trips(tmp_path, one_thread):
+    """Through the experts' training loop, saved and loaded as a run saves it; a function scores the same alone as
+    in a batch (the attacks' and the pyfunc's scorer pads every function to the model's length)."""
+    import torch
+
+    from moekd_ray.attacks.victim import Classifier
+    from moekd_ray.config import GraphConfig
+    from moekd_ray.metrics import classification_metrics
+    from moekd_ray.models import build_model, load_model
+    from moekd_ray.tokenization import SyntaxGraphEncoder, encode, load_tokenizer
+    from moekd_ray.train_loop import make_loader, predict_logits, probs1, torch_step, train_epoch, weighted_ce
+
+    spec = GraphConfig(buckets=4096, dim=16, rounds=3, max_length=256)
+    encoder = SyntaxGraphEncoder(spec.buckets, spec.max_length)
+    rows = synthetic.rows(240, seed=9)
+    arrays = {**encode(encoder, [r["func"] for r in rows], 256), "labels": np.asarray([r["target"] for r in rows])}
+    train = {k: v[:180] for k, v in arrays.items()}
+    held = {k: v[180:] for k, v in arrays.items()}
+    model = build_model(spec, seed=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    for _ in range(8):
+        train_epoch(model, make_loader(train, 16, shuffle=True), weighted_ce, torch_step(opt, 1.0))
+    p = probs1(predict_logits(model.eval(), held, 64))
+    assert classification_metrics(held["labels"], p)["accuracy"] >= 0.9
+    model.save_pretrained(tmp_path / "graph")
+    encoder.save_pretrained(tmp_path / "graph" / "tokenizer")
+    loaded, tokenizer = load_model(tmp_path / "graph"), load_tokenizer(tmp_path / "graph" / "tokenizer")
+    assert isinstance(tokenizer, SyntaxGraphEncoder)
+    assert np.allclose(probs1(predict_logits(loaded, held, 64)), p, atol=1e-6)
+    scorer = Classifier(loaded, tokenizer)
+    funcs = [r["func"] for r in rows[180:190]]
+    assert np.allclose(scorer(funcs[:1]), scorer(funcs)[:1], atol=1e-6)
+    assert np.allclose(scorer(funcs), p[:10], atol=1e-5)
+    assert scorer.embed_names(["len", "buf"]).shape == (2, 16)  # ALERT's substitute space
+
 # ------------------------------------------------------------------------------------------ specialisation
 def test_specialisation_table_knows_which_expert_is_right_where():
     """Expert 0 right on part 0 only, expert 1 right on part 1 only, a router that sends each part to its expert."""

@@ -19,13 +19,14 @@ import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from moekd_ray import progress, ray_runtime
-from moekd_ray.config import (ModelSource, MoEKDConfig, NgramConfig, PretrainedConfig, Schedule, dump_yaml,
-                              member_names)
+from moekd_ray.config import (GraphConfig, ModelSource, MoEKDConfig, NgramConfig, PretrainedConfig, Schedule,
+                              dump_yaml, member_names)
 from moekd_ray.errors import ConfigError
 from moekd_ray.metrics import validation_metrics
 from moekd_ray.models import build_model, load_model
 from moekd_ray.stages.context import RunContext
-from moekd_ray.tokenization import NgramHasher, encode, load_tokenizer, train_bpe, with_input_transform
+from moekd_ray.tokenization import (NgramHasher, SyntaxGraphEncoder, encode, load_tokenizer, train_bpe,
+                                   with_input_transform)
 from moekd_ray.train_loop import (BestEpoch, classifier_logits, make_loader, predict_logits, scheduled, start_epoch,
                                   torch_step, train_epoch, weighted_ce)
 
@@ -35,8 +36,8 @@ def unwrap(model):
 
 
 def make_tokenizers(cfg: MoEKDConfig, train_funcs: list[str], run_dir: Path):
-    """Experts: their checkpoint's tokenizer, the n-gram hasher, else a BPE on the training code; student: a small
-    BPE. All saved, each with `data.input_transform` (tokenization.CanonicalInput).
+    """Experts: their checkpoint's tokenizer, the n-gram hasher, the syntax-graph encoder, else a BPE on the training
+    code; student: a small BPE. All saved, each with `data.input_transform` (tokenization.CanonicalInput).
     Returns (one tokenizer per expert, student tokenizer); experts with the same spec share one object."""
     canonical = cfg.data.canonical
     by_spec = {}
@@ -48,6 +49,8 @@ def make_tokenizers(cfg: MoEKDConfig, train_funcs: list[str], run_dir: Path):
             elif isinstance(spec, NgramConfig):
                 hasher = NgramHasher(spec.buckets, spec.ngram, spec.max_length, spec.units)
                 by_spec[key] = with_input_transform(hasher, canonical)
+            elif isinstance(spec, GraphConfig):
+                by_spec[key] = with_input_transform(SyntaxGraphEncoder(spec.buckets, spec.max_length), canonical)
             else:
                 by_spec[key] = train_bpe(train_funcs, spec.vocab_size, spec.max_length, canonical)
     expert_toks = [by_spec[spec.model_dump_json()] for spec in cfg.experts.specs()]
