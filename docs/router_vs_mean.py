@@ -23,7 +23,7 @@ from moekd_ray.config import load_config
 from moekd_ray.data import load_devign
 from moekd_ray.decision import pick_threshold
 from moekd_ray.metrics import classification_metrics
-from moekd_ray.partition import code_features, partition
+from moekd_ray.partition import features_and_parts
 from moekd_ray.stages.aggregate import fit_gate, load_soft_targets, soft_targets
 
 SPLITS = ("valid", "test")
@@ -34,10 +34,9 @@ def refit_router(run: Path, overrides: list[str], targets: dict) -> tuple[dict, 
     cfg = load_config(run / "config.yaml", overrides)
     data = load_devign(cfg.data, cfg.seed)
     funcs = {s: list(data[s]["func"]) for s in ("train",) + SPLITS}
-    features = {s: code_features(f, cfg.partition.hash_features) for s, f in funcs.items()}
     p = cfg.partition
-    parts = partition(funcs["train"], list(data["train"]["project"]), p.strategy.value, cfg.experts.k, cfg.seed,
-                      p.hash_features)
+    features, parts = features_and_parts(funcs, list(data["train"]["project"]), p.strategy.value, cfg.experts.k,
+                                         cfg.seed, p.hash_features)
     logits = {s: targets[s]["expert_logits"] for s in funcs}
     labels = {s: targets[s]["labels"].astype(int) for s in funcs}
     return fit_gate(cfg, features, logits, labels, parts), cfg

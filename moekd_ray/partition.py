@@ -90,6 +90,14 @@ def partition(funcs: list[str], projects: list[str], strategy: str, k: int, seed
     return parts
 
 
+def features_and_parts(funcs: dict[str, list[str]], train_projects: list[str], strategy: str, k: int, seed: int,
+                       n_features: int) -> tuple[dict, np.ndarray]:
+    """Each split's `code_features` (the router reads them) and each training row's part: what the pipeline's
+    partition stage computes, and what a router refitted on a finished run's cached outputs needs again."""
+    features = {s: code_features(f, n_features) for s, f in funcs.items()}
+    return features, partition(funcs["train"], train_projects, strategy, k, seed, n_features)
+
+
 def assign_parts(strategy: str, train_funcs: list[str], train_projects: list[str], train_parts: np.ndarray,
                  funcs: list[str], projects: list[str], k: int, seed: int, n_features: int,
                  features: tuple | None = None) -> np.ndarray:

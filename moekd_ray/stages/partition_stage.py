@@ -8,7 +8,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from moekd_ray.data import SPLITS
-from moekd_ray.partition import code_features, partition, partition_table
+from moekd_ray.partition import features_and_parts, partition_table
 from moekd_ray.stages.context import RunContext
 
 
@@ -16,9 +16,9 @@ def partition_stage(ctx: RunContext) -> tuple[dict[str, sp.spmatrix], np.ndarray
     """(each split's code features, each training row's part); the parts' sizes and label balance are logged."""
     cfg, tracker, funcs = ctx.cfg, ctx.tracker, ctx.funcs
     with ctx.timer("partition"), tracker.stage("partition", cfg.partition.model_dump(mode="json")):
-        features = {s: code_features(funcs[s], cfg.partition.hash_features) for s in SPLITS}
-        parts = partition(funcs["train"], list(ctx.data["train"]["project"]), cfg.partition.strategy.value,
-                          cfg.experts.k, cfg.seed, cfg.partition.hash_features)
+        p = cfg.partition
+        features, parts = features_and_parts({s: funcs[s] for s in SPLITS}, list(ctx.data["train"]["project"]),
+                                             p.strategy.value, cfg.experts.k, cfg.seed, p.hash_features)
         table = partition_table(parts, ctx.labels["train"], cfg.experts.k)
         tracker.log_dict(table, "partition.json")
         for row in table:
