@@ -10,6 +10,13 @@ reads <run folder>/soft_targets.safetensors.
 --refit KEY=VALUE ... also fits the router again with those overrides of the run's config, on the run's cached
 training-split expert outputs, with the code features and parts recomputed as the pipeline's partition stage makes
 them (the same experts: only the router differs).
+
+--with-experts <run folder> appends another run's experts (the same functions: the same data settings and seed,
+checked by their labels) before the plain mean and the refit: what a mixture with those experts too would give,
+without training anything. The refit then needs router.part_loss_weight=0 (the parts are the first run's K).
+
+    python docs/router_vs_mean.py runs/devign-cpu-<stamp> --with-experts runs/families-<stamp> \
+        --refit router.part_loss_weight=0
 """
 
 from __future__ import annotations
@@ -42,12 +49,28 @@ def refit_router(run: Path, overrides: list[str], targets: dict) -> tuple[dict, 
     return fit_gate(cfg, features, logits, labels, parts), cfg
 
 
-def compare(run: Path, refit: list[str]) -> dict[str, np.ndarray]:
-    """Print each mixture's valid and test figures for one run; return, per mixture, which test functions it gets
-    right at its validation-chosen threshold."""
+def with_experts(targets: dict, other: Path) -> dict:
+    """`targets` with another run's experts appended after its own, split by split."""
+    extra = load_soft_targets(other / "soft_targets.safetensors")
+    for s in targets:
+        if s not in extra or not np.array_equal(targets[s]["labels"], extra[s]["labels"]):
+            raise SystemExit(f"--with-experts {other}: its {s} split holds other functions; give a run of the same "
+                             "data settings and seed")
+        logits = np.concatenate([targets[s]["expert_logits"], extra[s]["expert_logits"]], axis=1)
+        targets[s] = {**targets[s], "expert_logits": logits}
+    return targets
+
+
+def compare(run: Path, refit: list[str], other: Path | None = None) -> dict[str, np.ndarray]:
+    """Print each mixture's valid and test figures for one run (its experts, and `other`'s after them); return, per
+    mixture, which test functions it gets right at its validation-chosen threshold."""
     cfg = load_config(run / "config.yaml")
     targets = load_soft_targets(run / "soft_targets.safetensors")
-    plain = cfg.with_values({"router": {"kind": "uniform"}})
+    if other is not None:
+        targets = with_experts(targets, other)
+    k = targets["test"]["expert_logits"].shape[1]
+    plain = cfg.with_values({"router": {"kind": "uniform"}, "experts.k": k, "experts.models": None,
+                             "experts.schedules": None})
     probs = {"plain mean": {s: soft_targets(plain, targets[s]["expert_logits"], targets[s]["gate_logits"], 1.0)[:, 1]
                             for s in SPLITS},
              "router": {s: targets[s]["mixture_probs"][:, 1] for s in SPLITS}}
@@ -56,10 +79,10 @@ def compare(run: Path, refit: list[str]) -> dict[str, np.ndarray]:
         gates, refit_cfg = refit_router(run, refit, targets)
         name = "router " + " ".join(refit)
         probs[name] = {s: soft_targets(refit_cfg, targets[s]["expert_logits"], gates[s], 1.0)[:, 1] for s in SPLITS}
-        weights[name] = np.array([np.mean(gates["test"].argmax(1) == k) for k in range(cfg.experts.k)])
+        weights[name] = np.array([np.mean(gates["test"].argmax(1) == j) for j in range(k)])
     labels = {s: targets[s]["labels"].astype(int) for s in SPLITS}
     correct = {}
-    print(f"== {run}")
+    print(f"== {run}" + (f" with the experts of {other} ({k} experts; 'router' is the run's own)" if other else ""))
     for name, p in probs.items():
         cut = pick_threshold(cfg.eval, labels["valid"], p["valid"])
         m = {s: classification_metrics(labels[s], p[s], cut) for s in SPLITS}
@@ -86,8 +109,9 @@ def main() -> None:
                         "mean difference, the same test functions resampled for every run")
     parser.add_argument("--resamples", type=int, default=2000)
     parser.add_argument("--refit", nargs="+", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--with-experts", type=Path, default=None, metavar="RUN_FOLDER")
     args = parser.parse_args()
-    runs = [compare(Path(run), args.refit) for run in args.run_folders]
+    runs = [compare(Path(run), args.refit, args.with_experts) for run in args.run_folders]
     for correct in runs:
         for name in list(correct)[1:]:
             interval(name, correct[name] - correct["plain mean"], args.resamples, "")
