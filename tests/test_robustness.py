@@ -305,36 +305,6 @@ def test_syntax_units_ignore_renaming_and_follow_the_code_s_shape():
     assert hasher([code])["input_ids"] == hasher([renamed])["input_ids"]
 
 
-def test_syntax_bag_learns_the_synthetic_rule_and_round_trips(tmp_path, one_thread):
-    """Through the bag's own training loop (the one expert workers run), saved and loaded as a run saves it."""
-    import torch
-
-    from moekd_ray.config import NgramConfig
-    from moekd_ray.metrics import classification_metrics
-    from moekd_ray.models import build_model, load_model
-    from moekd_ray.tokenization import NgramHasher, encode, load_tokenizer
-    from moekd_ray.train_loop import make_loader, predict_logits, probs1, torch_step, train_epoch, weighted_ce
-
-    spec = NgramConfig(units="syntax", ngram=3, buckets=4096, dim=16, max_length=512)
-    hasher = NgramHasher(spec.buckets, spec.ngram, spec.max_length, spec.units)
-    rows = synthetic.rows(240, seed=9)
-    arrays = {**encode(hasher, [r["func"] for r in rows], 512), "labels": np.asarray([r["target"] for r in rows])}
-    train = {k: v[:180] for k, v in arrays.items()}
-    held = {k: v[180:] for k, v in arrays.items()}
-    model = build_model(spec, seed=0)
-    opt = torch.optim.AdamW(model.parameters(), lr=0.05)
-    for _ in range(8):
-        train_epoch(model, make_loader(train, 16, shuffle=True), weighted_ce, torch_step(opt, 1.0))
-    p = probs1(predict_logits(model.eval(), held, 64))
-    assert classification_metrics(held["labels"], p)["accuracy"] >= 0.9
-    model.save_pretrained(tmp_path / "bag")
-    hasher.save_pretrained(tmp_path / "bag" / "tokenizer")
-    again = encode(load_tokenizer(tmp_path / "bag" / "tokenizer"), [r["func"] for r in rows[180:]], 512)
-    assert np.array_equal(again["input_ids"], held["input_ids"])
-    assert np.allclose(probs1(predict_logits(load_model(tmp_path / "bag"), held, 64)), p)
-
-
-
 # ------------------------------------------------------------------------------------- the syntax-graph expert
 def test_syntax_graph_ignores_renaming_and_links_each_variable_s_uses():
     from moekd_ray.tokenization import SyntaxGraphEncoder, syntax_graph
@@ -355,40 +325,47 @@ def test_syntax_graph_ignores_renaming_and_links_each_variable_s_uses():
     assert len(row["input_ids"][0]) == 24 and sum(row["attention_mask"][0]) == 24  # cut at 8 nodes, 3 ids each
 
 
-def test_syntax_graph_net_learns_the_synthetic_rule_and_round_trips(tmp_path, one_thread):
+@pytest.mark.parametrize("family", ["syntax bag", "syntax graph"])
+def test_structural_family_learns_the_synthetic_rule_and_round_trips(family, tmp_path, one_thread):
     """Through the experts' training loop, saved and loaded as a run saves it; a function scores the same alone as
     in a batch (the attacks' and the pyfunc's scorer pads every function to the model's length)."""
     import torch
 
     from moekd_ray.attacks.victim import Classifier
-    from moekd_ray.config import GraphConfig
+    from moekd_ray.config import GraphConfig, NgramConfig
     from moekd_ray.metrics import classification_metrics
     from moekd_ray.models import build_model, load_model
-    from moekd_ray.tokenization import SyntaxGraphEncoder, encode, load_tokenizer
+    from moekd_ray.tokenization import NgramHasher, SyntaxGraphEncoder, encode, load_tokenizer
     from moekd_ray.train_loop import make_loader, predict_logits, probs1, torch_step, train_epoch, weighted_ce
 
-    spec = GraphConfig(buckets=4096, dim=16, rounds=3, max_length=256)
-    encoder = SyntaxGraphEncoder(spec.buckets, spec.max_length)
+    if family == "syntax bag":
+        spec, lr = NgramConfig(units="syntax", ngram=3, buckets=4096, dim=16, max_length=512), 0.05
+        tokenizer = NgramHasher(spec.buckets, spec.ngram, spec.max_length, spec.units)
+    else:
+        spec, lr = GraphConfig(buckets=4096, dim=16, rounds=3, max_length=256), 0.01
+        tokenizer = SyntaxGraphEncoder(spec.buckets, spec.max_length)
     rows = synthetic.rows(240, seed=9)
-    arrays = {**encode(encoder, [r["func"] for r in rows], 256), "labels": np.asarray([r["target"] for r in rows])}
+    funcs = [r["func"] for r in rows]
+    arrays = {**encode(tokenizer, funcs, spec.max_length), "labels": np.asarray([r["target"] for r in rows])}
     train = {k: v[:180] for k, v in arrays.items()}
     held = {k: v[180:] for k, v in arrays.items()}
     model = build_model(spec, seed=0)
-    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
     for _ in range(8):
         train_epoch(model, make_loader(train, 16, shuffle=True), weighted_ce, torch_step(opt, 1.0))
     p = probs1(predict_logits(model.eval(), held, 64))
     assert classification_metrics(held["labels"], p)["accuracy"] >= 0.9
-    model.save_pretrained(tmp_path / "graph")
-    encoder.save_pretrained(tmp_path / "graph" / "tokenizer")
-    loaded, tokenizer = load_model(tmp_path / "graph"), load_tokenizer(tmp_path / "graph" / "tokenizer")
-    assert isinstance(tokenizer, SyntaxGraphEncoder)
+    model.save_pretrained(tmp_path / "expert")
+    tokenizer.save_pretrained(tmp_path / "expert" / "tokenizer")
+    loaded, reloaded = load_model(tmp_path / "expert"), load_tokenizer(tmp_path / "expert" / "tokenizer")
+    assert type(reloaded) is type(tokenizer) and type(loaded) is type(model)
+    assert np.array_equal(encode(reloaded, funcs[180:], spec.max_length)["input_ids"], held["input_ids"])
     assert np.allclose(probs1(predict_logits(loaded, held, 64)), p, atol=1e-6)
-    scorer = Classifier(loaded, tokenizer)
-    funcs = [r["func"] for r in rows[180:190]]
-    assert np.allclose(scorer(funcs[:1]), scorer(funcs)[:1], atol=1e-6)
-    assert np.allclose(scorer(funcs), p[:10], atol=1e-5)
+    scorer = Classifier(loaded, reloaded)
+    assert np.allclose(scorer(funcs[180:181]), scorer(funcs[180:190])[:1], atol=1e-6)
+    assert np.allclose(scorer(funcs[180:190]), p[:10], atol=1e-5)
     assert scorer.embed_names(["len", "buf"]).shape == (2, 16)  # ALERT's substitute space
+
 
 # ------------------------------------------------------------------------------------------ specialisation
 def test_specialisation_table_knows_which_expert_is_right_where():
