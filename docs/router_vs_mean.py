@@ -14,6 +14,8 @@ them (the same experts: only the router differs).
 --with-experts <run folder> appends another run's experts (the same functions: the same data settings and seed,
 checked by their labels) before the plain mean and the refit: what a mixture with those experts too would give,
 without training anything. The refit then needs router.part_loss_weight=0 (the parts are the first run's K).
+--keep I J ... keeps only those experts (0-based, this run's first, then the appended ones): another choice of
+families, e.g. `--keep 1 3` for this run's second expert and the other run's second.
 
     python docs/router_vs_mean.py runs/devign-cpu-<stamp> --with-experts runs/families-<stamp> \
         --refit router.part_loss_weight=0
@@ -61,13 +63,15 @@ def with_experts(targets: dict, other: Path) -> dict:
     return targets
 
 
-def compare(run: Path, refit: list[str], other: Path | None = None) -> dict[str, np.ndarray]:
-    """Print each mixture's valid and test figures for one run (its experts, and `other`'s after them); return, per
-    mixture, which test functions it gets right at its validation-chosen threshold."""
+def compare(run: Path, refit: list[str], other: Path | None = None, keep: list[int] | None = None) -> dict:
+    """Print each mixture's valid and test figures for one run (its experts, and `other`'s after them; only `keep`'s
+    if given); return, per mixture, which test functions it gets right at its validation-chosen threshold."""
     cfg = load_config(run / "config.yaml")
     targets = load_soft_targets(run / "soft_targets.safetensors")
     if other is not None:
         targets = with_experts(targets, other)
+    if keep:
+        targets = {s: {**t, "expert_logits": t["expert_logits"][:, keep]} for s, t in targets.items()}
     k = targets["test"]["expert_logits"].shape[1]
     plain = cfg.with_values({"router": {"kind": "uniform"}, "experts.k": k, "experts.models": None,
                              "experts.schedules": None})
@@ -82,7 +86,8 @@ def compare(run: Path, refit: list[str], other: Path | None = None) -> dict[str,
         weights[name] = np.array([np.mean(gates["test"].argmax(1) == j) for j in range(k)])
     labels = {s: targets[s]["labels"].astype(int) for s in SPLITS}
     correct = {}
-    print(f"== {run}" + (f" with the experts of {other} ({k} experts; 'router' is the run's own)" if other else ""))
+    print(f"== {run}" + (f" with the experts of {other}" if other else "") + (f", experts {keep} kept" if keep else "")
+          + (f" ({k} experts; 'router' is the run's own)" if other or keep else ""))
     for name, p in probs.items():
         cut = pick_threshold(cfg.eval, labels["valid"], p["valid"])
         m = {s: classification_metrics(labels[s], p[s], cut) for s in SPLITS}
@@ -110,8 +115,9 @@ def main() -> None:
     parser.add_argument("--resamples", type=int, default=2000)
     parser.add_argument("--refit", nargs="+", default=[], metavar="KEY=VALUE")
     parser.add_argument("--with-experts", type=Path, default=None, metavar="RUN_FOLDER")
+    parser.add_argument("--keep", type=int, nargs="+", default=None, metavar="I")
     args = parser.parse_args()
-    runs = [compare(Path(run), args.refit, args.with_experts) for run in args.run_folders]
+    runs = [compare(Path(run), args.refit, args.with_experts, args.keep) for run in args.run_folders]
     for correct in runs:
         for name in list(correct)[1:]:
             interval(name, correct[name] - correct["plain mean"], args.resamples, "")
